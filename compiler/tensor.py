@@ -1,0 +1,416 @@
+"""Tensor, eager execution, tracing and the eager backward pass.
+
+One Tensor class serves both modes:
+  * eager: it holds a NumPy array; ops run at once through the primitives' NumPy
+    references, and record a tape entry when a gradient is needed;
+  * traced: while a :class:`Tracer` is active, every op on any tensor is recorded as a
+    node of the graph being built (concrete tensors are lifted: parameters become named
+    inputs, other values become constants).
+
+Everything funnels through :func:`bind`, the one place an op is applied.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import threading
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .ir import Graph, GraphInput, Node, SourceLoc, TensorType, canonical_dtype, is_float
+from .ops.registry import NONDIFF, OpError, get
+
+# ----------------------------------------------------------------------------- source lines
+
+_OUR_DIRS = tuple(
+    os.path.dirname(os.path.abspath(p)) + os.sep
+    for p in (__file__, os.path.join(os.path.dirname(__file__), "..", "runtime", "x"))
+)
+_SKIP_FILES = ("contextlib.py", "functools.py")
+
+
+def _short_path(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        rel = path
+    if rel.startswith(".." + os.sep) or os.path.isabs(rel):
+        parts = path.split(os.sep)
+        return os.sep.join(parts[-2:])
+    return rel
+
+
+def user_loc(depth: int = 1) -> SourceLoc | None:
+    """The first stack frame outside neural_arch's compiler and runtime: the user's line."""
+    f = sys._getframe(depth)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not fn.startswith(_OUR_DIRS) and not fn.endswith(_SKIP_FILES) and not fn.startswith("<frozen"):
+            return SourceLoc(_short_path(fn), f.f_lineno)
+        f = f.f_back
+    return None
+
+
+# ----------------------------------------------------------------------------- global state
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.tracers: list[Tracer] = []
+        self.grad_enabled = True
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this block eager ops record no tape, so nothing is differentiated."""
+    prev = _state.grad_enabled
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = prev
+
+
+def is_grad_enabled() -> bool:
+    return _state.grad_enabled
+
+
+def current_tracer() -> "Tracer | None":
+    return _state.tracers[-1] if _state.tracers else None
+
+
+class TraceError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- Tensor
+
+
+class Tensor:
+    """An n-d array of one dtype, eager (holds data) or traced (names a graph value)."""
+
+    __array_priority__ = 1000
+    __slots__ = ("_data", "_type", "_tracer", "_sym", "_node", "requires_grad", "grad", "name",
+                 "__weakref__")
+
+    def __init__(self, data: Any, dtype: Any = None, requires_grad: bool = False):
+        arr = _to_array(data, dtype)
+        self._data = arr
+        self._type = TensorType(arr.shape, arr.dtype.name)
+        self._tracer = None
+        self._sym = None
+        self._node = None
+        self.grad = None
+        self.name = None
+        if requires_grad and not is_float(self._type.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients, got {self._type.dtype}")
+        self.requires_grad = bool(requires_grad)
+
+    @classmethod
+    def _wrap(cls, arr: np.ndarray) -> "Tensor":
+        t = cls.__new__(Tensor)
+        t._data = arr
+        t._type = TensorType(arr.shape, arr.dtype.name)
+        t._tracer = t._sym = t._node = t.grad = t.name = None
+        t.requires_grad = False
+        return t
+
+    @classmethod
+    def _symbolic(cls, tracer: "Tracer", name: str, type: TensorType) -> "Tensor":
+        t = cls.__new__(Tensor)
+        t._data = None
+        t._type = type
+        t._tracer = tracer
+        t._sym = name
+        t._node = t.grad = t.name = None
+        t.requires_grad = False
+        return t
+
+    # -- properties
+    @property
+    def type(self) -> TensorType:
+        return self._type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._type.shape
+
+    @property
+    def dtype(self) -> str:
+        return self._type.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self._type.shape)
+
+    @property
+    def size(self) -> int:
+        return self._type.size
+
+    @property
+    def is_traced(self) -> bool:
+        return self._tracer is not None
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            raise TraceError(
+                f"a traced tensor ({self._sym}: {self._type}) has no data while tracing; "
+                f"values exist only when the compiled graph runs ({user_loc(2)})")
+        return self._data
+
+    def numpy(self) -> np.ndarray:
+        return self.data
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements, not 1")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.data.tolist()
+
+    def detach(self) -> "Tensor":
+        if self._data is None:
+            return bind("stop_gradient", self)
+        return Tensor._wrap(self._data)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self.data
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __bool__(self) -> bool:
+        if self._data is None:
+            raise TraceError(
+                "Python control flow on a traced value: `if`/`while`/`bool()` need a concrete "
+                f"value, but {self._sym}: {self._type} is only known when the graph runs; "
+                f"use F.where for data-dependent choices ({user_loc(2)})")
+        return bool(self._data)
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        if self.dtype not in ("int32", "int64") or self.ndim != 0:
+            raise TypeError("only 0-d integer tensors can be used as an index")
+        return int(self.item())
+
+    def __repr__(self) -> str:
+        if self._data is None:
+            return f"Tensor(traced {self._sym}: {self._type})"
+        rg = ", requires_grad=True" if self.requires_grad else ""
+        body = np.array2string(self._data, separator=", ", precision=4, threshold=64)
+        return f"tensor({body}, dtype={self.dtype}{rg})"
+
+    __hash__ = object.__hash__
+
+    # -- autodiff
+    def backward(self, grad: "Tensor | None" = None) -> None:
+        backward(self, grad)
+
+
+def _to_array(data: Any, dtype: Any = None) -> np.ndarray:
+    if isinstance(data, Tensor):
+        arr = data.data
+    elif isinstance(data, np.ndarray):
+        arr = data
+    else:
+        arr = np.asarray(data)
+        if dtype is None:
+            # Python data: floats default to float32, ints to int64 (as in torch)
+            if arr.dtype.kind == "f":
+                arr = arr.astype(np.float32)
+            elif arr.dtype.kind in "iu":
+                arr = arr.astype(np.int64)
+    if dtype is not None:
+        arr = arr.astype(canonical_dtype(dtype), copy=False)
+    else:
+        canonical_dtype(arr.dtype)  # raises a clear error for unsupported dtypes
+    return np.ascontiguousarray(arr)
+
+
+def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    return Tensor(x)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+class Tracer:
+    """Builds one Graph.  Concrete tensors met while tracing are lifted: tensors that
+    require grad (parameters) become ``param`` inputs, symbolic tensors of an enclosing
+    tracer become captured ``arg`` inputs, anything else becomes a ``constant`` node."""
+
+    def __init__(self, name: str = "main", params: dict[str, Tensor] | None = None):
+        self.name = name
+        self.inputs: list[GraphInput] = []
+        self.nodes: list[Node] = []
+        self._used: set[str] = set()
+        self._counter = 0
+        self._lifted: dict[int, tuple[Any, Tensor]] = {}
+        self.bindings: dict[str, Any] = {}  # input name -> concrete tensor or outer symbolic tensor
+        self.loc_override: SourceLoc | None = None
+        self._param_names = {id(t): n for n, t in (params or {}).items()}
+
+    def fresh(self, hint: str | None = None) -> str:
+        if hint is not None and hint not in self._used:
+            self._used.add(hint)
+            return hint
+        while True:
+            name = f"{hint}_{self._counter}" if hint else str(self._counter)
+            self._counter += 1
+            if name not in self._used:
+                self._used.add(name)
+                return name
+
+    def add_input(self, type: TensorType, kind: str = "arg", hint: str | None = None) -> Tensor:
+        name = self.fresh(hint or f"arg{len(self.inputs)}")
+        self.inputs.append(GraphInput(name, type, kind))
+        return Tensor._symbolic(self, name, type)
+
+    def lift(self, t: Tensor) -> Tensor:
+        if t._tracer is self:
+            return t
+        hit = self._lifted.get(id(t))
+        if hit is not None:
+            return hit[1]
+        if t._tracer is not None:  # a value of an enclosing trace: capture it as an input
+            sym = self.add_input(t._type, "arg", "capture")
+            self.bindings[sym._sym] = t
+        elif id(t) in self._param_names or t.requires_grad:
+            hint = self._param_names.get(id(t)) or t.name or "param"
+            sym = self.add_input(t._type, "param", hint)
+            self.bindings[sym._sym] = t
+        else:
+            sym = self.emit("constant", [], {"value": t._data.reshape(-1), "shape": t.shape,
+                                              "dtype": t.dtype}, t._type)
+        self._lifted[id(t)] = (t, sym)
+        return sym
+
+    def emit(self, op: str, inputs: Sequence[Tensor], attrs: dict, type: TensorType) -> Tensor:
+        name = self.fresh()
+        loc = self.loc_override or user_loc(2)
+        self.nodes.append(Node.make(name, op, [i._sym for i in inputs], type, attrs, loc))
+        return Tensor._symbolic(self, name, type)
+
+    def finish(self, outputs: Sequence[Tensor]) -> Graph:
+        names = []
+        for o in outputs:
+            if not isinstance(o, Tensor):
+                raise TraceError(f"a traced function must return tensors, got {type(o).__name__}")
+            names.append(self.lift(o)._sym)
+        return Graph(self.name, tuple(self.inputs), tuple(self.nodes), tuple(names))
+
+    def __enter__(self):
+        _state.tracers.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        popped = _state.tracers.pop()
+        assert popped is self
+
+
+# ----------------------------------------------------------------------------- bind
+
+
+def bind(op: str, *inputs: Tensor, **attrs) -> Tensor:
+    """Apply primitive ``op``: check types with its shape rule, then record it (tracing) or
+    run its NumPy reference (eager), taping it when a gradient will be needed."""
+    prim = get(op)
+    try:
+        out_type = prim.shape_rule(*[t._type for t in inputs], **attrs)
+    except OpError as e:
+        tracer = current_tracer()
+        raise e.with_loc((tracer and tracer.loc_override) or user_loc(2)) from None
+    tracer = current_tracer()
+    if tracer is not None:
+        syms = [tracer.lift(t) for t in inputs]
+        return tracer.emit(op, syms, attrs, out_type)
+    for t in inputs:
+        if t._data is None:
+            raise TraceError(f"{op}: a traced tensor ({t._sym}) was used after its trace ended "
+                             f"({user_loc(2)})")
+    try:
+        out = prim.reference(*[t._data for t in inputs], out=out_type, **attrs)
+    except OpError as e:
+        raise e.with_loc(user_loc(2)) from None
+    res = Tensor._wrap(np.asarray(out, dtype=out_type.dtype))
+    if res.shape != out_type.shape:
+        raise AssertionError(f"internal error: {op} reference gave shape {res.shape}, rule says {out_type.shape}")
+    if _state.grad_enabled and prim.vjp is not NONDIFF and any(t.requires_grad for t in inputs):
+        res.requires_grad = True
+        res._node = (prim, inputs, attrs)
+    return res
+
+
+# ----------------------------------------------------------------------------- eager backward
+
+
+def _topo_from(root: Tensor) -> list[Tensor]:
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        stack.append((t, True))
+        if t._node is not None:
+            for i in t._node[1]:
+                if i.requires_grad and id(i) not in seen:
+                    stack.append((i, False))
+    return order
+
+
+def backward(root: Tensor, grad: Tensor | None = None) -> None:
+    """Reverse-mode sweep over the eager tape with the primitives' VJP rules; accumulates
+    ``.grad`` on leaf tensors that require grad."""
+    if root._data is None:
+        raise TraceError("backward() is for eager tensors; use grad()/value_and_grad() on traced code")
+    if not root.requires_grad:
+        raise RuntimeError("backward(): this tensor does not require grad (no input of the computation "
+                           "had requires_grad=True, or it was computed under no_grad())")
+    if grad is None:
+        if root.size != 1:
+            raise RuntimeError(f"backward(): gradient can be implied only for a single-element tensor, "
+                               f"got shape {root.shape}; pass grad=")
+        grad = Tensor._wrap(np.ones(root.shape, dtype=root.dtype))
+    else:
+        grad = as_tensor(grad)
+        if grad.shape != root.shape:
+            raise ValueError(f"backward(): grad has shape {grad.shape}, expected {root.shape}")
+    cts: dict[int, Tensor] = {id(root): grad}
+    with no_grad():
+        for t in reversed(_topo_from(root)):
+            g = cts.pop(id(t), None)
+            if g is None:
+                continue
+            if t._node is None:
+                if t.requires_grad:
+                    t.grad = g if t.grad is None else Tensor._wrap(t.grad._data + g._data)
+                continue
+            prim, ins, attrs = t._node
+            gs = prim.vjp(g, t, *ins, **attrs)
+            for inp, gi in zip(ins, gs):
+                if gi is None or not inp.requires_grad:
+                    continue
+                prev = cts.get(id(inp))
+                cts[id(inp)] = gi if prev is None else bind("add", prev, gi)

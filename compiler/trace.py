@@ -1,0 +1,151 @@
+"""Tracing (Python function -> Graph), inlining a graph back into Python (call_graph), and
+the transformations grad / value_and_grad built on the autodiff graph transform."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .ir import Graph, TensorType, is_float
+from .tensor import Tensor, TraceError, Tracer, bind, current_tracer
+
+
+@dataclass(frozen=True)
+class Traced:
+    graph: Graph
+    bindings: dict  # input name -> the Tensor that feeds it (user args, params, captures)
+    single_output: bool  # fn returned one tensor, not a tuple
+
+
+def find_params(fn) -> dict[str, Tensor]:
+    """Named parameters of a Module-like ``fn`` (or of the object a bound method belongs to)."""
+    for obj in (fn, getattr(fn, "__self__", None)):
+        named = getattr(obj, "named_parameters", None)
+        if callable(named):
+            return dict(named())
+    return {}
+
+
+def _arg_names(fn, n: int) -> list[str]:
+    try:
+        sig = inspect.signature(fn)
+        names = [p.name for p in sig.parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    if len(names) < n:
+        names += [f"arg{i}" for i in range(len(names), n)]
+    return names[:n]
+
+
+def _example_type(x: Any) -> TensorType:
+    if isinstance(x, TensorType):
+        return x
+    if isinstance(x, Tensor):
+        return x.type
+    return Tensor(x).type
+
+
+def trace_with_info(fn: Callable, *example_args, params: dict | None = None,
+                    name: str | None = None) -> Traced:
+    if params is None:
+        params = find_params(fn)
+    name = name or getattr(fn, "__name__", None) or type(fn).__name__
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "main"
+    tracer = Tracer(name, params)
+    bindings = {}
+    with tracer:
+        syms = []
+        for argname, x in zip(_arg_names(fn, len(example_args)), example_args):
+            sym = tracer.add_input(_example_type(x), "arg", argname)
+            syms.append(sym)
+            bindings[sym._sym] = x if isinstance(x, Tensor) else (None if isinstance(x, TensorType) else Tensor(x))
+        for t in params.values():  # every parameter is an input, used or not: a stable signature
+            tracer.lift(t)
+        out = fn(*syms)
+        single = isinstance(out, Tensor)
+        outs = [out] if single else list(out) if isinstance(out, (tuple, list)) else None
+        if outs is None:
+            raise TraceError(f"{name}: a traced function must return a tensor or a tuple of tensors, "
+                             f"got {type(out).__name__}")
+        graph = tracer.finish(outs)
+    bindings.update(tracer.bindings)
+    return Traced(graph, bindings, single)
+
+
+def trace(fn: Callable, *example_args, params: dict | None = None, name: str | None = None) -> Graph:
+    """Trace ``fn`` on example arguments (tensors, arrays or TensorTypes) into a Graph.
+    Module parameters become named ``param`` inputs; Python control flow runs at trace time."""
+    return trace_with_info(fn, *example_args, params=params, name=name).graph
+
+
+def call_graph(graph: Graph, *inputs: Tensor) -> list[Tensor]:
+    """Apply a graph's nodes to tensors: runs eagerly on concrete tensors, or inlines the
+    graph into the active trace (keeping each node's source line)."""
+    if len(inputs) != len(graph.inputs):
+        raise TypeError(f"{graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    env = {}
+    for gi, x in zip(graph.inputs, inputs):
+        t = x if isinstance(x, Tensor) else Tensor(x)
+        if t.type != gi.type:
+            raise TypeError(f"{graph.name}: input %{gi.name} expects {gi.type}, got {t.type}")
+        env[gi.name] = t
+    tracer = current_tracer()
+    saved = tracer.loc_override if tracer else None
+    try:
+        for n in graph.nodes:
+            if tracer is not None:
+                tracer.loc_override = n.loc
+            env[n.name] = bind(n.op, *[env[i] for i in n.inputs], **n.attr)
+    finally:
+        if tracer is not None:
+            tracer.loc_override = saved
+    return [env[o] for o in graph.outputs]
+
+
+def _as_argnums(argnums, n) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    for a in nums:
+        if not -n <= a < n:
+            raise ValueError(f"argnums {a} is out of range for {n} arguments")
+    return tuple(a % n for a in nums)
+
+
+def _grad_impl(fn, argnums, with_value):
+    from .autodiff import autodiff
+
+    def wrapped(*args):
+        traced = trace_with_info(fn, *args)
+        g = traced.graph
+        nums = _as_argnums(argnums, len(args))
+        wrt = [g.inputs[i].name for i in nums]
+        for i, name in zip(nums, wrt):
+            if not is_float(g.types[name].dtype):
+                raise TypeError(f"grad: argument {i} (%{name}) has dtype {g.types[name].dtype}; "
+                                f"only floating-point inputs are differentiable")
+        dg = autodiff(g, wrt, with_value=with_value)
+        outs = call_graph(dg, *[traced.bindings[i.name] for i in g.inputs])
+        grads = outs[1:] if with_value else outs
+        grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+        return (outs[0], grads) if with_value else grads
+
+    wrapped.__name__ = ("value_and_grad_" if with_value else "grad_") + getattr(fn, "__name__", "fn")
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def grad(fn: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+    """A function returning the gradient of scalar ``fn`` with respect to argument(s)
+    ``argnums``.  It runs eagerly on concrete tensors and can itself be traced."""
+    return _grad_impl(fn, argnums, with_value=False)
+
+
+def value_and_grad(fn: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+    """Like :func:`grad`, but returns ``(value, grads)``."""
+    return _grad_impl(fn, argnums, with_value=True)
+
+
+def as_numpy_inputs(graph: Graph, bindings: dict) -> list[np.ndarray]:
+    return [np.asarray(bindings[i.name].data) for i in graph.inputs]
