@@ -1,0 +1,1 @@
+"""Code generation: lowering of primitives and fused groups to LLVM IR."""

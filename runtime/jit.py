@@ -1,0 +1,118 @@
+"""The thinnest practical llvmlite driver: host target machine, O3 through the new pass
+builder, MCJIT loading, and text views of the IR and assembly.
+
+CPU features: the host's, minus AVX-512 unless NEURAL_ARCH_ALLOW_AVX512=1.  Our machines
+are AVX2+FMA; some report AVX-512, and code tuned and benchmarked on one must run the same
+on the other.  The features string is part of every cache key.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llvmlite
+import llvmlite.binding as llvm
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=None)
+def _init() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()
+
+
+def cpu_name() -> str:
+    _init()
+    return os.environ.get("NEURAL_ARCH_CPU", llvm.get_host_cpu_name())
+
+
+@lru_cache(maxsize=None)
+def cpu_features() -> str:
+    _init()
+    override = os.environ.get("NEURAL_ARCH_CPU_FEATURES")
+    if override is not None:
+        return override
+    feats = llvm.get_host_cpu_features()
+    if os.environ.get("NEURAL_ARCH_ALLOW_AVX512") != "1":
+        for k in list(feats.keys()):
+            if k.startswith("avx512") or k.startswith("avx10") or k.startswith("amx"):
+                feats[k] = False
+    return feats.flatten()
+
+
+@lru_cache(maxsize=None)
+def target_machine() -> "llvm.TargetMachine":
+    _init()
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(cpu=cpu_name(), features=cpu_features(), opt=3,
+                                        reloc="default", codemodel="jitdefault")
+
+
+def toolchain_id() -> str:
+    """Identifies everything outside our IR that changes the machine code (for cache keys)."""
+    v = ".".join(map(str, llvm.llvm_version_info))
+    return f"llvmlite={llvmlite.__version__};llvm={v};cpu={cpu_name()};features={cpu_features()}"
+
+
+def optimize(llvm_ir: str, name: str = "module") -> "llvm.ModuleRef":
+    """Parse, verify and optimise (O3, loop + SLP vectorisation) a module of LLVM IR text."""
+    _init()
+    mod = llvm.parse_assembly(llvm_ir)
+    mod.name = name
+    mod.verify()
+    tm = target_machine()
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pto.loop_unrolling = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+    return mod
+
+
+def emit_object(mod: "llvm.ModuleRef") -> bytes:
+    return target_machine().emit_object(mod)
+
+
+def emit_assembly(mod: "llvm.ModuleRef") -> str:
+    return target_machine().emit_assembly(mod)
+
+
+@dataclass
+class Loaded:
+    """A module loaded into its own MCJIT engine; keep it alive while its functions are used."""
+
+    engine: object
+    module: object
+
+    def address(self, symbol: str) -> int:
+        addr = self.engine.get_function_address(symbol)
+        if not addr:
+            raise KeyError(f"symbol {symbol!r} not found in the compiled module")
+        return addr
+
+    def function(self, symbol: str, restype, *argtypes):
+        return ctypes.CFUNCTYPE(restype, *argtypes)(self.address(symbol))
+
+
+def load(mod: "llvm.ModuleRef", obj: bytes | None = None) -> Loaded:
+    """JIT-load an optimised module; with ``obj`` (cached object code) skip code generation."""
+    _init()
+    with _lock:
+        holder = llvm.parse_assembly("")  # an empty module owns the engine
+        holder.triple = target_machine().triple
+        engine = llvm.create_mcjit_compiler(holder, target_machine())
+        if obj is not None:
+            engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        else:
+            engine.add_module(mod)
+        engine.finalize_object()
+        engine.run_static_constructors()
+    return Loaded(engine, mod)
