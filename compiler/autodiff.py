@@ -3,7 +3,8 @@
 Given a graph with a scalar float output, ``autodiff`` returns a new graph whose outputs are
 (optionally the value, then) the gradients with respect to chosen inputs.  It replays the
 forward nodes, then walks them in reverse applying each primitive's VJP rule, which emits
-more primitives.  Backward nodes carry the source line of the forward node they came from.
+more primitives.  Backward nodes carry the source line of the forward node they came from.  Forward values the
+outputs do not need are dropped (dead-code elimination).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 from .ir import Graph, is_float
 from .ops.registry import NONDIFF, get
 from .ops.primitives import zeros_like
+from .passes.dce import dead_code_elimination
 from .tensor import Tracer, bind
 
 
@@ -56,4 +58,5 @@ def autodiff(graph: Graph, wrt: Sequence[str], with_value: bool = True, name: st
                 cts[x] = gx if prev is None else bind("add", prev, gx)
         tracer.loc_override = None
         grads = [cts[w] if w in cts else zeros_like(env[w]) for w in wrt]
-        return tracer.finish(([out] if with_value else []) + grads)
+        result = tracer.finish(([out] if with_value else []) + grads)
+    return dead_code_elimination(result)

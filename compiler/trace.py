@@ -12,11 +12,46 @@ from .ir import Graph, TensorType, is_float
 from .tensor import Tensor, TraceError, Tracer, bind, current_tracer
 
 
+def flatten_outputs(out, where: str) -> tuple[list[Tensor], object]:
+    """Flatten nested tuples/lists of tensors; the tree is None for a leaf, else
+    (type, [subtrees])."""
+    if isinstance(out, Tensor):
+        return [out], None
+    if isinstance(out, (tuple, list)):
+        leaves, subtrees = [], []
+        for o in out:
+            lv, t = flatten_outputs(o, where)
+            leaves += lv
+            subtrees.append(t)
+        return leaves, (type(out), subtrees)
+    raise TraceError(f"{where}: a traced function must return tensors or (nested) tuples of tensors, "
+                     f"got {type(out).__name__}")
+
+
+def unflatten_outputs(tree, leaves: Sequence):
+    it = iter(leaves)
+
+    def build(t):
+        if t is None:
+            return next(it)
+        kind, subs = t
+        return kind(build(s) for s in subs)
+    return build(tree)
+
+
 @dataclass(frozen=True)
 class Traced:
     graph: Graph
     bindings: dict  # input name -> the Tensor that feeds it (user args, params, captures)
-    single_output: bool  # fn returned one tensor, not a tuple
+    out_tree: object  # structure of fn's result (see flatten_outputs)
+
+    @property
+    def single_output(self) -> bool:
+        return self.out_tree is None
+
+    def unflatten(self, leaves: Sequence):
+        """Rebuild fn's result structure from the graph's flat outputs."""
+        return unflatten_outputs(self.out_tree, leaves)
 
 
 def find_params(fn) -> dict[str, Tensor]:
@@ -64,15 +99,10 @@ def trace_with_info(fn: Callable, *example_args, params: dict | None = None,
             bindings[sym._sym] = x if isinstance(x, Tensor) else (None if isinstance(x, TensorType) else Tensor(x))
         for t in params.values():  # every parameter is an input, used or not: a stable signature
             tracer.lift(t)
-        out = fn(*syms)
-        single = isinstance(out, Tensor)
-        outs = [out] if single else list(out) if isinstance(out, (tuple, list)) else None
-        if outs is None:
-            raise TraceError(f"{name}: a traced function must return a tensor or a tuple of tensors, "
-                             f"got {type(out).__name__}")
+        outs, tree = flatten_outputs(fn(*syms), name)
         graph = tracer.finish(outs)
     bindings.update(tracer.bindings)
-    return Traced(graph, bindings, single)
+    return Traced(graph, bindings, tree)
 
 
 def trace(fn: Callable, *example_args, params: dict | None = None, name: str | None = None) -> Graph:

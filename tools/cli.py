@@ -1,0 +1,96 @@
+"""The `narch` command: demo, dump (and, as they land, difftest, bench, profile)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def _load_user_function(target: str):
+    path, _, fname = target.rpartition(":")
+    if not path or not fname:
+        raise SystemExit(f"narch: expected path/to/file.py:function, got {target!r}")
+    spec = importlib.util.spec_from_file_location("narch_user_module", path)
+    if spec is None:
+        raise SystemExit(f"narch: cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except FileNotFoundError:
+        raise SystemExit(f"narch: no such file: {path}") from None
+    try:
+        return getattr(mod, fname)
+    except AttributeError:
+        raise SystemExit(f"narch: {path} has no function {fname!r}") from None
+
+
+def _parse_shape(text: str):
+    from neural_arch.compiler.ir import TensorType
+    dtype = "float32"
+    if ":" in text:
+        text, dtype = text.split(":", 1)
+    dims = tuple(int(d) for d in text.split("x") if d) if text not in ("", "scalar") else ()
+    return TensorType(dims, dtype)
+
+
+def cmd_demo(args) -> int:
+    from neural_arch.tools.demo import main
+    main(steps=args.steps, backend=args.backend)
+    return 0
+
+
+def cmd_dump(args) -> int:
+    from neural_arch.compiler import trace, grad
+    fn = _load_user_function(args.target)
+    types = [_parse_shape(s) for s in args.shape]
+    if args.grad:
+        fn = grad(fn, argnums=tuple(range(len(types))))
+    g = trace(fn, *types)
+    text = g.to_text()
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="narch", description="neural_arch: a small deep-learning compiler.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  narch demo\n  narch dump model.py:loss --shape 4x8 --shape 8x3\n")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="trace, differentiate and train a small MLP, printing its IR",
+                       description="example: narch demo --steps 400")
+    d.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    d.add_argument("--backend", choices=["auto", "llvm", "interpreter"], default="auto",
+                   help="how the training step runs (default: LLVM when available)")
+    d.set_defaults(func=cmd_demo)
+    u = sub.add_parser("dump", help="print the IR of a traced function",
+                       description="example: narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
+    u.add_argument("target", help="path/to/file.py:function")
+    u.add_argument("--shape", action="append", default=[],
+                   help="an example argument's shape, e.g. 4x8 or 4x8:int64 or scalar (repeat per argument)")
+    u.add_argument("--grad", action="store_true", help="dump the gradient graph (w.r.t. every argument)")
+    u.add_argument("-o", "--output", help="write to this file instead of stdout")
+    u.set_defaults(func=cmd_dump)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SystemExit:
+        raise
+    except Exception as e:  # one clear line unless --debug
+        if args.debug:
+            raise
+        print(f"narch {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
