@@ -1,0 +1,241 @@
+"""Simplification passes: common-subexpression elimination, constant folding and the algebra
+that matters in real models.  Each is a pure Graph -> Graph function built on ``rewrite``."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import numpy as np
+
+from ..ir import FLOAT_DTYPES, Graph, Node, TensorType
+from ..ops.registry import PRIMITIVES
+from .dce import dead_code_elimination
+from .manager import register_pass
+
+# A rule sees a node (inputs already renamed) and the producers seen so far, and returns
+#   None            keep the node,
+#   str             the node's value is this existing value (an alias),
+#   list[Node]      replacement nodes, the last of which defines the node's name.
+Rule = Callable[[Node, dict], Union[None, str, list]]
+
+
+def rewrite(graph: Graph, rule: Rule) -> Graph:
+    alias: dict[str, str] = {}
+    prod: dict[str, Node] = {}
+    nodes: list[Node] = []
+    changed = False
+    for n in graph.nodes:
+        if any(i in alias for i in n.inputs):
+            n = Node(n.name, n.op, tuple(alias.get(i, i) for i in n.inputs), n.type, n.attrs, n.loc)
+            changed = True
+        r = rule(n, prod)
+        if r is None:
+            nodes.append(n)
+            prod[n.name] = n
+        elif isinstance(r, str):
+            types = graph.types
+            src_type = prod[r].type if r in prod else types[r]
+            if src_type != n.type:
+                raise AssertionError(f"rewrite aliased %{n.name}: {n.type} to %{r}: {src_type}")
+            alias[n.name] = r
+            changed = True
+        else:
+            for m in r:
+                nodes.append(m)
+                prod[m.name] = m
+            if r[-1].name != n.name or r[-1].type != n.type:
+                raise AssertionError(f"rewrite of %{n.name} must end by defining it with type {n.type}")
+            changed = True
+    if not changed:
+        return graph
+    return graph.replace(nodes=tuple(nodes), outputs=tuple(alias.get(o, o) for o in graph.outputs))
+
+
+def _with(n: Node, **changes) -> Node:
+    d = dict(name=n.name, op=n.op, inputs=n.inputs, type=n.type, attrs=n.attr, loc=n.loc)
+    d.update(changes)
+    return Node.make(d["name"], d["op"], d["inputs"], d["type"], d["attrs"], d["loc"])
+
+
+def _full_value(n: Node | None):
+    if n is not None and n.op == "full":
+        return n.attr["value"]
+    return None
+
+
+def _is_full(prod, name, value) -> bool:
+    v = _full_value(prod.get(name))
+    return v is not None and v == value and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------- CSE
+
+
+@register_pass("cse")
+def common_subexpression_elimination(graph: Graph) -> Graph:
+    """Common-subexpression elimination: one node per (op, inputs, attributes)."""
+    seen: dict = {}
+
+    def rule(n, prod):
+        key = (n.op, n.inputs, n.type, repr(n.attrs))
+        if key in seen:
+            return seen[key]
+        seen[key] = n.name
+        return None
+    return rewrite(graph, rule)
+
+
+register_pass("dce", "Dead-code elimination: drop nodes no output needs.")(dead_code_elimination)
+
+
+# ----------------------------------------------------------------------------- folding
+
+FOLD_MAX_ELEMENTS = 64  # larger non-uniform results stay computed (they would bloat the IR)
+_SOURCES = ("full", "constant", "iota")
+
+
+def _scalar_py(value, dtype):
+    v = np.asarray(value).reshape(()).item()
+    if dtype in FLOAT_DTYPES:
+        return float(v)
+    if dtype == "bool":
+        return bool(v)
+    return int(v)
+
+
+@register_pass("fold_constants")
+def fold_constants(graph: Graph) -> Graph:
+    """Constant folding: ops on uniform fills give fills; small all-constant results become
+    constants."""
+
+    def full_node(n: Node, value) -> list:
+        return [Node.make(n.name, "full", (), n.type,
+                          {"shape": n.type.shape, "value": _scalar_py(value, n.type.dtype),
+                           "dtype": n.type.dtype}, n.loc)]
+
+    def rule(n, prod):
+        prim = PRIMITIVES[n.op]
+        if not n.inputs or n.op in ("rng_uniform", "check_index"):
+            return None
+        ins = [prod.get(i) for i in n.inputs]
+        if any(i is None or i.op not in _SOURCES for i in ins):
+            return None
+        if all(i.op == "full" for i in ins):
+            if prim.kind == "elementwise":
+                args = [np.asarray(i.attr["value"], dtype=i.type.dtype) for i in ins]
+                with np.errstate(all="ignore"):
+                    v = prim.reference(*args, out=TensorType((), n.type.dtype), **n.attr)
+                return full_node(n, v)
+            if n.op in ("broadcast_to", "reshape", "transpose", "slice") or \
+                    (n.op == "pad" and n.attr.get("value") == ins[0].attr["value"]) or n.op == "max":
+                return full_node(n, ins[0].attr["value"])
+        if n.type.size <= FOLD_MAX_ELEMENTS and all(i.type.size <= 4 * FOLD_MAX_ELEMENTS for i in ins):
+            args = [PRIMITIVES[i.op].reference(out=i.type, **i.attr) for i in ins]
+            with np.errstate(all="ignore"):
+                v = np.asarray(prim.reference(*args, out=n.type, **n.attr), dtype=n.type.dtype)
+            return [Node.make(n.name, "constant", (), n.type,
+                              {"value": v.reshape(-1), "shape": n.type.shape, "dtype": n.type.dtype}, n.loc)]
+        return None
+    return rewrite(graph, rule)
+
+
+# ----------------------------------------------------------------------------- algebra
+
+
+def _is_pow2(v) -> bool:
+    if not isinstance(v, float) or v == 0 or not math.isfinite(v):
+        return False
+    m, _ = math.frexp(abs(v))
+    return m == 0.5
+
+
+@register_pass("algebraic")
+def algebraic_simplify(graph: Graph) -> Graph:
+    """Algebra: x*1, x+0, x-0, x/1, double neg, neg/sub canonical forms, division by a power
+    of two, chains of transpose / reshape / broadcast_to, no-op casts and selects."""
+    counter = [0]
+
+    def fresh(n):
+        counter[0] += 1
+        return f"{n.name}_a{counter[0]}"
+
+    def rule(n, prod):
+        op, ins = n.op, n.inputs
+        p = [prod.get(i) for i in ins]
+        if op == "add":
+            if _is_full(prod, ins[1], 0):
+                return ins[0]
+            if _is_full(prod, ins[0], 0):
+                return ins[1]
+            if p[1] is not None and p[1].op == "neg":
+                return [_with(n, op="sub", inputs=(ins[0], p[1].inputs[0]))]
+            if p[0] is not None and p[0].op == "neg":
+                return [_with(n, op="sub", inputs=(ins[1], p[0].inputs[0]))]
+        if op == "sub":
+            if _is_full(prod, ins[1], 0):
+                return ins[0]
+            if p[1] is not None and p[1].op == "neg":
+                return [_with(n, op="add", inputs=(ins[0], p[1].inputs[0]))]
+        if op == "mul":
+            for a, b in ((0, 1), (1, 0)):
+                if _is_full(prod, ins[b], 1):
+                    return ins[a]
+                if _is_full(prod, ins[b], -1):
+                    return [_with(n, op="neg", inputs=(ins[a],))]
+        if op == "div":
+            if _is_full(prod, ins[1], 1):
+                return ins[0]
+            c = _full_value(p[1])
+            if _is_pow2(c):
+                k = Node.make(fresh(n), "full", (), n.type, {"shape": n.type.shape, "value": 1.0 / c,
+                                                             "dtype": n.type.dtype}, n.loc)
+                return [k, _with(n, op="mul", inputs=(ins[0], k.name))]
+        if op == "neg" and p[0] is not None and p[0].op == "neg":
+            return p[0].inputs[0]
+        if op == "transpose":
+            perm = n.attr["perm"]
+            if perm == tuple(range(len(perm))):
+                return ins[0]
+            if p[0] is not None and p[0].op == "transpose":
+                inner = p[0].attr["perm"]
+                comp = tuple(inner[i] for i in perm)
+                if comp == tuple(range(len(comp))):
+                    return p[0].inputs[0]
+                return [_with(n, inputs=p[0].inputs, attrs={"perm": comp})]
+        if op == "reshape":
+            src = p[0].inputs[0] if p[0] is not None and p[0].op == "reshape" else ins[0]
+            src_type = prod[src].type if src in prod else graph.types[src]
+            if src_type.shape == n.type.shape:
+                return src
+            if src != ins[0]:
+                return [_with(n, inputs=(src,))]
+        if op == "broadcast_to":
+            if graph_type(prod, graph, ins[0]).shape == n.type.shape:
+                return ins[0]
+            if p[0] is not None and p[0].op == "broadcast_to":
+                return [_with(n, inputs=p[0].inputs)]
+        if op == "cast":
+            if graph_type(prod, graph, ins[0]).dtype == n.type.dtype:
+                return ins[0]
+            if p[0] is not None and p[0].op == "cast" and \
+                    graph_type(prod, graph, p[0].inputs[0]).dtype == n.type.dtype == "float32" and \
+                    p[0].type.dtype == "float64":
+                return p[0].inputs[0]  # f32 -> f64 -> f32 is exact
+        if op == "where":
+            if ins[1] == ins[2]:
+                return ins[1]
+            c = _full_value(p[0])
+            if isinstance(c, bool):
+                return ins[1] if c else ins[2]
+        return None
+    return rewrite(graph, rule)
+
+
+def graph_type(prod, graph, name) -> TensorType:
+    return prod[name].type if name in prod else graph.types[name]
+
+
+@register_pass("strip_stop_gradient")
+def strip_stop_gradient(graph: Graph) -> Graph:
+    """stop_gradient is the identity once autodiff is done: alias it away."""
+    return rewrite(graph, lambda n, prod: n.inputs[0] if n.op == "stop_gradient" else None)
