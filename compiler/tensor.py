@@ -226,8 +226,8 @@ class Tensor:
 def _to_array(data: Any, dtype: Any = None) -> np.ndarray:
     if isinstance(data, Tensor):
         arr = data.data
-    elif isinstance(data, np.ndarray):
-        arr = data
+    elif isinstance(data, (np.ndarray, np.generic)):  # NumPy arrays and scalars keep their dtype
+        arr = np.asarray(data)
     else:
         arr = np.asarray(data)
         if dtype is None:
@@ -240,7 +240,7 @@ def _to_array(data: Any, dtype: Any = None) -> np.ndarray:
         arr = arr.astype(canonical_dtype(dtype), copy=False)
     else:
         canonical_dtype(arr.dtype)  # raises a clear error for unsupported dtypes
-    return np.ascontiguousarray(arr)
+    return np.asarray(arr, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
 
 
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
