@@ -117,8 +117,14 @@ def _float(x) -> Tensor:
 
 def tensor(data, dtype=None, requires_grad=False) -> Tensor:
     """A new eager tensor (copies data).  Python floats give float32, ints int64."""
-    return Tensor(np.array(data.data if isinstance(data, Tensor) else data, copy=True), dtype=dtype,
-                  requires_grad=requires_grad)
+    if isinstance(data, Tensor):
+        data = data.data
+    if not isinstance(data, (list, tuple, int, float, complex)) or isinstance(data, np.generic):
+        # arrays and NumPy scalars keep their dtype
+        data = np.array(data, copy=True)
+    # Python data goes through Tensor's conversion (floats -> float32, ints -> int64),
+    # which builds a fresh array of its own
+    return Tensor(data, dtype=dtype, requires_grad=requires_grad)
 
 
 def _shape_arg(shape) -> tuple[int, ...]:
