@@ -275,7 +275,7 @@ _TOKEN = re.compile(r"""
   | (?P<nl>\n)
   | (?P<value>%[A-Za-z0-9_.\-]+)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<number>-?(?:inf|nan|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))
+  | (?P<number>-?(?:(?:inf|nan)(?![A-Za-z0-9_])|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<punct>[()\[\]{},:=])
 """, re.VERBOSE)
