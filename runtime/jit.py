@@ -45,12 +45,17 @@ def cpu_features() -> str:
     return feats.flatten()
 
 
-@lru_cache(maxsize=None)
-def target_machine() -> "llvm.TargetMachine":
+def _new_target_machine() -> "llvm.TargetMachine":
     _init()
     target = llvm.Target.from_triple(llvm.get_process_triple())
     return target.create_target_machine(cpu=cpu_name(), features=cpu_features(), opt=3,
                                         reloc="default", codemodel="jitdefault")
+
+
+@lru_cache(maxsize=None)
+def target_machine() -> "llvm.TargetMachine":
+    """The shared target machine for optimising and emitting code (never given to an engine)."""
+    return _new_target_machine()
 
 
 def toolchain_id() -> str:
@@ -108,7 +113,9 @@ def load(mod: "llvm.ModuleRef", obj: bytes | None = None) -> Loaded:
     with _lock:
         holder = llvm.parse_assembly("")  # an empty module owns the engine
         holder.triple = target_machine().triple
-        engine = llvm.create_mcjit_compiler(holder, target_machine())
+        # an MCJIT engine takes ownership of its target machine (and frees it with the
+        # engine), so each engine gets its own, never the shared cached one
+        engine = llvm.create_mcjit_compiler(holder, _new_target_machine())
         if obj is not None:
             engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         else:
