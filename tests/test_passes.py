@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from neural_arch.compiler import functional as F, grad, parse, tensor, trace
+from neural_arch.compiler import functional as F, grad, parse, tensor, trace, value_and_grad
 from neural_arch.compiler.passes import PASSES, Pass, PassError, run_pipeline
 from neural_arch.compiler.passes.simplify import algebraic_simplify, common_subexpression_elimination, \
     fold_constants
@@ -189,13 +189,14 @@ def _model(x, w, b, t):
 _RNG = np.random.default_rng(0)
 _ARGS = [_RNG.standard_normal((5, 6)).astype(np.float32), _RNG.standard_normal((6, 4)).astype(np.float32),
          _RNG.standard_normal(4).astype(np.float32), np.array([0, 3, 1, 2, 2])]
-_GRAPHS = [trace(_model, *_ARGS), trace(grad(_model, (0, 1, 2)), *_ARGS)]
+_GRAPHS = [trace(_model, *_ARGS), trace(grad(_model, (0, 1, 2)), *_ARGS),
+           trace(value_and_grad(_model, (0, 1, 2)), *_ARGS)]
 _REFERENCE = [interpret(gr, _ARGS) for gr in _GRAPHS]
 _OPTIONAL = sorted(name for name, p in PASSES.items() if p.optional and not name.startswith("test_"))
 
 
-@settings(max_examples=30, deadline=None)
-@given(which=st.sampled_from([0, 1]), order=st.lists(st.sampled_from(_OPTIONAL), max_size=12))
+@settings(max_examples=40, deadline=None)
+@given(which=st.sampled_from([0, 1, 2]), order=st.lists(st.sampled_from(_OPTIONAL), max_size=12))
 def test_random_pass_subsets_and_orders_keep_the_numbers(which, order):
     res = run_pipeline(_GRAPHS[which], order, verify_each=True)
     got = interpret(res.graph, _ARGS)

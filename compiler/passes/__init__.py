@@ -3,7 +3,7 @@
     from neural_arch.compiler.passes import run_pipeline, DEFAULT_PIPELINE, PASSES
 """
 from .manager import PASSES, Pass, PassError, PipelineResult, register_pass, run_pipeline
-from . import simplify  # noqa: F401  (registers cse, dce, fold_constants, algebraic, ...)
+from . import simplify, remat  # noqa: F401  (registers cse, dce, fold_constants, algebraic, remat, ...)
 
 # The simplification pipeline every compile runs (fusion and memory planning follow it).
 DEFAULT_PIPELINE = (
