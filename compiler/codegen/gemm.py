@@ -1,0 +1,539 @@
+"""Our matmul: a packed, cache-blocked, register-blocked GEMM emitted as LLVM IR.
+
+``emit_gemm(module, name, dtype)`` adds to ``module``
+
+    void name(ptr A, ptr B, ptr C, i64 M, i64 N, i64 K,
+              i64 sam, i64 sak, i64 sbk, i64 sbn, i64 scm, ptr workspace)
+
+computing ``C[m*scm + n] = sum_k A[m*sam + k*sak] * B[k*sbk + n*sbn]`` (overwrite).  Strides
+are in elements and may be anything (zero, negative, transposed), so the caller never
+copies an operand.  ``workspace`` is scratch of ``gemm_workspace_bytes(dtype)`` bytes (any
+alignment); two threads may run the kernel at once on disjoint row ranges of C with their
+own workspaces.
+
+The structure is the classic one (Goto, BLIS):
+
+    for jc in 0..N step NC:                       B block  KC x NC   (L3)
+      for pc in 0..K step KC:                     pack B[pc:, jc:] into KC x NR panels
+        for ic in 0..M step MC:                   pack A[ic:, pc:] into MR x KC panels (L2)
+          for jr in 0..nc step NR:                B micro-panel KC x NR (L1)
+            for ir in 0..mc step MR:
+              micro-kernel: MR x NR tile of C from KC rank-1 updates
+
+Packing pads ragged panels with zeros, so the micro-kernel never branches on the tile size
+inside its k loop; only its write-back knows the tile's real extent, and it writes (and,
+after the first k block, reads) C strictly within bounds.  The micro-kernel keeps the
+MR x NR accumulators in registers: MR=6 rows by two ``<VL x T>`` vectors (12 accumulators,
+2 B vectors and one broadcast of A: 15 of AVX2's 16 ymm registers), updated with
+``llvm.fma``.  K == 0 runs one k block of length 0, which stores zeros.
+
+All index arithmetic is i64.  No branch in the code reads an operand out of bounds:
+packing reads only rows < M, columns < N and k < K.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+import llvmlite.ir as ir
+import numpy as np
+
+__all__ = ["emit_gemm", "gemm_workspace_bytes", "compile_gemm", "GemmBlocking", "BLOCKING"]
+
+I1 = ir.IntType(1)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+
+_ALIGN = 64  # workspace alignment in bytes (a cache line)
+
+
+@dataclass(frozen=True)
+class GemmBlocking:
+    """Register and cache block sizes, in elements.
+
+    mr x nr is the register tile (nr = nv vectors of vl lanes).  kc x nr of B (one
+    micro-panel) should sit in L1 next to an mr x kc sliver of A; mc x kc of packed A in
+    L2; kc x nc of packed B in L2/L3.
+    """
+
+    vl: int
+    mr: int
+    nv: int
+    kc: int
+    mc: int
+    nc: int
+
+    @property
+    def nr(self) -> int:
+        return self.nv * self.vl
+
+    def __post_init__(self):
+        assert self.mc % self.mr == 0 and self.nc % self.nr == 0, self
+
+
+# Zen 4 (our machines): L1d 32 KiB, L2 1 MiB per core, L3 32 MiB shared.
+# float32: B micro-panel 256x16x4 = 16 KiB (L1), A block 144x256x4 = 144 KiB (L2),
+# B block 256x2048x4 = 2 MiB.
+BLOCKING = {
+    "float32": GemmBlocking(vl=8, mr=6, nv=2, kc=256, mc=144, nc=2048),
+    "float64": GemmBlocking(vl=4, mr=6, nv=2, kc=128, mc=144, nc=1024),
+}
+
+_ELEM = {"float32": (ir.FloatType(), 4), "float64": (ir.DoubleType(), 8)}
+
+
+def _blocking(dtype: str) -> GemmBlocking:
+    try:
+        return BLOCKING[dtype]
+    except KeyError:
+        raise ValueError(f"gemm: unsupported dtype {dtype!r} (float32 or float64)") from None
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _workspace_layout(bl: GemmBlocking, itemsize: int) -> tuple[int, int, int]:
+    """Element offsets of packed A and of the edge tile after packed B, and the total
+    bytes (each region starts on a cache line; slack to align the start)."""
+    per_line = _ALIGN // itemsize
+    a_off = _round_up(bl.kc * bl.nc, per_line)
+    tile_off = a_off + _round_up(bl.mc * bl.kc, per_line)
+    return a_off, tile_off, (tile_off + bl.mr * bl.nr) * itemsize + _ALIGN
+
+
+def _workspace_bytes(bl: GemmBlocking, itemsize: int) -> int:
+    return _workspace_layout(bl, itemsize)[2]
+
+
+def gemm_workspace_bytes(dtype: str = "float32") -> int:
+    """Bytes of scratch ``emit_gemm``'s function needs (independent of M, N, K)."""
+    return _workspace_bytes(_blocking(dtype), _ELEM[dtype][1])
+
+
+# ----------------------------------------------------------------------------- IR helpers
+
+def _c(v: int) -> ir.Constant:
+    return ir.Constant(I64, v)
+
+
+@contextmanager
+def _for(b: ir.IRBuilder, start, stop, step, name: str):
+    """``for (i = start; i < stop; i += step)`` (signed compare); yields ``i``."""
+    fn = b.block.function
+    pre = b.block
+    hdr = fn.append_basic_block(f"{name}.hdr")
+    body = fn.append_basic_block(f"{name}.body")
+    end = fn.append_basic_block(f"{name}.end")
+    b.branch(hdr)
+    b.position_at_end(hdr)
+    i = b.phi(I64, name=name)
+    i.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", i, stop), body, end)
+    b.position_at_end(body)
+    yield i
+    nxt = b.add(i, step if isinstance(step, ir.Value) else _c(step), name=f"{name}.next")
+    i.add_incoming(nxt, b.block)
+    b.branch(hdr)
+    b.position_at_end(end)
+
+
+def _smin(b: ir.IRBuilder, x, y, name=""):
+    return b.select(b.icmp_signed("<", x, y), x, y, name=name)
+
+
+def _gep(b: ir.IRBuilder, ty, p, off, name="", inbounds=False):
+    return b.gep(p, [off], inbounds=inbounds, name=name, source_etype=ty)
+
+
+def _intrinsic(module: ir.Module, name: str, fnty: ir.FunctionType) -> ir.Function:
+    g = module.globals.get(name)
+    if g is None:
+        g = ir.Function(module, fnty, name=name)
+    return g
+
+
+def _new_function(module, name, argtys, argnames, ret=ir.VoidType(), internal=True):
+    fn = ir.Function(module, ir.FunctionType(ret, argtys), name=name)
+    for a, n in zip(fn.args, argnames):
+        a.name = n
+    if internal:
+        fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    return fn
+
+
+# ----------------------------------------------------------------------------- micro-kernel
+
+def _emit_microkernel(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
+    """``void ukr(ptr ap, ptr bp, i64 kc, ptr c, i64 ldc, i64 mr, i64 nr, i1 accum, ptr tile)``.
+
+    ap: packed MR x kc sliver (k-major: ap[k*MR + i]); bp: packed kc x NR micro-panel,
+    64-byte aligned (bp[k*NR + j]).  Writes the mr x nr corner of the tile to c (row
+    stride ldc), adding to what is there when ``accum``.  ``tile`` is 64-byte aligned
+    scratch for MR x NR elements, used by edge tiles.
+    """
+    MR, NV, VL, NR = bl.mr, bl.nv, bl.vl, bl.nr
+    vec = ir.VectorType(elem, VL)
+    fma = _intrinsic(module, f"llvm.fma.v{VL}{'f32' if size == 4 else 'f64'}",
+                     ir.FunctionType(vec, [vec, vec, vec]))
+    fn = _new_function(module, name, [PTR, PTR, I64, PTR, I64, I64, I64, I1, PTR],
+                       ["ap", "bp", "kc", "c", "ldc", "mr", "nr", "accum", "tile"])
+    fn.attributes.add("noinline")
+    for i in (0, 1, 3, 8):
+        fn.args[i].add_attribute("noalias")
+    ap, bp, kc, c, ldc, mr, nr, accum, tile = fn.args
+
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("k.loop")
+    done = fn.append_basic_block("k.done")
+    b = ir.IRBuilder(entry)
+    zero = ir.Constant(vec, [0.0] * VL)
+    b.cbranch(b.icmp_signed(">", kc, _c(0)), loop, done)
+
+    # k loop: acc[i][j] += broadcast(ap[k*MR+i]) * bp[k*NR + j*VL : +VL]
+    b.position_at_end(loop)
+    k = b.phi(I64, name="k")
+    k.add_incoming(_c(0), entry)
+    accs = [[b.phi(vec, name=f"acc{i}_{j}") for j in range(NV)] for i in range(MR)]
+    for row in accs:
+        for a in row:
+            a.add_incoming(zero, entry)
+    bk = _gep(b, elem, bp, b.mul(k, _c(NR)), "bk", inbounds=True)
+    bv = [b.load(_gep(b, elem, bk, _c(j * VL), inbounds=True), name=f"b{j}", align=32, typ=vec)
+          for j in range(NV)]
+    ak = _gep(b, elem, ap, b.mul(k, _c(MR)), "ak", inbounds=True)
+    undef = ir.Constant(vec, None)
+    splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
+    new = []
+    for i in range(MR):
+        a = b.load(_gep(b, elem, ak, _c(i), inbounds=True), name=f"a{i}", align=size, typ=elem)
+        av = b.shuffle_vector(b.insert_element(undef, a, ir.Constant(ir.IntType(32), 0)),
+                              undef, splat, name=f"av{i}")
+        new.append([b.call(fma, [av, bv[j], accs[i][j]], name=f"acc{i}_{j}.n")
+                    for j in range(NV)])
+    k1 = b.add(k, _c(1), name="k.next")
+    k.add_incoming(k1, loop)
+    for i in range(MR):
+        for j in range(NV):
+            accs[i][j].add_incoming(new[i][j], loop)
+    b.cbranch(b.icmp_signed("<", k1, kc), loop, done)
+
+    b.position_at_end(done)
+    res = []
+    for i in range(MR):
+        row = []
+        for j in range(NV):
+            p = b.phi(vec, name=f"r{i}_{j}")
+            p.add_incoming(zero, entry)
+            p.add_incoming(new[i][j], loop)
+            row.append(p)
+        res.append(row)
+
+    full_blk = fn.append_basic_block("full")
+    edge_blk = fn.append_basic_block("edge")
+    ret_blk = fn.append_basic_block("ret")
+    full = b.and_(b.icmp_signed("==", mr, _c(MR)), b.icmp_signed("==", nr, _c(NR)))
+    b.cbranch(full, full_blk, edge_blk)
+
+    # full tile: vector loads/stores straight to C
+    b.position_at_end(full_blk)
+    acc_blk = fn.append_basic_block("full.acc")
+    set_blk = fn.append_basic_block("full.set")
+    b.cbranch(accum, acc_blk, set_blk)
+    for blk, add in ((acc_blk, True), (set_blk, False)):
+        b.position_at_end(blk)
+        for i in range(MR):
+            crow = _gep(b, elem, c, b.mul(_c(i), ldc))
+            for j in range(NV):
+                p = _gep(b, elem, crow, _c(j * VL))
+                v = res[i][j]
+                if add:
+                    v = b.fadd(b.load(p, align=size, typ=vec), v)
+                b.store(v, p, align=size)
+        b.branch(ret_blk)
+
+    # edge tile: spill the tile to the stack, copy its mr x nr corner element by element
+    b.position_at_end(edge_blk)
+    for i in range(MR):
+        for j in range(NV):
+            b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
+    with _for(b, _c(0), mr, 1, "ei") as i:
+        crow = _gep(b, elem, c, b.mul(i, ldc))
+        trow = _gep(b, elem, tile, b.mul(i, _c(NR)), inbounds=True)
+        with _for(b, _c(0), nr, 1, "ej") as j:
+            t = b.load(_gep(b, elem, trow, j, inbounds=True), align=size, typ=elem)
+            p = _gep(b, elem, crow, j)
+            old = b.load(p, align=size, typ=elem)
+            # accum ? old + t : t  -- the load above is in bounds either way
+            v = b.select(accum, b.fadd(old, t), t)
+            b.store(v, p, align=size)
+    b.branch(ret_blk)
+
+    b.position_at_end(ret_blk)
+    b.ret_void()
+    return fn
+
+
+# ----------------------------------------------------------------------------- packing
+
+def _emit_pack_b(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
+    """``void pack_b(ptr b, i64 kc, i64 nc, i64 sbk, i64 sbn, ptr bp)``: kc x nc block of B
+    into ceil(nc/NR) micro-panels, bp[jp*NR*kc + k*NR + j], zero-padded to NR columns."""
+    NR, VL, NV = bl.nr, bl.vl, bl.nv
+    vec = ir.VectorType(elem, VL)
+    fn = _new_function(module, name, [PTR, I64, I64, I64, I64, PTR],
+                       ["b", "kc", "nc", "sbk", "sbn", "bp"])
+    fn.args[0].add_attribute("noalias")
+    fn.args[5].add_attribute("noalias")
+    src0, kc, nc, sbk, sbn, bp = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    zero = ir.Constant(elem, 0.0)
+    with _for(b, _c(0), nc, NR, "jp") as jp:
+        nb = _smin(b, _c(NR), b.sub(nc, jp), "nb")
+        src = _gep(b, elem, src0, b.mul(jp, sbn), "src")
+        dst = _gep(b, elem, bp, b.mul(jp, kc), "dst", inbounds=True)
+        fast = b.and_(b.icmp_signed("==", nb, _c(NR)), b.icmp_signed("==", sbn, _c(1)))
+        with b.if_else(fast) as (then, other):
+            with then:  # rows of B contiguous: NV vector copies per k
+                with _for(b, _c(0), kc, 1, "kf") as k:
+                    s = _gep(b, elem, src, b.mul(k, sbk))
+                    d = _gep(b, elem, dst, b.mul(k, _c(NR)), inbounds=True)
+                    for j in range(NV):
+                        v = b.load(_gep(b, elem, s, _c(j * VL)), align=size, typ=vec)
+                        b.store(v, _gep(b, elem, d, _c(j * VL), inbounds=True), align=32)
+            with other:
+                colmajor = b.icmp_signed("==", sbk, _c(1))
+                with b.if_else(colmajor) as (then2, other2):
+                    with then2:  # B transposed: walk each column contiguously
+                        with _for(b, _c(0), nb, 1, "jt") as j:
+                            s = _gep(b, elem, src, b.mul(j, sbn))
+                            with _for(b, _c(0), kc, 1, "kt") as k:
+                                v = b.load(_gep(b, elem, s, k), align=size, typ=elem)
+                                d = _gep(b, elem, dst, b.add(b.mul(k, _c(NR)), j), inbounds=True)
+                                b.store(v, d, align=size)
+                    with other2:
+                        with _for(b, _c(0), kc, 1, "kg") as k:
+                            s = _gep(b, elem, src, b.mul(k, sbk))
+                            d = _gep(b, elem, dst, b.mul(k, _c(NR)), inbounds=True)
+                            with _for(b, _c(0), nb, 1, "jg") as j:
+                                v = b.load(_gep(b, elem, s, b.mul(j, sbn)), align=size, typ=elem)
+                                b.store(v, _gep(b, elem, d, j, inbounds=True), align=size)
+                # zero padding of a ragged last panel
+                with _for(b, _c(0), kc, 1, "kz") as k:
+                    d = _gep(b, elem, dst, b.mul(k, _c(NR)), inbounds=True)
+                    with _for(b, nb, _c(NR), 1, "jz") as j:
+                        b.store(zero, _gep(b, elem, d, j, inbounds=True), align=size)
+    b.ret_void()
+    return fn
+
+
+def _emit_pack_a(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
+    """``void pack_a(ptr a, i64 mc, i64 kc, i64 sam, i64 sak, ptr ap)``: mc x kc block of A
+    into ceil(mc/MR) slivers, ap[ip*MR*kc + k*MR + i], zero-padded to MR rows."""
+    MR = bl.mr
+    fn = _new_function(module, name, [PTR, I64, I64, I64, I64, PTR],
+                       ["a", "mc", "kc", "sam", "sak", "ap"])
+    fn.args[0].add_attribute("noalias")
+    fn.args[5].add_attribute("noalias")
+    src0, mc, kc, sam, sak, ap = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    zero = ir.Constant(elem, 0.0)
+    with _for(b, _c(0), mc, MR, "ip") as ip:
+        mb = _smin(b, _c(MR), b.sub(mc, ip), "mb")
+        src = _gep(b, elem, src0, b.mul(ip, sam), "src")
+        dst = _gep(b, elem, ap, b.mul(ip, kc), "dst", inbounds=True)
+        with b.if_else(b.icmp_signed("==", mb, _c(MR))) as (then, other):
+            with then:  # full sliver: MR rows unrolled
+                rows = [_gep(b, elem, src, b.mul(_c(i), sam), f"row{i}") for i in range(MR)]
+                with _for(b, _c(0), kc, 1, "kf") as k:
+                    off = b.mul(k, sak)
+                    d = _gep(b, elem, dst, b.mul(k, _c(MR)), inbounds=True)
+                    for i in range(MR):
+                        v = b.load(_gep(b, elem, rows[i], off), align=size, typ=elem)
+                        b.store(v, _gep(b, elem, d, _c(i), inbounds=True), align=size)
+            with other:
+                with _for(b, _c(0), kc, 1, "kg") as k:
+                    s = _gep(b, elem, src, b.mul(k, sak))
+                    d = _gep(b, elem, dst, b.mul(k, _c(MR)), inbounds=True)
+                    with _for(b, _c(0), mb, 1, "ig") as i:
+                        v = b.load(_gep(b, elem, s, b.mul(i, sam)), align=size, typ=elem)
+                        b.store(v, _gep(b, elem, d, i, inbounds=True), align=size)
+                    with _for(b, mb, _c(MR), 1, "iz") as i:
+                        b.store(zero, _gep(b, elem, d, i, inbounds=True), align=size)
+    b.ret_void()
+    return fn
+
+
+# ----------------------------------------------------------------------------- driver
+
+def emit_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
+    """Add ``void name(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, workspace)`` to ``module``
+    (see the module docstring); helpers are internal functions named ``name.*``."""
+    return _emit_gemm(module, name, dtype, _blocking(dtype))
+
+
+def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking) -> ir.Function:
+    elem, size = _ELEM[dtype]
+    ukr = _emit_microkernel(module, f"{name}.ukr", elem, size, bl)
+    pack_a = _emit_pack_a(module, f"{name}.pack_a", elem, size, bl)
+    pack_b = _emit_pack_b(module, f"{name}.pack_b", elem, size, bl)
+    MR, NR, KC, MC, NC = bl.mr, bl.nr, bl.kc, bl.mc, bl.nc
+
+    fn = _new_function(module, name, [PTR, PTR, PTR] + [I64] * 8 + [PTR],
+                       ["A", "B", "C", "M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "ws"],
+                       internal=False)
+    A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws = fn.args
+    entry = fn.append_basic_block("entry")
+    work = fn.append_basic_block("work")
+    out = fn.append_basic_block("out")
+    b = ir.IRBuilder(entry)
+    empty = b.or_(b.icmp_signed("<=", M, _c(0)), b.icmp_signed("<=", N, _c(0)))
+    b.cbranch(empty, out, work)
+
+    b.position_at_end(work)
+    # align the workspace to a cache line; packed B first, then packed A
+    wsi = b.ptrtoint(ws, I64)
+    pad = b.and_(b.sub(_c(0), wsi), _c(_ALIGN - 1))
+    bp = b.gep(ws, [pad], source_etype=ir.IntType(8), name="bp")
+    a_off, tile_off, _ = _workspace_layout(bl, size)
+    ap = _gep(b, elem, bp, _c(a_off), "ap", inbounds=True)
+    tile = _gep(b, elem, bp, _c(tile_off), "tile", inbounds=True)
+    Kpos = b.select(b.icmp_signed(">", K, _c(0)), K, _c(0))
+
+    with _for(b, _c(0), N, NC, "jc") as jc:
+        nc = _smin(b, _c(NC), b.sub(N, jc), "nc")
+        # do { ... } while (pc < K): K == 0 runs once with kc == 0 and stores zeros
+        pre = b.block
+        pc_blk = fn.append_basic_block("pc.body")
+        pc_end = fn.append_basic_block("pc.end")
+        b.branch(pc_blk)
+        b.position_at_end(pc_blk)
+        pc = b.phi(I64, name="pc")
+        pc.add_incoming(_c(0), pre)
+        kc = _smin(b, _c(KC), b.sub(Kpos, pc), "kc")
+        accum = b.icmp_signed(">", pc, _c(0), name="accum")
+        bsrc = _gep(b, elem, B, b.add(b.mul(pc, sbk), b.mul(jc, sbn)), "bsrc")
+        b.call(pack_b, [bsrc, kc, nc, sbk, sbn, bp])
+        with _for(b, _c(0), M, MC, "ic") as ic:
+            mc = _smin(b, _c(MC), b.sub(M, ic), "mc")
+            asrc = _gep(b, elem, A, b.add(b.mul(ic, sam), b.mul(pc, sak)), "asrc")
+            b.call(pack_a, [asrc, mc, kc, sam, sak, ap])
+            cblk = _gep(b, elem, C, b.add(b.mul(ic, scm), jc), "cblk")
+            with _for(b, _c(0), nc, NR, "jr") as jr:
+                nr = _smin(b, _c(NR), b.sub(nc, jr), "nr")
+                bpan = _gep(b, elem, bp, b.mul(jr, kc), "bpan", inbounds=True)
+                with _for(b, _c(0), mc, MR, "ir") as ir_:
+                    mr = _smin(b, _c(MR), b.sub(mc, ir_), "mr")
+                    apan = _gep(b, elem, ap, b.mul(ir_, kc), "apan", inbounds=True)
+                    ctile = _gep(b, elem, cblk, b.add(b.mul(ir_, scm), jr), "ctile")
+                    b.call(ukr, [apan, bpan, kc, ctile, scm, mr, nr, accum, tile])
+        pc_next = b.add(pc, _c(KC), name="pc.next")
+        pc.add_incoming(pc_next, b.block)
+        b.cbranch(b.icmp_signed("<", pc_next, Kpos), pc_blk, pc_end)
+        b.position_at_end(pc_end)
+    b.branch(out)
+
+    b.position_at_end(out)
+    b.ret_void()
+    return fn
+
+
+# ----------------------------------------------------------------------------- Python face
+
+_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_int64,) * 8 + (
+    ctypes.c_void_p,)
+
+
+_KEEP_ALIVE: list = []
+
+
+class GemmKernel:
+    """A jit-loaded gemm for one dtype, callable on NumPy arrays: ``kernel(a, b) -> a @ b``."""
+
+    def __init__(self, dtype: str = "float32", blocking: GemmBlocking | None = None):
+        from neural_arch.runtime import jit
+
+        self.dtype = np.dtype(dtype)
+        self.blocking = blocking or _blocking(dtype)
+        self.symbol = f"narch_gemm_{dtype}"
+        module = ir.Module(name=self.symbol)
+        _emit_gemm(module, self.symbol, dtype, self.blocking)
+        self.llvm_ir = str(module)
+        self.module = jit.optimize(self.llvm_ir, self.symbol)
+        self._loaded = jit.load(self.module)
+        # Never free an engine: runtime.jit hands every MCJIT engine the one shared target
+        # machine, and an engine frees it when it dies.
+        _KEEP_ALIVE.append(self._loaded)
+        self.raw = self._loaded.function(self.symbol, None, *_ARGTYPES)
+        self.workspace_bytes = _workspace_bytes(self.blocking, self.dtype.itemsize)
+        self._tls = threading.local()
+
+    def assembly(self) -> str:
+        from neural_arch.runtime import jit
+
+        return jit.emit_assembly(self.module)
+
+    def workspace(self) -> np.ndarray:
+        """This thread's scratch buffer (allocated once per thread and kept)."""
+        ws = getattr(self._tls, "ws", None)
+        if ws is None:
+            ws = self._tls.ws = np.zeros(self.workspace_bytes, np.uint8)
+        return ws
+
+    def _operand(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)
+        if x.ndim != 2:
+            raise ValueError(f"gemm: expected a 2-d array, got shape {x.shape}")
+        if any(s % x.itemsize for s in x.strides):
+            x = np.ascontiguousarray(x)
+        return x
+
+    def prepare(self, a, b, out=None):
+        """Checked operands and output for ``run``."""
+        a, b = self._operand(a), self._operand(b)
+        (M, K), (K2, N) = a.shape, b.shape
+        if K != K2:
+            raise ValueError(f"gemm: inner dimensions differ: {a.shape} @ {b.shape}")
+        if out is None:
+            out = np.empty((M, N), self.dtype)
+        elif (out.shape != (M, N) or out.dtype != self.dtype
+              or (N > 1 and out.strides[1] != out.itemsize) or out.strides[0] % out.itemsize):
+            raise ValueError("gemm: out must be an (M, N) array of the kernel's dtype "
+                             "with unit column stride")
+        return a, b, out
+
+    def run(self, a, b, out, m0: int = 0, m1: int | None = None, workspace=None) -> None:
+        """C[m0:m1] = A[m0:m1] @ B on prepared operands (rows split across threads)."""
+        M, K = a.shape
+        N = b.shape[1]
+        m1 = M if m1 is None else m1
+        if not 0 <= m0 <= m1 <= M:
+            raise ValueError(f"gemm: bad row range {m0}:{m1} of {M}")
+        it = self.dtype.itemsize
+        sam, sak = (s // it for s in a.strides)
+        sbk, sbn = (s // it for s in b.strides)
+        scm = out.strides[0] // it
+        ws = self.workspace() if workspace is None else workspace
+        if ws.nbytes < self.workspace_bytes:
+            raise ValueError("gemm: workspace too small")
+        pa = a.ctypes.data + m0 * sam * it if m1 > m0 else a.ctypes.data
+        pc = out.ctypes.data + m0 * scm * it if m1 > m0 else out.ctypes.data
+        self.raw(pa, b.ctypes.data, pc, m1 - m0, N, K, sam, sak, sbk, sbn, scm, ws.ctypes.data)
+
+    def __call__(self, a, b, out=None) -> np.ndarray:
+        a, b, out = self.prepare(a, b, out)
+        self.run(a, b, out)
+        return out
+
+
+@lru_cache(maxsize=None)
+def compile_gemm(dtype: str = "float32") -> GemmKernel:
+    """The gemm for ``dtype``, built and jit-loaded once; ``compile_gemm()(a, b) == a @ b``."""
+    _blocking(dtype)
+    return GemmKernel(dtype)
