@@ -202,3 +202,25 @@ def test_random_pass_subsets_and_orders_keep_the_numbers(which, order):
     got = interpret(res.graph, _ARGS)
     for a, b in zip(got, _REFERENCE[which]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- random graphs
+
+from neural_arch.compiler.ops.registry import NumpySampler  # noqa: E402
+from neural_arch.compiler.verify import verify  # noqa: E402
+from neural_arch.tools.randgraph import build, random_recipe  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), order=st.lists(st.sampled_from(_OPTIONAL), max_size=10))
+def test_random_graphs_under_random_pipelines(seed, order):
+    recipe = random_recipe(NumpySampler(seed), max_steps=12)
+    graph, inputs = build(recipe)
+    verify(graph)
+    assert parse(graph.to_text()) == graph
+    want = interpret(graph, inputs)
+    for v in want:
+        assert np.all(np.isfinite(v)), f"generator produced a non-finite value:\n{recipe.describe()}"
+    got = interpret(run_pipeline(graph, order, verify_each=True).graph, inputs)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=recipe.describe())
