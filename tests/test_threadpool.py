@@ -1,10 +1,19 @@
+"""The native thread pool behind ``narch_parallel_for`` (runtime/threadpool.py)."""
 import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 
 import numpy as np
+import pytest
 
 from neural_arch.runtime import jit, threadpool
 
-_KERNEL = r"""
+# count_task: counts[t] += 1 (atomically, so a task run twice shows up as 2)
+# nested_task: runs an inner parallel_for of 8 count tasks on counts[8*t : 8*t+8]
+_KERNELS = r"""
 declare void @narch_parallel_for(ptr, ptr, i64)
 
 define void @count_task(ptr %ctx, i64 %t) {
@@ -17,26 +26,163 @@ define void @run_count(ptr %ctx, i64 %n) {
   call void @narch_parallel_for(ptr @count_task, ptr %ctx, i64 %n)
   ret void
 }
+
+define void @nested_task(ptr %ctx, i64 %t) {
+  %base = mul i64 %t, 8
+  %p = getelementptr i64, ptr %ctx, i64 %base
+  call void @narch_parallel_for(ptr @count_task, ptr %p, i64 8)
+  ret void
+}
+
+define void @run_nested(ptr %ctx, i64 %n) {
+  call void @narch_parallel_for(ptr @nested_task, ptr %ctx, i64 %n)
+  ret void
+}
 """
 
-
-def _count_kernel():
-    threadpool.install()
-    loaded = jit.load(jit.optimize(_KERNEL, "tp_test"))
-    return loaded, loaded.function("run_count", None, ctypes.c_void_p, ctypes.c_int64)
+_kernels = None
 
 
-def test_install_idempotent():
+def kernels():
+    global _kernels
+    if _kernels is None:
+        threadpool.install()
+        loaded = jit.load(jit.optimize(_KERNELS, "tp_test"))
+        sig = (None, ctypes.c_void_p, ctypes.c_int64)
+        _kernels = (loaded, loaded.function("run_count", *sig), loaded.function("run_nested", *sig),
+                    loaded.address("count_task"))
+    return _kernels
+
+
+def test_install_idempotent_and_thread_safe():
+    results = []
+    ts = [threading.Thread(target=lambda: results.append(threadpool.address())) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(set(results)) == 1 and results[0] != 0
     threadpool.install()
-    a = threadpool.address()
-    threadpool.install()
-    assert threadpool.address() == a != 0
-    assert threadpool.num_threads() >= 1
+    assert threadpool.address() == results[0]
+    assert 1 <= threadpool.num_threads() <= max(1, len(os.sched_getaffinity(0)))
 
 
 def test_every_task_runs_exactly_once():
-    loaded, run = _count_kernel()
-    for n in (0, 1, 2, 3, 17, 1000):
+    _, run_count, _, _ = kernels()
+    for n in (0, 1, 2, 3, 17, 1000, 100_000):
         counts = np.zeros(max(n, 1), np.int64)
-        run(counts.ctypes.data, n)
+        run_count(counts.ctypes.data, n)
         assert (counts[:n] == 1).all(), n
+        if n == 0:
+            assert counts[0] == 0
+
+
+def test_python_entry_point():
+    _, _, _, count_task = kernels()
+    counts = np.zeros(500, np.int64)
+    threadpool.parallel_for(count_task, counts.ctypes.data, 500)
+    assert (counts == 1).all()
+
+
+def test_nested_calls_do_not_deadlock():
+    _, _, run_nested, _ = kernels()
+    counts = np.zeros(8 * 64, np.int64)
+    run_nested(counts.ctypes.data, 64)
+    assert (counts == 1).all()
+
+
+def test_two_python_threads_at_once():
+    _, run_count, run_nested, _ = kernels()
+    errors = []
+
+    def hammer(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(300):
+            n = int(rng.integers(0, 200))
+            counts = np.zeros(8 * max(n, 1), np.int64)
+            if rng.random() < 0.5:
+                run_count(counts.ctypes.data, n)
+                ok = (counts[:n] == 1).all() and (counts[n:] == 0).all()
+            else:
+                run_nested(counts.ctypes.data, n)
+                ok = (counts[:8 * n] == 1).all()
+            if not ok:
+                errors.append(n)
+
+    ts = [threading.Thread(target=hammer, args=(s,)) for s in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in ts), "parallel_for deadlocked"
+    assert errors == []
+
+
+def test_restart_with_other_thread_counts():
+    _, run_count, _, _ = kernels()
+    before = threadpool.num_threads()
+    try:
+        for n in (1, 2, 3, before):
+            got = threadpool.set_num_threads(n)
+            assert got == n or not sys.platform.startswith("linux")
+            counts = np.zeros(1000, np.int64)
+            run_count(counts.ctypes.data, 1000)
+            assert (counts == 1).all()
+    finally:
+        threadpool.set_num_threads(before)
+
+
+def test_round_trip_latency():
+    if threadpool.num_threads() < 2:
+        pytest.skip("single-threaded pool")
+    empty = threadpool.round_trip_ns(reps=20000)
+    barrier = threadpool.round_trip_ns(reps=20000, barrier=True)
+    print(f"\nparallel_for round trip: {empty:.0f} ns (empty tasks), {barrier:.0f} ns (every thread joins)")
+    # generous bounds: the machine is shared; a spinning worker answers in well under 1 us
+    assert empty < 50_000 and barrier < 200_000
+
+
+_CHILD = textwrap.dedent("""
+    import ctypes, os, sys, time
+    import numpy as np
+    sys.path.insert(0, {testdir!r})
+    import test_threadpool as T
+    from neural_arch.runtime import threadpool
+    _, run_count, run_nested, _ = T.kernels()
+    counts = np.zeros(4096, np.int64)
+    run_count(counts.ctypes.data, 4096)
+    assert (counts == 1).all()
+    print("threads", threadpool.num_threads())
+    if {fork}:
+        pid = os.fork()
+        if pid == 0:
+            c = np.zeros(8 * 100, np.int64)
+            run_nested(c.ctypes.data, 100)
+            os._exit(0 if (c == 1).all() and threadpool.num_threads() == {threads} else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        print("fork ok")
+    time.sleep({linger})   # exit while the workers spin (0) or sleep (0.05)
+""")
+
+
+@pytest.mark.parametrize("threads,fork,linger", [("", True, 0.0), ("", False, 0.05), ("1", False, 0.0),
+                                                 ("3", True, 0.0)])
+def test_fresh_process_threads_fork_and_exit(threads, fork, linger):
+    env = dict(os.environ)
+    env.pop("NEURAL_ARCH_NUM_THREADS", None)
+    if threads:
+        env["NEURAL_ARCH_NUM_THREADS"] = threads
+    expect = int(threads) if threads else max(1, len(os.sched_getaffinity(0)))
+    code = _CHILD.format(testdir=os.path.dirname(__file__), fork=fork, linger=linger, threads=expect)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert f"threads {expect}" in p.stdout
+    if fork:
+        assert "fork ok" in p.stdout
+
+
+def test_bad_thread_count_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("NEURAL_ARCH_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="NEURAL_ARCH_NUM_THREADS"):
+        threadpool._configured_threads()
