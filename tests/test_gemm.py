@@ -246,10 +246,6 @@ def test_emit_into_shared_module_with_unaligned_workspace():
         check(c[:, :N], a.T, b, dtype)
         assert (c[:, N:] == 0).all()
         assert np.array_equal(raw[3 + nbytes:], guard)
-    _keep.append(loaded)
-
-
-_keep: list = []  # runtime.jit engines share the target machine; never free one
 
 
 def test_workspace_size_is_constant_and_reasonable():
@@ -279,3 +275,34 @@ def test_bad_arguments():
         g(np.ones(3, np.float32), np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match="unsupported dtype"):
         compile_gemm("int32")
+
+
+def _hottest_block(asm: str, function: str) -> list[str]:
+    """Instructions of the basic block of ``function`` with the most FMAs (the k loop)."""
+    body = asm[asm.index(f"\n{function}:"):]
+    body = body[:body.index(".Lfunc_end")]
+    blocks, cur = [], []
+    for line in body.splitlines()[1:]:
+        line = line.strip()
+        if line.endswith(":"):
+            blocks.append(cur)
+            cur = []
+        elif line and not line.startswith((".", "#")):
+            cur.append(line)
+    blocks.append(cur)
+    return max(blocks, key=lambda blk: sum(i.startswith("vfmadd") for i in blk))
+
+
+@pytest.mark.parametrize("dtype,fma", [("float32", "vfmadd231ps"), ("float64", "vfmadd231pd")])
+def test_micro_kernel_assembly(dtype, fma):
+    """The k loop is FMAs on ymm registers with no stack traffic (no spills), and no
+    AVX-512 anywhere."""
+    g = compile_gemm(dtype)
+    asm = g.assembly()
+    assert "zmm" not in asm
+    loop = _hottest_block(asm, f"{g.symbol}.ukr")
+    fmas = [i for i in loop if i.startswith("vfmadd")]
+    bl = g.blocking
+    assert len(fmas) >= bl.mr * bl.nv and len(fmas) % (bl.mr * bl.nv) == 0, loop
+    assert all(i.startswith(fma) and i.count("%ymm") == 3 for i in fmas), fmas
+    assert not any("rsp" in i or "rbp)" in i for i in loop), loop

@@ -82,6 +82,8 @@ BLOCKING = {
     "float64": GemmBlocking(vl=4, mr=6, nv=2, kc=128, mc=144, nc=1024),
 }
 
+PREFETCH_C = True
+
 _ELEM = {"float32": (ir.FloatType(), 4), "float64": (ir.DoubleType(), 8)}
 
 
@@ -192,6 +194,18 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking) -> ir.Function
     done = fn.append_basic_block("k.done")
     b = ir.IRBuilder(entry)
     zero = ir.Constant(vec, [0.0] * VL)
+    if PREFETCH_C:
+        # warm the C tile's lines while the k loop runs (addresses clamped into the tile)
+        prefetch = _intrinsic(module, "llvm.prefetch.p0",
+                              ir.FunctionType(ir.VoidType(), [PTR] + [ir.IntType(32)] * 3))
+        last_col = b.sub(nr, _c(1))
+        i32 = ir.IntType(32)
+        for i in range(MR):
+            row = _smin(b, _c(i), b.sub(mr, _c(1)))
+            crow = _gep(b, elem, c, b.mul(row, ldc))
+            for col in (_c(0), last_col):
+                b.call(prefetch, [_gep(b, elem, crow, col), ir.Constant(i32, 1),
+                                  ir.Constant(i32, 3), ir.Constant(i32, 1)])
     b.cbranch(b.icmp_signed(">", kc, _c(0)), loop, done)
 
     # k loop: acc[i][j] += broadcast(ap[k*MR+i]) * bp[k*NR + j*VL : +VL]
@@ -448,9 +462,6 @@ _ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_int6
     ctypes.c_void_p,)
 
 
-_KEEP_ALIVE: list = []
-
-
 class GemmKernel:
     """A jit-loaded gemm for one dtype, callable on NumPy arrays: ``kernel(a, b) -> a @ b``."""
 
@@ -465,9 +476,6 @@ class GemmKernel:
         self.llvm_ir = str(module)
         self.module = jit.optimize(self.llvm_ir, self.symbol)
         self._loaded = jit.load(self.module)
-        # Never free an engine: runtime.jit hands every MCJIT engine the one shared target
-        # machine, and an engine frees it when it dies.
-        _KEEP_ALIVE.append(self._loaded)
         self.raw = self._loaded.function(self.symbol, None, *_ARGTYPES)
         self.workspace_bytes = _workspace_bytes(self.blocking, self.dtype.itemsize)
         self._tls = threading.local()
@@ -519,12 +527,19 @@ class GemmKernel:
         sam, sak = (s // it for s in a.strides)
         sbk, sbn = (s // it for s in b.strides)
         scm = out.strides[0] // it
-        ws = self.workspace() if workspace is None else workspace
-        if ws.nbytes < self.workspace_bytes:
-            raise ValueError("gemm: workspace too small")
-        pa = a.ctypes.data + m0 * sam * it if m1 > m0 else a.ctypes.data
-        pc = out.ctypes.data + m0 * scm * it if m1 > m0 else out.ctypes.data
-        self.raw(pa, b.ctypes.data, pc, m1 - m0, N, K, sam, sak, sbk, sbn, scm, ws.ctypes.data)
+        if workspace is None:
+            ws_addr = getattr(self._tls, "ws_addr", None)
+            if ws_addr is None:
+                ws_addr = self._tls.ws_addr = self.workspace().ctypes.data
+        else:
+            if workspace.nbytes < self.workspace_bytes:
+                raise ValueError("gemm: workspace too small")
+            ws_addr = workspace.ctypes.data
+        # rows m0.. of A and C; an empty range passes the base pointers, which are not read
+        pa, pc = a.ctypes.data, out.ctypes.data
+        if m1 > m0:
+            pa, pc = pa + m0 * sam * it, pc + m0 * scm * it
+        self.raw(pa, b.ctypes.data, pc, m1 - m0, N, K, sam, sak, sbk, sbn, scm, ws_addr)
 
     def __call__(self, a, b, out=None) -> np.ndarray:
         a, b, out = self.prepare(a, b, out)
