@@ -365,10 +365,18 @@ def argmax(x, axis=-1, keepdims=False):
     return neg(max(where(hit, neg(pos), -n), ax, keepdims))
 
 
+def _max_shift(x, axes):
+    """The (gradient-free) max over ``axes`` that makes exp stable.  Over an empty axis there
+    is no max; the shift is then 0 (the sum of exps is 0: softmax is empty, logsumexp -inf)."""
+    if any(x.shape[a] == 0 for a in axes):
+        return zeros(tuple(1 if i in axes else d for i, d in enumerate(x.shape)), dtype=x.dtype)
+    return stop_gradient(max(x, axes, keepdims=True))
+
+
 def logsumexp(x, axis=-1, keepdims=False):
     x = _float(x)
     axes = _axes("logsumexp", axis, x.ndim)
-    m = stop_gradient(max(x, axes, keepdims=True))
+    m = _max_shift(x, axes)
     m = where(isfinite(m), m, 0.0)
     s = log(sum(exp(sub(x, m)), axes, keepdims=True))
     r = add(s, m)
@@ -378,7 +386,7 @@ def logsumexp(x, axis=-1, keepdims=False):
 def softmax(x, axis=-1):
     x = _float(x)
     ax = _axis("softmax", axis, x.ndim)
-    m = stop_gradient(max(x, ax, keepdims=True))
+    m = _max_shift(x, (ax,))
     e = exp(sub(x, m))
     return div(e, sum(e, ax, keepdims=True))
 
@@ -386,7 +394,7 @@ def softmax(x, axis=-1):
 def log_softmax(x, axis=-1):
     x = _float(x)
     ax = _axis("log_softmax", axis, x.ndim)
-    m = stop_gradient(max(x, ax, keepdims=True))
+    m = _max_shift(x, (ax,))
     shifted = sub(x, m)
     return sub(shifted, log(sum(exp(shifted), ax, keepdims=True)))
 
@@ -656,8 +664,9 @@ def linear(x, weight, bias=None):
 
 
 def relu(x):
+    """max(x, 0); NaN stays NaN (as in torch), and the gradient at 0 is 0."""
     x = _float(x)
-    return where(gt(x, 0.0), x, 0.0)
+    return where(le(x, 0.0), 0.0, x)
 
 
 def sigmoid(x):
