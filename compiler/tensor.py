@@ -165,6 +165,16 @@ class Tensor:
                 f"values exist only when the compiled graph runs ({user_loc(2)})")
         return self._data
 
+    @data.setter
+    def data(self, value) -> None:
+        """Replace an eager tensor's values (same shape and dtype), e.g. in an optimizer step."""
+        if self._data is None:
+            raise TraceError(f"cannot assign data to a traced tensor ({self._sym})")
+        arr = np.asarray(value.data if isinstance(value, Tensor) else value)
+        if arr.shape != self.shape:
+            raise ValueError(f"data assignment: shape {arr.shape} does not match the tensor's {self.shape}")
+        self._data = np.array(arr, dtype=self.dtype, order="C", copy=True)
+
     def numpy(self) -> np.ndarray:
         return self.data
 

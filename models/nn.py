@@ -1,0 +1,550 @@
+"""Neural-network modules: Module, Parameter, containers and layers.
+
+Modules hold Parameters and child Modules as attributes, PyTorch style.  A module's forward
+uses the functional ops, so it runs eagerly, traces into the IR, and compiles.
+
+    from neural_arch.models import nn
+    layer = nn.Linear(16, 32)
+    y = layer(x)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from neural_arch.compiler import functional as F
+from neural_arch.compiler.tensor import Tensor
+
+# ----------------------------------------------------------------------------- seeding
+
+_generator = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed parameter initialisation (and eager dropout) for reproducible models."""
+    global _generator
+    _generator = np.random.default_rng(seed)
+    _dropout_state.counter = seed * 1_000_003
+
+
+def generator() -> np.random.Generator:
+    return _generator
+
+
+class _DropoutState:
+    """Where dropout takes its randomness: eagerly a fresh seed per call; inside a compiled
+    training step, the step's seed input with one stream per dropout site."""
+
+    def __init__(self):
+        self.counter = 0
+        self.seed = None  # a 0-d int64 Tensor (symbolic inside a compiled step)
+        self.stream = 0
+
+
+_dropout_state = _DropoutState()
+
+
+@contextlib.contextmanager
+def dropout_seed(seed):
+    """Within this block every dropout site draws from ``seed`` (a 0-d int tensor or int), each
+    site on its own stream.  compile_train_step uses this with a per-step seed input."""
+    prev = (_dropout_state.seed, _dropout_state.stream)
+    _dropout_state.seed, _dropout_state.stream = seed, 0
+    try:
+        yield
+    finally:
+        _dropout_state.seed, _dropout_state.stream = prev
+
+
+def _next_dropout_seed():
+    st = _dropout_state
+    if st.seed is not None:
+        st.stream += 1
+        return st.seed, st.stream
+    st.counter += 1
+    return st.counter, 0
+
+
+# ----------------------------------------------------------------------------- Parameter
+
+
+class Parameter(Tensor):
+    """A tensor that a Module owns and an optimizer updates (requires_grad=True)."""
+
+    def __init__(self, data, dtype=None):
+        arr = np.asarray(data.data if isinstance(data, Tensor) else data)
+        if dtype is None:
+            dtype = "float64" if arr.dtype == np.float64 and isinstance(data, Tensor) else "float32"
+        super().__init__(np.array(arr, dtype=dtype, copy=True), requires_grad=True)
+
+    def __repr__(self) -> str:
+        return "Parameter" + super().__repr__()[len("tensor"):]
+
+
+# ----------------------------------------------------------------------------- Module
+
+
+class Module:
+    """Base class: parameters and sub-modules registered by attribute assignment."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before "
+                                 f"assigning {name!r}")
+        for table in (self._parameters, self._modules, self._buffers):
+            table.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value) -> None:
+        """A non-trained tensor that belongs to the module's state (saved in state_dict)."""
+        t = value if isinstance(value, Tensor) else Tensor(value)
+        object.__setattr__(self, name, t)
+        self._buffers[name] = t
+
+    # -- traversal
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        return iter(self._modules.items())
+
+    def children(self) -> Iterator["Module"]:
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix: str = ""):
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return (m for _, m in self.named_modules())
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Every parameter once (a parameter shared by two modules appears under its first name)."""
+        seen = set()
+        for mname, m in self.named_modules(prefix):
+            for pname, p in m._parameters.items():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                yield (f"{mname}.{pname}" if mname else pname), p
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = ""):
+        for mname, m in self.named_modules(prefix):
+            for bname, b in m._buffers.items():
+                yield (f"{mname}.{bname}" if mname else bname), b
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- state
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Name -> a copy of each parameter's and buffer's values."""
+        sd = OrderedDict()
+        for mname, m in self.named_modules():
+            for table in (m._parameters, m._buffers):
+                for n, t in table.items():
+                    sd[f"{mname}.{n}" if mname else n] = np.array(t.data, copy=True)
+        return sd
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> dict:
+        """Copy values in by name.  With ``strict`` every name must match both ways; shapes must
+        always match.  Returns {"missing": [...], "unexpected": [...]}."""
+        own = OrderedDict()
+        for mname, m in self.named_modules():
+            for table in (m._parameters, m._buffers):
+                for n, t in table.items():
+                    own[f"{mname}.{n}" if mname else n] = t
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        bad = [f"{k}: checkpoint {tuple(np.shape(state[k]))} vs model {own[k].shape}"
+               for k in own if k in state and tuple(np.shape(state[k])) != own[k].shape]
+        problems = []
+        if bad:
+            problems.append("shape mismatch for " + "; ".join(bad))
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if problems:
+            raise ValueError(f"load_state_dict into {type(self).__name__}: " + ". ".join(problems))
+        for k, t in own.items():
+            if k in state:
+                v = state[k]
+                t.data = np.asarray(v.data if isinstance(v, Tensor) else v)
+        return {"missing": missing, "unexpected": unexpected}
+
+    # -- modes
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, m in self._modules.items():
+            sub = repr(m).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {sub}")
+        return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+
+class Sequential(Module):
+    def __init__(self, *layers: Module):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            setattr(self, str(i), layer)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class ModuleList(Module):
+    def __init__(self, modules=()):
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, m: Module) -> "ModuleList":
+        setattr(self, str(len(self._modules)), m)
+        return self
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def normal_(shape, std: float = 0.02) -> np.ndarray:
+    return _generator.normal(0.0, std, size=shape).astype(np.float32)
+
+
+def uniform_(shape, bound: float) -> np.ndarray:
+    return _generator.uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias, weight (out_features, in_features) as in torch; initialised
+    normal(0, init_std) as GPT-2 and BERT do (pass init_std=None for torch's uniform)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_std: float | None = 0.02):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if init_std is None:
+            w = uniform_((out_features, in_features), 1 / math.sqrt(max(in_features, 1)))
+        else:
+            w = normal_((out_features, in_features), init_std)
+        self.weight = Parameter(w)
+        self.bias = Parameter(np.zeros(out_features, np.float32)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter(normal_((num_embeddings, embedding_dim), init_std))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        if elementwise_affine:
+            self.weight = Parameter(np.ones(self.normalized_shape, np.float32))
+            self.bias = Parameter(np.zeros(self.normalized_shape, np.float32))
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class RMSNorm(Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(np.ones(dim, np.float32))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight, self.eps)
+
+
+class Dropout(Module):
+    """Inverted dropout with the counter-based random op (so it compiles); identity in eval()."""
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must lie in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        seed, stream = _next_dropout_seed()
+        return F.dropout(x, self.p, True, seed, stream)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class GELU(Module):
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x, self.approximate)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class SiLU(Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        return F.tanh(x)
+
+
+class Flatten(Module):
+    def __init__(self, start_axis: int = 1, end_axis: int = -1):
+        super().__init__()
+        self.start_axis, self.end_axis = start_axis, end_axis
+
+    def forward(self, x):
+        return F.flatten(x, self.start_axis, self.end_axis)
+
+
+class MultiHeadAttention(Module):
+    """Multi-head attention over (batch, seq, embed) tensors (batch first).
+
+    ``forward(query, key=None, value=None, key_padding_mask=None, attn_mask=None,
+    is_causal=False, kv_cache=None)``: self-attention when key/value are omitted, cross
+    attention otherwise.  ``key_padding_mask`` (batch, key_len) is True at padding positions
+    (as in torch).  ``attn_mask`` is bool (True = attend) or float (added), broadcast against
+    (batch, heads, q_len, key_len).  ``kv_cache``: a KVCache that this call appends to."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.q_proj = Linear(embed_dim, embed_dim, bias)
+        self.k_proj = Linear(kdim or embed_dim, embed_dim, bias)
+        self.v_proj = Linear(vdim or embed_dim, embed_dim, bias)
+        self.out_proj = Linear(embed_dim, embed_dim, bias)
+        self.attn_dropout = Dropout(dropout)
+
+    def _heads(self, t):
+        b, s, _ = t.shape
+        return t.reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
+                kv_cache=None):
+        key = query if key is None else key
+        value = key if value is None else value
+        b, lq, _ = query.shape
+        q = self._heads(self.q_proj(query))
+        k = self._heads(self.k_proj(key))
+        v = self._heads(self.v_proj(value))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        lk = k.shape[2]
+        mask = None
+        if key_padding_mask is not None:
+            kpm = key_padding_mask if isinstance(key_padding_mask, Tensor) else Tensor(np.asarray(key_padding_mask))
+            if kpm.shape != (b, lk):
+                raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lk)}")
+            mask = F.logical_not(kpm.reshape(b, 1, 1, lk))
+        if attn_mask is not None:
+            am = attn_mask if isinstance(attn_mask, Tensor) else Tensor(np.asarray(attn_mask))
+            if am.dtype == "bool":
+                mask = am if mask is None else F.logical_and(mask, am)
+            else:
+                mask = am if mask is None else F.where(mask, am, -math.inf)
+        scores = F.mul(F.matmul(q, F.swapaxes(k, -1, -2)), 1.0 / math.sqrt(self.head_dim))
+        if is_causal:
+            offset = lk - lq
+            r = F.iota((lq, lk), 0)
+            c = F.iota((lq, lk), 1)
+            scores = F.where(F.ge(F.add(r, offset), c), scores, -math.inf)
+        if mask is not None:
+            scores = F.where(mask, scores, -math.inf) if mask.dtype == "bool" else F.add(scores, mask)
+        attn = self.attn_dropout(F.softmax(scores, -1))
+        out = F.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, lq, self.embed_dim)
+        return self.out_proj(out)
+
+
+class TransformerBlock(Module):
+    """A transformer encoder/decoder layer: attention and an MLP, each with a residual.
+    ``norm_first=True`` is pre-LN (GPT-2); False is post-LN (BERT, the original)."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int | None = None, dropout: float = 0.0,
+                 norm_first: bool = True, activation: str = "gelu", causal: bool = False, eps: float = 1e-5):
+        super().__init__()
+        d_ff = d_ff or 4 * d_model
+        self.norm_first, self.causal = norm_first, causal
+        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.ln1 = LayerNorm(d_model, eps)
+        self.ln2 = LayerNorm(d_model, eps)
+        self.fc1 = Linear(d_model, d_ff)
+        self.fc2 = Linear(d_ff, d_model)
+        self.act = {"gelu": GELU(), "gelu_tanh": GELU("tanh"), "relu": ReLU(), "silu": SiLU()}[activation]
+        self.dropout = Dropout(dropout)
+
+    def _mlp(self, x):
+        return self.dropout(self.fc2(self.act(self.fc1(x))))
+
+    def forward(self, x, key_padding_mask=None, attn_mask=None):
+        if self.norm_first:
+            x = x + self.dropout(self.attn(self.ln1(x), key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                           is_causal=self.causal))
+            return x + self._mlp(self.ln2(x))
+        x = self.ln1(x + self.dropout(self.attn(x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                                is_causal=self.causal)))
+        return self.ln2(x + self._mlp(x))
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _windows(x, kernel, stride, padding, pad_value=0.0):
+    """(N, C, H, W) -> (N, C, kh*kw, OH, OW): every kernel offset's strided view (im2col)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    sh, sw = stride
+    ph, pw = padding
+    if ph or pw:
+        x = F.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), pad_value)
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"kernel {kernel} does not fit the padded input {(hp, wp)}")
+    views = [x[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+    return F.stack(views, 2), oh, ow
+
+
+class Conv2d(Module):
+    """2-d convolution over (N, C, H, W), lowered as im2col (strided slices) plus a matmul."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.weight = Parameter(uniform_((out_channels, in_channels) + self.kernel_size, 1 / math.sqrt(fan_in)))
+        self.bias = Parameter(uniform_((out_channels,), 1 / math.sqrt(fan_in))) if bias else None
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        if c != self.in_channels:
+            raise ValueError(f"Conv2d: expected {self.in_channels} input channels, got input {x.shape}")
+        cols, oh, ow = _windows(x, self.kernel_size, self.stride, self.padding)
+        k = self.kernel_size[0] * self.kernel_size[1]
+        cols = cols.reshape(n, c * k, oh * ow)
+        w = self.weight.reshape(self.out_channels, c * k)
+        y = F.matmul(w, cols)  # (N, out, OH*OW)
+        if self.bias is not None:
+            y = y + self.bias.reshape(self.out_channels, 1)
+        return y.reshape(n, self.out_channels, oh, ow)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride) if stride is not None else self.kernel_size
+        self.padding = _pair(padding)
+
+    def forward(self, x):
+        cols, _, _ = _windows(x, self.kernel_size, self.stride, self.padding, -math.inf)
+        return F.max(cols, 2)
+
+
+class AvgPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride) if stride is not None else self.kernel_size
+        self.padding = _pair(padding)
+
+    def forward(self, x):
+        cols, _, _ = _windows(x, self.kernel_size, self.stride, self.padding, 0.0)
+        return F.mean(cols, 2)

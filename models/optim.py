@@ -1,0 +1,189 @@
+"""Optimizers, gradient clipping and learning-rate schedules.
+
+Each optimizer's update is written ONCE, with tensor ops (``update(param, grad, state, lr,
+step)``): eagerly, ``opt.step()`` runs it on ``.grad``; compiled, the training-step builder
+traces the same function into the program, so both paths apply the identical rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+
+from neural_arch.compiler import functional as F
+from neural_arch.compiler.tensor import Tensor, no_grad
+
+
+class Optimizer:
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable, lr: float):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        if lr < 0:
+            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+        self.lr = float(lr)
+        self.step_count = 0
+        # per-parameter state: {"exp_avg": Tensor, ..., "step": int}
+        self.state: dict[int, dict] = {id(p): self.init_state(p) for p in self.params}
+
+    def init_state(self, p) -> dict:
+        st = {name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names}
+        st["step"] = 0
+        return st
+
+    def state_for(self, p) -> dict:
+        return self.state[id(p)]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def update(self, p, g, state: dict, lr, step):
+        """Return (new_param, {state_name: new_value}); written with tensor ops."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Apply one update to every parameter that has a gradient (eager mode)."""
+        self.step_count += 1
+        with no_grad():
+            for p in self.params:
+                if p.grad is None:
+                    continue
+                st = self.state[id(p)]
+                st["step"] += 1
+                new_p, new_state = self.update(Tensor(p.data), p.grad, st, self.lr, st["step"])
+                p.data = new_p.data
+                for k, v in new_state.items():
+                    st[k] = Tensor(v.data)
+
+
+class SGD(Optimizer):
+    """SGD with momentum (torch's dampening-free form), Nesterov, and L2 weight decay."""
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("SGD: nesterov needs momentum > 0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self.state_names = ("momentum_buffer",) if momentum else ()
+        super().__init__(params, lr)
+
+    def update(self, p, g, state, lr, step):
+        if self.weight_decay:
+            g = g + p * self.weight_decay
+        new_state = {}
+        if self.momentum:
+            # the buffer starts at zero, so step 1 gives buf = g exactly as torch's first step
+            buf = state["momentum_buffer"] * self.momentum + g
+            new_state["momentum_buffer"] = buf
+            g = g + buf * self.momentum if self.nesterov else buf
+        return p - g * lr, new_state
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction; ``weight_decay`` is L2 added to the gradient."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        super().__init__(params, lr)
+
+    def update(self, p, g, state, lr, step):
+        b1, b2 = self.betas
+        if self.weight_decay and not self.decoupled:
+            g = g + p * self.weight_decay
+        if self.weight_decay and self.decoupled:
+            p = p * (1.0 - lr * self.weight_decay)
+        m = state["exp_avg"] * b1 + g * (1.0 - b1)
+        v = state["exp_avg_sq"] * b2 + (g * g) * (1.0 - b2)
+        if isinstance(step, Tensor):  # traced: the step number is a runtime input
+            stepf = F.cast(step, p.dtype)
+            bc1 = 1.0 - F.exp(stepf * math.log(b1))
+            bc2 = 1.0 - F.exp(stepf * math.log(b2))
+        else:
+            bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+        denom = F.sqrt(v) / F.sqrt(bc2) + self.eps
+        new_p = p - (m / denom) * (lr / bc1)
+        return new_p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): p -= lr * wd * p before the step."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
+    before clipping (eager)."""
+    grads = [p.grad.data for p in params if p.grad is not None]
+    total = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad = Tensor((p.grad.data * scale).astype(p.grad.dtype))
+    return total
+
+
+def clip_by_global_norm(grads: list, max_norm: float):
+    """The same clipping with tensor ops (traceable): returns (clipped grads, norm)."""
+    total = F.sqrt(sum((F.sum(g * g) for g in grads[1:]), F.sum(grads[0] * grads[0])))
+    scale = F.minimum(max_norm / (total + 1e-6), 1.0)
+    return [g * scale for g in grads], total
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class LRSchedule:
+    """Maps a step number to a learning rate; ``sched.apply(opt, step)`` sets opt.lr."""
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def apply(self, opt: Optimizer, step: int) -> float:
+        opt.lr = self(step)
+        return opt.lr
+
+
+class ConstantLR(LRSchedule):
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def __call__(self, step):
+        return self.lr
+
+
+class StepLR(LRSchedule):
+    """lr * gamma ** (step // step_size)."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
+        self.lr, self.step_size, self.gamma = lr, step_size, gamma
+
+    def __call__(self, step):
+        return self.lr * self.gamma ** (step // self.step_size)
+
+
+class WarmupCosine(LRSchedule):
+    """Linear warmup from 0 to lr over ``warmup`` steps, then cosine decay to ``min_lr`` at
+    ``total`` steps (and min_lr after)."""
+
+    def __init__(self, lr: float, warmup: int, total: int, min_lr: float = 0.0):
+        if total <= warmup:
+            raise ValueError(f"WarmupCosine: total ({total}) must exceed warmup ({warmup})")
+        self.lr, self.warmup, self.total, self.min_lr = lr, warmup, total, min_lr
+
+    def __call__(self, step):
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
