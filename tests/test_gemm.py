@@ -52,7 +52,7 @@ def operand(rng, shape, dtype, layout):
 LAYOUTS = ["c", "f", "s", "n"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(60, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(M=st.integers(0, 300), N=st.integers(0, 300), K=st.integers(0, 300),
        la=st.sampled_from(LAYOUTS), lb=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31))
 def test_ragged_float32(M, N, K, la, lb, seed):
@@ -61,7 +61,7 @@ def test_ragged_float32(M, N, K, la, lb, seed):
     check(compile_gemm("float32")(a, b), a, b, "float32")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(25, settings.default.max_examples // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(M=st.integers(0, 200), N=st.integers(0, 200), K=st.integers(0, 300),
        la=st.sampled_from(LAYOUTS), lb=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31))
 def test_ragged_float64(M, N, K, la, lb, seed):
@@ -216,6 +216,22 @@ def test_row_ranges_from_two_threads():
     t.start()
     g.run(a, b, out, 0, 150, ws[0])
     t.join()
+    check(out, a, b, "float32")
+
+
+def test_column_ranges_through_the_raw_function():
+    """Splitting N instead of M: offset B by n0*sbn and C by n0, pass N = n1 - n0."""
+    g = compile_gemm("float32")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((50, 70)).astype(np.float32)
+    b = rng.standard_normal((90, 70)).astype(np.float32).T  # (70, 90), transposed
+    out = np.zeros((50, 90), np.float32)
+    it = 4
+    sbk, sbn = b.strides[0] // it, b.strides[1] // it
+    ws = g.workspace()
+    for n0, n1 in [(0, 37), (37, 90)]:
+        g.raw(a.ctypes.data, b.ctypes.data + n0 * sbn * it, out.ctypes.data + n0 * it,
+              50, n1 - n0, 70, 70, 1, sbk, sbn, 90, ws.ctypes.data)
     check(out, a, b, "float32")
 
 
