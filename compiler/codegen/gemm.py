@@ -25,7 +25,9 @@ inside its k loop; only its write-back knows the tile's real extent, and it writ
 after the first k block, reads) C strictly within bounds.  The micro-kernel keeps the
 MR x NR accumulators in registers: MR=6 rows by two ``<VL x T>`` vectors (12 accumulators,
 2 B vectors and one broadcast of A: 15 of AVX2's 16 ymm registers), updated with
-``llvm.fma``.  K == 0 runs one k block of length 0, which stores zeros.
+``llvm.fma``; it prefetches its C tile before the k loop.  K == 0 runs one k block of
+length 0, which stores zeros.  The workspace holds packed B, packed A and one tile buffer
+for edge write-backs, each 64-byte aligned.  Measurements: docs/gemm.md.
 
 All index arithmetic is i64.  No branch in the code reads an operand out of bounds:
 packing reads only rows < M, columns < N and k < K.
@@ -41,7 +43,8 @@ from functools import lru_cache
 import llvmlite.ir as ir
 import numpy as np
 
-__all__ = ["emit_gemm", "gemm_workspace_bytes", "compile_gemm", "GemmBlocking", "BLOCKING"]
+__all__ = ["emit_gemm", "gemm_workspace_bytes", "compile_gemm", "GemmKernel", "GemmBlocking",
+           "BLOCKING"]
 
 I1 = ir.IntType(1)
 I64 = ir.IntType(64)
@@ -82,6 +85,8 @@ BLOCKING = {
     "float64": GemmBlocking(vl=4, mr=6, nv=2, kc=128, mc=144, nc=1024),
 }
 
+# Prefetch the C tile's rows before the k loop: +5-10 % at n = 1024-2048, where rows are
+# 4-8 KiB apart (L1 set conflicts) and the tile is re-read after the first K block.
 PREFETCH_C = True
 
 _ELEM = {"float32": (ir.FloatType(), 4), "float64": (ir.DoubleType(), 8)}
