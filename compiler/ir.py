@@ -318,6 +318,8 @@ class _Parser:
 
     def expect(self, kind: str, val: str | None = None, skip_nl: bool = True):
         t = self.next(skip_nl)
+        if kind == "ident" and t[0] == "number" and t[1] in ("inf", "nan"):
+            t = ("ident",) + t[1:]  # a name that happens to be spelled like a number
         if t[0] != kind or (val is not None and t[1] != val):
             want = val or kind
             raise ParseError(f"line {t[2]}: expected {want!r}, found {t[1] or t[0]!r}")

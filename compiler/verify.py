@@ -47,5 +47,8 @@ def verify(graph: Graph) -> Graph:
         defined[n.name] = n.type
     for o in graph.outputs:
         if o not in defined:
-            raise VerifyError(f"verify {graph.name}: output %{o} is not defined in the graph")
+            ret = "return (" + ", ".join("%" + x for x in graph.outputs) + ")"
+            tail = _context(graph, len(graph.nodes))  # the last nodes, then the offending return
+            raise VerifyError(f"verify {graph.name}: output %{o} is not defined in the graph\n"
+                              + (tail + "\n" if tail else "") + f"  >> {ret}")
     return graph
