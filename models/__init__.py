@@ -1,7 +1,8 @@
 """neural_arch.models: nn layers, optimizers and the model zoo.
 
-    from neural_arch.models import nn, optim
+    from neural_arch.models import nn, optim, GPT2, GPT2Config
 """
 from . import nn, optim
+from .gpt2 import GPT2, GPT2Config
 
-__all__ = ["nn", "optim"]
+__all__ = ["nn", "optim", "GPT2", "GPT2Config"]

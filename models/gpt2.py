@@ -1,0 +1,200 @@
+"""GPT-2 with Hugging Face-compatible parameter names, shapes and layouts.
+
+State dict names match ``GPT2LMHeadModel`` (``transformer.h.0.attn.c_attn.weight`` in the
+Conv1D (in, out) layout, ...), so real GPT-2 checkpoints load.  Pre-LN blocks, learned
+positions, causal attention, tanh-GELU MLP, final LayerNorm, LM head tied to the token
+embedding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from neural_arch.compiler import functional as F
+from neural_arch.compiler.tensor import Tensor
+
+from . import nn
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0  # embd, attn and resid dropout (HF's *_pdrop)
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_positions
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPT2Config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored (in_features, out_features); y = x @ W + b."""
+
+    def __init__(self, nx: int, nf: int, std: float = 0.02):
+        super().__init__()
+        self.weight = nn.Parameter(nn.normal_((nx, nf), std))
+        self.bias = nn.Parameter(np.zeros(nf, np.float32))
+
+    def forward(self, x):
+        return F.matmul(x, self.weight) + self.bias
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd, cfg.initializer_range)
+        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd, proj_std)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def _split(self, x):
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.n_head, self.n_embd // self.n_head).transpose(0, 2, 1, 3)
+
+    def forward(self, x, cache=None, pos=None):
+        b, t, c = x.shape
+        q, k, v = (self._split(z) for z in F.split(self.c_attn(x), 3, axis=-1))
+        hd = c // self.n_head
+        if cache is None:
+            scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
+            r = F.iota((t, t), 0)
+            cidx = F.iota((t, t), 1)
+            scores = F.where(F.ge(r, cidx), scores, -math.inf)
+        else:
+            # decode: write k, v at position `pos` of the cache, attend to positions <= pos + i
+            kc, vc = cache
+            n = kc.shape[2]
+            slot = F.iota((1, 1, n, 1), 2)
+            for i in range(t):
+                here = F.eq(slot, pos + i)
+                kc = F.where(here, k[:, :, i:i + 1, :], kc)
+                vc = F.where(here, v[:, :, i:i + 1, :], vc)
+            k, v = kc, vc
+            scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
+            qpos = F.add(F.iota((t, n), 0), pos)
+            kpos = F.iota((t, n), 1)
+            scores = F.where(F.ge(qpos, kpos), scores, -math.inf)
+            cache = (kc, vc)
+        att = self.attn_dropout(F.softmax(scores, -1))
+        y = F.matmul(att, v).transpose(0, 2, 1, 3).reshape(b, t, c)
+        return self.resid_dropout(self.c_proj(y)), cache
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = Conv1D(cfg.n_embd, 4 * cfg.n_embd, cfg.initializer_range)
+        self.c_proj = Conv1D(4 * cfg.n_embd, cfg.n_embd, cfg.initializer_range / math.sqrt(2 * cfg.n_layer))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, cache=None, pos=None):
+        a, cache = self.attn(self.ln_1(x), cache, pos)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), cache
+
+
+class GPT2Transformer(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, cfg.initializer_range)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, 0.01)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # the token embedding itself: one parameter, two names
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model.  ``model(idx)`` gives logits (B, T, vocab);
+    ``model(idx, targets)`` gives (logits, loss) with targets aligned to idx (already shifted)."""
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.config = cfg
+        self.transformer = GPT2Transformer(cfg)
+        self.lm_head = _TiedHead(self.transformer.wte.weight)
+
+    def _check_idx(self, idx, offset: int = 0):
+        idx = idx if isinstance(idx, Tensor) else Tensor(np.asarray(idx, dtype=np.int64))
+        if idx.ndim != 2:
+            raise ValueError(f"GPT2: input ids must be (batch, seq), got shape {idx.shape}")
+        if idx.shape[1] + offset > self.config.n_positions:
+            raise ValueError(f"GPT2: sequence length {idx.shape[1] + offset} exceeds n_positions "
+                             f"{self.config.n_positions}")
+        return idx
+
+    def forward(self, idx, targets=None):
+        idx = self._check_idx(idx)
+        b, t = idx.shape
+        tr = self.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(F.arange(t)))
+        for blk in tr.h:
+            x, _ = blk(x)
+        logits = F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits, targets)
+
+    def decode_step(self, idx, pos, caches):
+        """Logits for tokens ``idx`` (B, t) at positions pos..pos+t-1, attending to the
+        caches; returns (logits, new caches).  ``pos`` may be a runtime tensor, so one
+        compiled program serves every position."""
+        tr = self.transformer
+        t = idx.shape[1]
+        positions = F.add(F.arange(t), pos)
+        x = tr.wte(idx) + tr.wpe(positions)
+        new = []
+        for blk, cache in zip(tr.h, caches):
+            x, c = blk(x, cache, pos)
+            new.append(c)
+        logits = F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
+        return logits, new
+
+    def empty_caches(self, batch: int):
+        cfg = self.config
+        shape = (batch, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head)
+        return [(F.zeros(shape), F.zeros(shape)) for _ in range(cfg.n_layer)]
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> dict:
+        """HF checkpoints may omit the tied ``lm_head.weight``; old ones carry attention-mask
+        buffers (``attn.bias``, ``attn.masked_bias``) we do not need."""
+        state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        return super().load_state_dict(state, strict)
+
+    @classmethod
+    def from_hf_state_dict(cls, cfg: GPT2Config, state: dict) -> "GPT2":
+        model = cls(cfg)
+        model.load_state_dict({k: np.asarray(v) for k, v in state.items()})
+        return model

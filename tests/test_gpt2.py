@@ -1,0 +1,78 @@
+"""GPT-2 against Hugging Face's GPT2LMHeadModel with the same random weights."""
+import numpy as np
+import pytest
+
+from neural_arch.compiler import Tensor, functional as F
+from neural_arch.models import GPT2, GPT2Config, nn
+
+torch = pytest.importorskip("torch", reason="torch is the oracle for GPT-2 (test extra)")
+transformers = pytest.importorskip("transformers", reason="transformers is the GPT-2 reference (test extra)")
+
+CFG = GPT2Config(vocab_size=61, n_positions=24, n_embd=16, n_layer=2, n_head=4)
+
+
+def hf_model():
+    torch.manual_seed(0)
+    hcfg = transformers.GPT2Config(vocab_size=CFG.vocab_size, n_positions=CFG.n_positions, n_embd=CFG.n_embd,
+                                   n_layer=CFG.n_layer, n_head=CFG.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(hcfg)
+    m.eval()
+    return m
+
+
+def test_state_dict_names_shapes_and_tying_match_hf():
+    hf = hf_model()
+    ours = GPT2(CFG)
+    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    mine = {k: v.shape for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert len(ours.parameters()) == len(theirs) - 1  # the tied head is one parameter
+
+
+def test_logits_loss_and_gradients_match_hf():
+    hf = hf_model()
+    ours = GPT2(CFG)
+    ours.load_state_dict({k: v.detach().numpy() for k, v in hf.state_dict().items()})
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, CFG.vocab_size, (2, 9))
+    out = hf(torch.tensor(idx), labels=torch.tensor(idx))
+    logits, loss = ours(Tensor(idx[:, :-1]), Tensor(idx[:, 1:]))
+    np.testing.assert_allclose(ours(Tensor(idx)).data, out.logits.detach().numpy(), rtol=1e-4, atol=1e-4)
+    assert abs(float(loss.item()) - float(out.loss.detach())) < 1e-4
+    out.loss.backward()
+    loss.backward()
+    named = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        np.testing.assert_allclose(named[name].grad.data, p.grad.numpy(), rtol=1e-3, atol=2e-5, err_msg=name)
+
+
+def test_loading_checkpoint_without_tied_head_and_strict_errors():
+    hf = hf_model()
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    ours = GPT2(CFG)
+    ours.load_state_dict(sd)
+    np.testing.assert_array_equal(ours.lm_head.weight.data, sd["transformer.wte.weight"])
+    sd["transformer.h.0.attn.c_attn.weight"] = sd["transformer.h.0.attn.c_attn.weight"].T
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn\.weight: checkpoint \(48, 16\)"):
+        ours.load_state_dict(sd)
+
+
+def test_decode_step_with_cache_equals_full_forward():
+    nn.manual_seed(3)
+    model = GPT2(CFG)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, CFG.vocab_size, (1, 7))
+    full = model(Tensor(idx)).data
+    caches = model.empty_caches(1)
+    logits, caches = model.decode_step(Tensor(idx[:, :4]), 0, caches)
+    np.testing.assert_allclose(logits.data, full[:, :4], rtol=1e-4, atol=1e-5)
+    for t in range(4, 7):
+        logits, caches = model.decode_step(Tensor(idx[:, t:t + 1]), t, caches)
+        np.testing.assert_allclose(logits.data[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_refused():
+    with pytest.raises(ValueError, match="exceeds n_positions 24"):
+        GPT2(CFG)(Tensor(np.zeros((1, 25), np.int64)))
