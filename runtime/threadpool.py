@@ -432,7 +432,47 @@ define void @narch_pool_after_fork() {
 """
 
 
+# Elsewhere than Linux (no futex, no pthread_*_np) the same interface runs serially.
+_SERIAL_IR = r"""
+define void @narch_parallel_for(ptr %fn, ptr %ctx, i64 %n) {
+entry:
+  %any = icmp sgt i64 %n, 0
+  br i1 %any, label %loop, label %done
+loop:
+  %i = phi i64 [ 0, %entry ], [ %next, %loop ]
+  call void %fn(ptr %ctx, i64 %i)
+  %next = add nuw nsw i64 %i, 1
+  %more = icmp slt i64 %next, %n
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+define i64 @narch_pool_start(i64 %nworkers, ptr %cpus, i64 %spin_ns) {
+  ret i64 0
+}
+define void @narch_pool_stop() {
+  ret void
+}
+define i64 @narch_pool_alive() {
+  ret i64 0
+}
+define void @narch_pool_state(ptr %out) {
+  call void @llvm.memset.p0.i64(ptr %out, i8 0, i64 96, i1 false)
+  ret void
+}
+define void @narch_pool_set_caller_steering(ptr %w, ptr %c, i64 %on) {
+  ret void
+}
+define void @narch_pool_after_fork() {
+  ret void
+}
+declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
+"""
+
+
 def _pool_ir() -> str:
+    if not sys.platform.startswith("linux"):
+        return _SERIAL_IR
     x86 = jit.target_machine().triple.startswith(("x86_64", "i386", "i686"))
     return (_POOL_IR
             .replace("__PAUSE_DECL__", "declare void @llvm.x86.sse2.pause()" if x86 else "")
@@ -491,7 +531,11 @@ def _start(threads: int) -> int:
     started = _fns["start"](threads - 1, cpus, _spin_ns())
     _threads = 1 + started
     deadline = time.monotonic() + 0.5  # let the workers come up (not needed for correctness)
-    while state()["ready"] < started and time.monotonic() < deadline:
+    buf = (ctypes.c_int64 * 12)()
+    while time.monotonic() < deadline:
+        _fns["state"](buf)
+        if buf[6] >= started:
+            break
         time.sleep(0.0002)
     return _threads
 
@@ -530,6 +574,7 @@ def install() -> None:
     with _lock:
         if _loaded is not None:
             return
+        threads = _configured_threads()  # a bad NEURAL_ARCH_NUM_THREADS fails before anything
         loaded = jit.load(jit.optimize(_pool_ir(), "narch_pool"))
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(loaded))  # never free the workers' code
         _fns["start"] = loaded.function("narch_pool_start", ctypes.c_int64, ctypes.c_int64,
@@ -544,8 +589,8 @@ def install() -> None:
         _parallel_for = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(addr)
         llvm.add_symbol(SYMBOL, addr)
         _address = addr
-        _loaded = loaded
-        _start(_configured_threads())
+        _start(threads)
+        _loaded = loaded  # last: the unlocked fast path above sees a running pool
         if not _hooks_registered:
             atexit.register(_stop, 0.2)
             if hasattr(os, "register_at_fork"):
