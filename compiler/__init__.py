@@ -15,3 +15,6 @@ from .verify import verify
 __all__ = ["Tensor", "tensor", "trace", "grad", "value_and_grad", "no_grad", "gradcheck", "functional",
            "Graph", "Node", "TensorType", "parse", "verify", "zeros", "ones", "full", "arange", "randn",
            "rand", "zeros_like", "ones_like", "is_grad_enabled"]
+from .compile import compile, CompiledFunction  # noqa: E402,A001
+
+__all__ += ["compile", "CompiledFunction"]

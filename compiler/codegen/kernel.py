@@ -1,0 +1,700 @@
+"""Kernels: a GROUP of graph nodes lowered to one loop nest in LLVM IR.
+
+A kernel computes its group's output by looping over the output's index space and, at each
+index, inlining the element computations of the group (each primitive's lowering face, see
+``lowering.py``): elementwise ops combine their inputs' elements, movement ops remap the
+index (``index.Ix`` expressions), sources compute from the index, reductions run an inner
+loop.  Values produced outside the group are read from buffers.  Today the program hands
+us groups of one node; the fusion pass hands larger groups to the same code.
+
+Every kernel body is written once as a Python function over a :class:`Ctx` and run twice:
+
+1. in *analysis* mode, where loops create symbolic variables and loads/stores only record
+   their address expressions; from these we plan which adjacent loop dimensions can merge
+   into one (every access strides them consistently), so elementwise kernels become one
+   long contiguous loop that LLVM vectorises to ``<8 x float>``;
+2. in *emission* mode with that plan, producing LLVM IR through llvmlite.
+
+Layout of a kernel ``kN`` in the module::
+
+    internal void @kN.body(ptr noalias %buf..., i64 %lo, i64 %hi)  ; outer loop lo..hi
+    internal void @kN.task(ptr %bufs, i64 %task)                    ; one chunk of the outer loop
+    i32 @kN(ptr %bufs)   ; index checks, then body inline or narch_parallel_for(task)
+
+``bufs`` is the program's array of buffer pointers; slot 0 is the error record (i64[4]):
+a failing index check writes ``[check code, offending index, 0, 0]`` and the kernel
+returns 1 without reading through the bad index.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import llvmlite.ir as ir
+
+from ..ir import Graph, Node, TensorType
+from .index import Clamp, Data, Div, Ix, Mod, Var, contiguous_strides, flat_index
+
+# ----------------------------------------------------------------------------- types
+
+F32 = ir.FloatType()
+F64 = ir.DoubleType()
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+FM = ("contract", "nsz")            # default fast-math flags: keep NaN/Inf semantics
+FM_REDUCE = ("reassoc", "contract", "nsz")  # only on reduction accumulators
+
+_REG = {"float32": F32, "float64": F64, "int32": I32, "int64": I64, "bool": I1}
+_MEM = {"float32": F32, "float64": F64, "int32": I32, "int64": I64, "bool": I8}
+ITEMSIZE = {"float32": 4, "float64": 8, "int32": 4, "int64": 8, "bool": 1}
+
+PARALLEL_MIN_WORK = 1 << 16   # elements of work below which a kernel runs on one thread
+PARALLEL_CHUNK = 1 << 14      # minimum elements of work per task
+PARALLEL_MAX_TASKS = 64
+
+ERR_SLOT = 0  # bufs[0]: the error record
+
+
+def reg_type(dtype: str) -> ir.Type:
+    return _REG[dtype]
+
+
+def mem_type(dtype: str) -> ir.Type:
+    return _MEM[dtype]
+
+
+def is_float(dtype: str) -> bool:
+    return dtype in ("float32", "float64")
+
+
+def c64(v: int) -> ir.Constant:
+    return ir.Constant(I64, int(v))
+
+
+def const(dtype: str, value) -> ir.Constant:
+    t = reg_type(dtype)
+    if dtype == "bool":
+        return ir.Constant(I1, 1 if value else 0)
+    if is_float(dtype):
+        return ir.Constant(t, float(value))
+    bits = 32 if dtype == "int32" else 64
+    v = int(value) & ((1 << bits) - 1)
+    if v >= 1 << (bits - 1):
+        v -= 1 << bits
+    return ir.Constant(t, v)
+
+
+def declare(module: ir.Module, name: str, ret: ir.Type, args: list) -> ir.Function:
+    """Get or declare a function (intrinsics included) by name."""
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return ir.Function(module, ir.FunctionType(ret, args), name=name)
+
+
+def intrinsic(module: ir.Module, base: str, ty: ir.Type, nargs: int, ret: ir.Type | None = None):
+    suffix = {F32: "f32", F64: "f64", I32: "i32", I64: "i64", I8: "i8", I1: "i1"}[ty]
+    return declare(module, f"{base}.{suffix}", ret or ty, [ty] * nargs)
+
+
+@contextmanager
+def for_range(b: ir.IRBuilder, lo, hi, name: str, known_nonempty: bool = False):
+    """``for (i = lo; i < hi; ++i)`` as a rotated loop; yields the i64 induction variable."""
+    lo = c64(lo) if isinstance(lo, int) else lo
+    hi = c64(hi) if isinstance(hi, int) else hi
+    fn = b.function
+    pre = b.block
+    body = fn.append_basic_block(name + ".body")
+    done = fn.append_basic_block(name + ".done")
+    if known_nonempty:
+        b.branch(body)
+    else:
+        b.cbranch(b.icmp_signed("<", lo, hi), body, done)
+    b.position_at_end(body)
+    iv = b.phi(I64, name=name)
+    iv.add_incoming(lo, pre)
+    yield iv
+    nxt = b.add(iv, c64(1), name=name + ".next", flags=["nuw", "nsw"])
+    iv.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, hi), body, done)
+    b.position_at_end(done)
+
+
+class _Alloca(ir.instructions.AllocaInstr):
+    """An alloca whose result prints as an opaque ``ptr`` (LLVM 17+ has no typed pointers)."""
+
+    def __init__(self, parent, typ, count, name):
+        super().__init__(parent, typ, count, name)
+        self.type = PTR
+
+
+def open_function(fn: ir.Function) -> ir.IRBuilder:
+    """Start a function: an ``allocas`` block (closed by :func:`close_function`) and a
+    ``start`` block; returns a builder at the start block."""
+    fn._alloca_block = fn.append_basic_block("allocas")
+    return ir.IRBuilder(fn.append_basic_block("start"))
+
+
+def close_function(fn: ir.Function) -> None:
+    ab = ir.IRBuilder(fn._alloca_block)
+    ab.branch(fn.blocks[1])
+
+
+def alloca(fn: ir.Function, ty: ir.Type, name: str = "") -> ir.Value:
+    blk = getattr(fn, "_alloca_block", None)
+    if blk is None:
+        raise RuntimeError(f"{fn.name}: allocas need open_function()")
+    ab = ir.IRBuilder(blk)
+    al = _Alloca(blk, ty, None, name)
+    ab._insert(al)
+    return al
+
+
+# ----------------------------------------------------------------------------- kernel record
+
+
+@dataclass
+class IndexCheck:
+    """A bounds check run before the kernel reads through an index tensor."""
+    code: int
+    node: Node
+    size: int
+    axis: int | None = None
+    ignore: int | None = None
+
+
+@dataclass
+class Kernel:
+    name: str
+    nodes: tuple[Node, ...]
+    inputs: tuple[str, ...]    # values read from buffers
+    outputs: tuple[str, ...]   # values written
+    strategy: str              # "map", "reduce-inner", "reduce-outer", "matmul", "scatter", ...
+    tasks: int = 1             # parallel chunks (1: runs inline on the calling thread)
+    checks: list = field(default_factory=list)
+    loops: dict = field(default_factory=dict)  # planned loop spaces: key -> merged extents
+    workspace_bytes: int = 0   # scratch the kernel needs in the program's workspace buffer
+
+    def __str__(self):
+        ops = ", ".join(f"%{n.name}={n.op}" for n in self.nodes)
+        par = f", {self.tasks} tasks" if self.tasks > 1 else ""
+        loops = "; ".join(f"{k}{list(v)}" for k, v in self.loops.items())
+        return f"{self.name} [{self.strategy}{par}] {ops}" + (f"  loops {loops}" if loops else "")
+
+    __repr__ = __str__
+
+
+# ----------------------------------------------------------------------------- the context
+
+
+class Ctx:
+    """What a lowering face sees: loads of group values at an index, index helpers, loops,
+    and the IR builder.  In analysis mode nothing is emitted and values are ``None``."""
+
+    def __init__(self, kb: "KernelBuilder", analysis: bool, plan: dict | None = None,
+                 builder: ir.IRBuilder | None = None, ptrs: dict | None = None):
+        self.kb = kb
+        self.module = kb.module
+        self.analysis = analysis
+        self.plan = plan or {}
+        self.b = builder
+        self.ptrs = ptrs or {}
+        self.vals: dict[str, ir.Value] = {}  # loop variable name -> LLVM value
+        # analysis records
+        self.accesses: list[Ix] = []
+        self.uses: list[Ix] = []
+        self.spaces: dict[str, list[Var]] = {}
+        self.space_lohi: dict = {}  # key -> (lo, hi) values for the first merged group
+        self._uid = 0
+
+    # -- group structure
+    @property
+    def graph(self) -> Graph:
+        return self.kb.graph
+
+    def type_of(self, name: str) -> TensorType:
+        return self.kb.graph.types[name]
+
+    def uid(self, prefix: str) -> str:
+        self._uid += 1
+        return f"{prefix}{self._uid}"
+
+    # -- values
+    def load(self, name: str, idx) -> ir.Value | None:
+        """The element of value ``name`` at multi-index ``idx`` (a list of Ix)."""
+        idx = [Ix.of(i) for i in idx]
+        node = self.kb.inline.get(name)
+        if node is not None:
+            return self.kb.lowering(node).element(self, node, idx)
+        t = self.type_of(name)
+        return self.load_flat(name, flat_index(idx, t.shape) if t.shape else Ix.of(0))
+
+    def load_flat(self, name: str, off: Ix) -> ir.Value | None:
+        if self.analysis:
+            self.accesses.append(off)
+            return None
+        t = self.type_of(name)
+        ptr = self.b.gep(self.ptrs[name], [self.ix(off)], source_etype=mem_type(t.dtype), inbounds=True)
+        v = self.b.load(ptr, typ=mem_type(t.dtype), align=ITEMSIZE[t.dtype])
+        if t.dtype == "bool":
+            v = self.b.icmp_unsigned("!=", v, ir.Constant(I8, 0))
+        return v
+
+    def store_flat(self, name: str, off: Ix, value: ir.Value | None) -> None:
+        if self.analysis:
+            self.accesses.append(off)
+            return
+        t = self.type_of(name)
+        if t.dtype == "bool":
+            value = self.b.zext(value, I8)
+        ptr = self.b.gep(self.ptrs[name], [self.ix(off)], source_etype=mem_type(t.dtype), inbounds=True)
+        self.b.store(value, ptr, align=ITEMSIZE[t.dtype])
+
+    def use(self, e: Ix) -> None:
+        """Record a non-address use of an index expression (it blocks merging its loops)."""
+        if self.analysis:
+            self.uses.append(Ix.of(e))
+
+    def ix(self, e) -> ir.Value:
+        """Emit an index expression as an i64 value."""
+        e = Ix.of(e)
+        b = self.b
+        acc = None
+        for atom, c in e.terms:
+            v = self._atom(atom)
+            if c != 1:
+                v = b.mul(v, c64(c))
+            acc = v if acc is None else b.add(acc, v)
+        if acc is None:
+            return c64(e.const)
+        if e.const:
+            acc = b.add(acc, c64(e.const))
+        return acc
+
+    def _atom(self, a) -> ir.Value:
+        b = self.b
+        if isinstance(a, Var):
+            return self.vals[a.name]
+        if isinstance(a, Data):
+            return a.value
+        if isinstance(a, Div):
+            x = self.ix(a.x)
+            if a.x.lo >= 0:
+                return b.udiv(x, c64(a.d))
+            q = b.sdiv(x, c64(a.d))  # floor for negatives: q - (r < 0)
+            r = b.srem(x, c64(a.d))
+            return b.sub(q, b.zext(b.icmp_signed("<", r, c64(0)), I64))
+        if isinstance(a, Mod):
+            x = self.ix(a.x)
+            if a.x.lo >= 0:
+                return b.urem(x, c64(a.d))
+            r = b.srem(x, c64(a.d))
+            return b.add(r, b.select(b.icmp_signed("<", r, c64(0)), c64(a.d), c64(0)))
+        if isinstance(a, Clamp):
+            x = self.ix(a.x)
+            x = b.select(b.icmp_signed("<", x, c64(a.c_lo)), c64(a.c_lo), x)
+            return b.select(b.icmp_signed(">", x, c64(a.c_hi)), c64(a.c_hi), x)
+        raise TypeError(f"unknown index atom {a!r}")
+
+    def data_index(self, key: str, value: ir.Value | None, lo: int, hi: int, deps=()) -> Ix:
+        """Wrap a runtime index value (already bounds-checked) as an index atom."""
+        if value is not None and value.type != I64:
+            value = self.b.sext(value, I64)
+        return Ix({Data(key, lo, hi, frozenset(deps), value): 1})
+
+    # -- conditions (Python bools when the ranges decide them)
+    def cmp(self, op: str, e, k: int):
+        e = Ix.of(e)
+        lo, hi = e.lo, e.hi
+        decided = {"<": (hi < k, lo >= k), "<=": (hi <= k, lo > k), ">=": (lo >= k, hi < k),
+                   ">": (lo > k, hi <= k), "==": (lo == hi == k, k < lo or k > hi)}[op]
+        if decided[0]:
+            return True
+        if decided[1]:
+            return False
+        self.use(e)
+        if self.analysis:
+            return None
+        return self.b.icmp_signed(op, self.ix(e), c64(k))
+
+    def divisible(self, e, d: int):
+        e = Ix.of(e)
+        if d == 1:
+            return True
+        return self.cmp("==", e % d, 0)
+
+    def all_(self, *conds):
+        out = True
+        for c in conds:
+            if c is False:
+                return False
+            if c is True:
+                continue
+            if self.analysis or c is None:
+                out = None
+                continue
+            out = c if out is True else self.b.and_(out, c)
+        return out
+
+    def select(self, cond, a, b):
+        if cond is True:
+            return a
+        if cond is False:
+            return b
+        if self.analysis:
+            return None
+        return self.b.select(cond, a, b)
+
+    # -- loops
+    @contextmanager
+    def loops(self, key: str, extents, lohi=None):
+        """Nested loops over ``extents`` (merged per the plan); yields one Ix per dimension.
+        ``lohi``: (lo, hi) LLVM values bounding the first merged loop (parallel chunks)."""
+        extents = [int(e) for e in extents]
+        assert all(e > 0 for e in extents), f"loops over an empty space {key}{extents}"
+        if self.analysis:
+            vs = [Var(f"{key}#{d}", e) for d, e in enumerate(extents)]
+            self.spaces[key] = vs
+            yield [Ix({v: 1}) if e > 1 else Ix.of(0) for v, e in zip(vs, extents)]
+            return
+        groups = self.plan.get(key)
+        if groups is None:
+            groups = [[d] for d, e in enumerate(extents) if e > 1]
+        idx = [Ix.of(0)] * len(extents)
+        with ExitStack() as stack:
+            for g, dims in enumerate(groups):
+                total = math.prod(extents[d] for d in dims)
+                name = f"{key}@{g}"
+                if g == 0 and lohi is not None:
+                    lo, hi = lohi
+                else:
+                    lo, hi = c64(0), c64(total)
+                iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
+                self.vals[name] = iv
+                V = Ix({Var(name, total): 1})
+                inner = total
+                for d in dims:
+                    inner //= extents[d]
+                    idx[d] = (V // inner) % extents[d]
+            yield idx
+
+    def for_range(self, lo, hi, name: str, known_nonempty: bool = False):
+        return for_range(self.b, lo, hi, name, known_nonempty)
+
+    def alloca(self, ty: ir.Type, name: str = "") -> ir.Value:
+        """A stack slot in the function's alloca block (promoted to registers by LLVM)."""
+        return alloca(self.b.function, ty, name)
+
+    # -- math
+    def math(self, name: str, dtype: str, *args) -> ir.Value:
+        from . import mathlib
+        fn = mathlib.get(self.module, name, dtype)
+        return self.b.call(fn, list(args), fastmath=FM)
+
+    def call_intrinsic(self, base: str, dtype_or_ty, *args, flags=()):
+        ty = dtype_or_ty if isinstance(dtype_or_ty, ir.Type) else reg_type(dtype_or_ty)
+        fn = intrinsic(self.module, base, ty, len(args))
+        return self.b.call(fn, list(args), fastmath=flags)
+
+    # -- index checks
+    def check_index(self, node: Node, idx_name: str, size: int, axis=None, ignore=None) -> None:
+        """Register a bounds check of index tensor ``idx_name`` (run before any read)."""
+        self.kb.add_check(node, idx_name, size, axis, ignore)
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+def make_plan(ctx: Ctx) -> tuple[dict, dict]:
+    """From an analysis run: which adjacent loop dims merge, per loop space.
+
+    Dims ``k`` and ``k+1`` (both of extent > 1) merge when every recorded address strides
+    them consistently (coef[k] == coef[k+1] * extent[k+1]) and neither variable is used
+    non-affinely (inside a division, a clamp, a condition or a value)."""
+    blocked: set[str] = set()
+    for e in ctx.uses:
+        blocked |= e.vars()
+    for e in ctx.accesses:
+        blocked |= e.opaque_vars()
+    plan, extents = {}, {}
+    for key, vs in ctx.spaces.items():
+        live = [d for d, v in enumerate(vs) if v.extent > 1]
+        groups: list[list[int]] = []
+        for d in live:
+            if groups:
+                prev = groups[-1][-1]
+                u, w = vs[prev], vs[d]
+                ok = (prev == d - 1 or all(vs[k].extent == 1 for k in range(prev + 1, d)))
+                ok = ok and u.name not in blocked and w.name not in blocked
+                if ok:
+                    for e in ctx.accesses:
+                        if e.coef(u.name) != e.coef(w.name) * w.extent:
+                            ok = False
+                            break
+                if ok:
+                    groups[-1].append(d)
+                    continue
+            groups.append([d])
+        plan[key] = groups
+        extents[key] = [math.prod(vs[d].extent for d in g) for g in groups]
+    return plan, extents
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+class KernelBuilder:
+    """Emits one kernel for a group of nodes into a module."""
+
+    def __init__(self, module: ir.Module, graph: Graph, nodes, name: str,
+                 add_check: Callable | None = None, options: dict | None = None):
+        self.module = module
+        self.graph = graph
+        self.nodes = tuple(nodes)
+        self.name = name
+        self.options = options or {}
+        self.root = self.nodes[-1]
+        self.inline = {n.name: n for n in self.nodes if n is not self.root}
+        self.checks: list[IndexCheck] = []
+        self._check_specs: dict[str, tuple] = {}
+        self._register_check = add_check or (lambda info: len(self.checks) + 1)
+
+    def lowering(self, node: Node):
+        from ..ops.registry import get
+        low = get(node.op).lowering
+        if low is None:
+            raise NotImplementedError(f"no lowering for primitive {node.op!r}")
+        return low
+
+    def add_check(self, node, idx_name, size, axis, ignore):
+        if node.name not in self._check_specs:
+            self._check_specs[node.name] = (node, idx_name, size, axis, ignore)
+
+    def external_inputs(self) -> list[str]:
+        names = []
+        inside = {n.name for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i not in inside and i not in names:
+                    names.append(i)
+        return names
+
+    def build(self) -> Kernel:
+        low = self.lowering(self.root)
+        custom = getattr(low, "kernel", None)
+        if custom is not None:
+            return custom(self)
+        return self.build_loop_kernel()
+
+    # -- generic loop kernels (map / reductions)
+    def build_loop_kernel(self) -> Kernel:
+        root = self.root
+        out_t = root.type
+        low = self.lowering(root)
+        strategy = "map"
+        body: Callable
+        if getattr(low, "is_reduction", False):
+            body, strategy, work, e0_key = self._reduction_body()
+        else:
+            def body(ctx, lohi=None):
+                with ctx.loops("out", out_t.shape, lohi) as idx:
+                    v = low.element(ctx, root, idx)
+                    ctx.store_flat(root.name, flat_index(idx, out_t.shape), v)
+            work = out_t.size
+            e0_key = "out"
+        return self.finish(body, strategy, work, e0_key)
+
+    def _reduction_body(self):
+        root = self.root
+        (x,) = root.inputs
+        xt = self.graph.types[x]
+        axes = tuple(root.attr["axes"])
+        keepdims = root.attr.get("keepdims", False)
+        low = self.lowering(root)
+        red = [d for d in range(xt.ndim) if d in axes]
+        kept = [d for d in range(xt.ndim) if d not in axes]
+        trail = []
+        for d in reversed(range(xt.ndim)):
+            if d in axes:
+                break
+            trail.insert(0, d)
+        t_size = math.prod(xt.shape[d] for d in trail)
+        out_t = root.type
+        work = max(xt.size, out_t.size)
+        if trail and t_size >= 8 and red and x not in self.inline:
+            # outer reduction: accumulate rows of the output (vectorises over the kept inner dims)
+            outer = [d for d in kept if d not in trail]
+
+            def out_off(full):
+                oi = [full[d] for d in kept] if not keepdims else \
+                    [Ix.of(0) if d in axes else full[d] for d in range(xt.ndim)]
+                return flat_index(oi, out_t.shape) if out_t.shape else Ix.of(0)
+
+            def body(ctx, lohi=None):
+                with ctx.loops("P", [xt.shape[d] for d in outer], lohi) as pidx:
+                    full = [Ix.of(0)] * xt.ndim
+                    for d, i in zip(outer, pidx):
+                        full[d] = i
+                    with ctx.loops("T0", [xt.shape[d] for d in trail]) as tidx:
+                        f0 = list(full)
+                        for d, i in zip(trail, tidx):
+                            f0[d] = i
+                        ctx.store_flat(root.name, out_off(f0), low.init(ctx, root))
+                    if xt.size:
+                        with ctx.loops("R", [xt.shape[d] for d in red]) as ridx:
+                            for d, i in zip(red, ridx):
+                                full[d] = i
+                            with ctx.loops("T", [xt.shape[d] for d in trail]) as tidx:
+                                f = list(full)
+                                for d, i in zip(trail, tidx):
+                                    f[d] = i
+                                off = out_off(f)
+                                acc = ctx.load_flat(root.name, off)
+                                v = ctx.load(x, f)
+                                ctx.store_flat(root.name, off, low.combine(ctx, root, acc, v, reduce=False))
+            return body, "reduce-outer", work, "P"
+
+        def body(ctx, lohi=None):
+            with ctx.loops("out", out_t.shape, lohi) as idx:
+                v = low.element(ctx, root, idx)
+                ctx.store_flat(root.name, flat_index(idx, out_t.shape), v)
+        return body, "reduce-inner", work, "out"
+
+    def finish(self, body: Callable, strategy: str, work: int, e0_key: str) -> Kernel:
+        """Plan (analysis run), then emit ``@name.body``, ``@name.task`` and ``@name``."""
+        actx = Ctx(self, analysis=True)
+        body(actx)
+        plan, extents = make_plan(actx)
+        # index checks found while analysing
+        for node, idx_name, size, axis, ignore in self._check_specs.values():
+            info = IndexCheck(0, node, size, axis, ignore)
+            info.code = self._register_check(info)
+            self.checks.append((info, idx_name))
+
+        names = self.external_inputs() + [self.root.name]
+        e0 = extents.get(e0_key, [])
+        out_size = self.root.type.size
+        tasks = 1
+        if e0 and out_size and work >= PARALLEL_MIN_WORK and not self.options.get("serial"):
+            tasks = int(min(e0[0], max(1, work // PARALLEL_CHUNK), PARALLEL_MAX_TASKS))
+        n0 = e0[0] if e0 else 1
+
+        m = self.module
+        # body(ptr..., lo, hi)
+        bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * len(names) + [I64, I64]),
+                          name=f"{self.name}.body")
+        bfn.linkage = "internal"
+        for a in bfn.args[:len(names)]:
+            a.add_attribute("noalias")
+        bb = open_function(bfn)
+        ptrs = dict(zip(names, bfn.args))
+        ectx = Ctx(self, analysis=False, plan=plan, builder=bb, ptrs=ptrs)
+        if out_size:
+            body(ectx, (bfn.args[-2], bfn.args[-1]) if e0 else None)
+        ectx.b.ret_void()
+        close_function(bfn)
+
+        slot = self.slot
+        # task(ptr bufs, i64 t)
+        tfn = None
+        if tasks > 1:
+            chunk = -(-n0 // tasks)
+            tfn = ir.Function(m, ir.FunctionType(VOID, [PTR, I64]), name=f"{self.name}.task")
+            tfn.linkage = "internal"
+            tb = ir.IRBuilder(tfn.append_basic_block("entry"))
+            lo = tb.mul(tfn.args[1], c64(chunk))
+            hi = tb.add(lo, c64(chunk))
+            hi = tb.select(tb.icmp_signed("<", hi, c64(n0)), hi, c64(n0))
+            tb.call(bfn, [self._load_ptr(tb, tfn.args[0], n) for n in names] + [lo, hi])
+            tb.ret_void()
+        # kernel(ptr bufs) -> i32
+        kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=self.name)
+        kb = open_function(kfn)
+        bufs = kfn.args[0]
+        self._emit_checks(kfn, kb, bufs)
+        if out_size:
+            if tfn is not None:
+                pf = declare(m, "narch_parallel_for", VOID, [PTR, PTR, I64])
+                kb.call(pf, [tfn, bufs, c64(tasks)])
+            else:
+                kb.call(bfn, [self._load_ptr(kb, bufs, n) for n in names] + [c64(0), c64(n0)])
+        kb.ret(ir.Constant(I32, 0))
+        close_function(kfn)
+        loops = {k: v for k, v in extents.items()}
+        return Kernel(self.name, self.nodes, tuple(self.external_inputs()), (self.root.name,),
+                      strategy, tasks, [c for c, _ in self.checks], loops)
+
+    # -- helpers shared with custom kernels
+    slot: Callable = None  # set by the program: value name -> bufs slot
+
+    def _load_ptr(self, b: ir.IRBuilder, bufs, name: str) -> ir.Value:
+        p = b.gep(bufs, [c64(self.slot(name))], source_etype=PTR, inbounds=True)
+        return b.load(p, typ=PTR, align=8)
+
+    def _emit_checks(self, fn: ir.Function, b: ir.IRBuilder, bufs) -> None:
+        """For each registered check: scan the index tensor (min/max, vectorised); on a bad
+        index find the one to report, write the error record and return 1."""
+        for info, idx_name in self.checks:
+            it = self.graph.types[idx_name]
+            if it.size == 0:
+                continue
+            ptr = self._load_ptr(b, bufs, idx_name)
+            ity = mem_type(it.dtype)
+            n = it.size
+            ctx = Ctx(self, analysis=False, builder=b, ptrs={idx_name: ptr})
+            lo_slot = ctx.alloca(I64, "chk.lo")
+            hi_slot = ctx.alloca(I64, "chk.hi")
+            b.store(c64(info.size if info.ignore is None else 0), lo_slot)  # any valid start
+            b.store(c64(0), hi_slot)
+            first = None
+            with ctx.for_range(c64(0), c64(n), f"{self.name}.chk", known_nonempty=True) as i:
+                v = b.load(b.gep(ptr, [i], source_etype=ity, inbounds=True), typ=ity, align=ITEMSIZE[it.dtype])
+                v = b.sext(v, I64) if ity != I64 else v
+                if info.ignore is not None:
+                    # ignored entries count as index 0 (valid whenever size > 0)
+                    v = b.select(b.icmp_signed("==", v, c64(info.ignore)), c64(0) if info.size else v, v)
+                lo = b.load(lo_slot, typ=I64)
+                hi = b.load(hi_slot, typ=I64)
+                b.store(b.select(b.icmp_signed("<", v, lo), v, lo), lo_slot)
+                b.store(b.select(b.icmp_signed(">", v, hi), v, hi), hi_slot)
+            lo = b.load(lo_slot, typ=I64)
+            hi = b.load(hi_slot, typ=I64)
+            if info.ignore is None and info.size == 0:
+                bad = ir.Constant(I1, 1)
+            else:
+                bad = b.or_(b.icmp_signed("<", lo, c64(0)), b.icmp_signed(">=", hi, c64(info.size)))
+            with b.if_then(bad, likely=False):
+                err = self._load_ptr(b, bufs, None)
+                if info.ignore is None:
+                    # report like the reference: the minimum if negative, else the maximum
+                    badv = b.select(b.icmp_signed("<", lo, c64(0)), lo, hi)
+                else:
+                    # report the first offending entry in row-major order
+                    found = ctx.alloca(I64, "chk.first")
+                    b.store(c64(0), found)
+                    done_bb = fn.append_basic_block(f"{self.name}.chk.found")
+                    scan = ctx.for_range(c64(0), c64(n), f"{self.name}.chk.scan", known_nonempty=True)
+                    with scan as i:
+                        v = b.load(b.gep(ptr, [i], source_etype=ity, inbounds=True), typ=ity,
+                                   align=ITEMSIZE[it.dtype])
+                        v = b.sext(v, I64) if ity != I64 else v
+                        is_bad = b.and_(b.icmp_signed("!=", v, c64(info.ignore)),
+                                        b.or_(b.icmp_signed("<", v, c64(0)),
+                                              b.icmp_signed(">=", v, c64(info.size))))
+                        b.store(v, found)
+                        cont = fn.append_basic_block(f"{self.name}.chk.cont")
+                        b.cbranch(is_bad, done_bb, cont)
+                        b.position_at_end(cont)
+                    b.branch(done_bb)
+                    b.position_at_end(done_bb)
+                    badv = b.load(found, typ=I64)
+                b.store(c64(info.code), err)
+                b.store(badv, b.gep(err, [c64(1)], source_etype=I64, inbounds=True))
+                b.ret(ir.Constant(I32, 1))

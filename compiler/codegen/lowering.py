@@ -1,0 +1,750 @@
+"""The lowering face of every primitive, in one table.
+
+A lowering computes ONE ELEMENT of its node's output at a multi-index (a list of
+``index.Ix``) from element loads of its inputs (``ctx.load(value, idx)``), so a kernel for
+a group of nodes is just a loop nest over the group output that inlines these faces:
+
+* elementwise: combine the inputs' elements at the same index (``Elementwise``);
+* movement (reshape, transpose, broadcast_to, slice, pad, concat, gather): remap the index,
+  with masks where the source has holes (pad, concat); broadcast is a stride-0 remap;
+* sources (full, iota, constant, rng_uniform): compute from the index;
+* reductions (sum, max): an inner loop over the reduced axes; the kernel builder may
+  instead accumulate whole output rows (``reduce-outer``) when the innermost input
+  dimension is kept;
+* matmul and scatter_add: besides a (slow, correct) element face they provide a whole
+  ``kernel`` face: matmul calls the GEMM per batch element, scatter_add accumulates.
+
+``attach()`` sets ``PRIMITIVES[name].lowering`` for every primitive from ``LOWERINGS``.
+"""
+from __future__ import annotations
+
+import math
+
+import llvmlite.ir as ir
+import numpy as np
+
+from ..ops import primitives as P
+from ..ops.registry import PRIMITIVES
+from .index import Ix, contiguous_strides, flat_index, unflatten
+from .kernel import (F32, F64, FM, FM_REDUCE, I1, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel,
+                     KernelBuilder, c64, close_function, const, declare, for_range, open_function, intrinsic, is_float, mem_type, reg_type)
+
+
+class Lowering:
+    kind = "generic"
+    is_reduction = False
+
+    def element(self, ctx: Ctx, node, idx):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<lowering {type(self).__name__}>"
+
+
+# ============================================================================ elementwise
+
+
+class Elementwise(Lowering):
+    """``fn(ctx, node, *input_elements) -> element``: inputs share the output's index."""
+
+    kind = "elementwise"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def element(self, ctx, node, idx):
+        vals = [ctx.load(i, idx) for i in node.inputs]
+        if ctx.analysis:
+            return None
+        return self.fn(ctx, node, *vals)
+
+
+def _in_dtype(ctx, node, k=0):
+    return ctx.type_of(node.inputs[k]).dtype
+
+
+def _neg(ctx, node, x):
+    if is_float(node.type.dtype):
+        return ctx.b.fneg(x, flags=FM)
+    return ctx.b.sub(const(node.type.dtype, 0), x)
+
+
+def _math(name):
+    def fn(ctx, node, *xs):
+        return ctx.math(name, node.type.dtype, *xs)
+    return fn
+
+
+def _abs(ctx, node, x):
+    dt = node.type.dtype
+    if is_float(dt):
+        return ctx.call_intrinsic("llvm.fabs", dt, x)
+    b = ctx.b
+    return b.select(b.icmp_signed("<", x, const(dt, 0)), b.sub(const(dt, 0), x), x)
+
+
+def _sign(ctx, node, x):
+    dt = node.type.dtype
+    b = ctx.b
+    if is_float(dt):
+        pos = b.fcmp_ordered(">", x, const(dt, 0.0))
+        neg = b.fcmp_ordered("<", x, const(dt, 0.0))
+        return b.select(pos, const(dt, 1.0), b.select(neg, const(dt, -1.0), x))  # 0 and NaN stay
+    pos = b.zext(b.icmp_signed(">", x, const(dt, 0)), reg_type(dt))
+    neg = b.zext(b.icmp_signed("<", x, const(dt, 0)), reg_type(dt))
+    return b.sub(pos, neg)
+
+
+def _identity(ctx, node, x):
+    return x
+
+
+def _arith(fop, iop):
+    def fn(ctx, node, a, b_):
+        if is_float(node.type.dtype):
+            return getattr(ctx.b, fop)(a, b_, flags=FM)
+        return getattr(ctx.b, iop)(a, b_)
+    return fn
+
+
+def _div(ctx, node, a, b_):
+    return ctx.b.fdiv(a, b_, flags=FM)
+
+
+def _minmax(fname, iname):
+    def fn(ctx, node, a, b_):
+        dt = node.type.dtype
+        if is_float(dt):  # IEEE maximum/minimum: NaN-propagating, like NumPy
+            return ctx.call_intrinsic(fname, dt, a, b_)
+        return ctx.call_intrinsic(iname, dt, a, b_)
+    return fn
+
+
+_FCMP = {"eq": ("==", True), "ne": ("!=", False), "lt": ("<", True), "le": ("<=", True),
+         "gt": (">", True), "ge": (">=", True)}
+
+
+def _cmp(op):
+    sym, ordered = _FCMP[op]
+
+    def fn(ctx, node, a, b_):
+        dt = _in_dtype(ctx, node)
+        if is_float(dt):
+            return (ctx.b.fcmp_ordered if ordered else ctx.b.fcmp_unordered)(sym, a, b_)
+        if dt == "bool":
+            return ctx.b.icmp_unsigned(sym, a, b_)
+        return ctx.b.icmp_signed(sym, a, b_)
+    return fn
+
+
+def _where(ctx, node, c, a, b_):
+    return ctx.b.select(c, a, b_)
+
+
+def cast_value(ctx, x, src: str, dst: str):
+    b = ctx.b
+    if src == dst:
+        return x
+    st, dt = reg_type(src), reg_type(dst)
+    if dst == "bool":
+        if is_float(src):
+            return b.fcmp_unordered("!=", x, const(src, 0.0))  # NaN -> True, as NumPy
+        return b.icmp_signed("!=", x, const(src, 0))
+    if src == "bool":
+        return b.uitofp(x, dt) if is_float(dst) else b.zext(x, dt)
+    if is_float(src) and is_float(dst):
+        return b.fpext(x, dt) if dst == "float64" else b.fptrunc(x, dt)
+    if is_float(src):  # truncate toward zero; saturating (no poison for NaN/overflow)
+        ssuf = "f32" if src == "float32" else "f64"
+        dsuf = "i32" if dst == "int32" else "i64"
+        fn = declare(ctx.module, f"llvm.fptosi.sat.{dsuf}.{ssuf}", dt, [st])
+        return b.call(fn, [x])
+    if is_float(dst):
+        return b.sitofp(x, dt)
+    return b.sext(x, dt) if dst == "int64" else b.trunc(x, dt)
+
+
+def _cast(ctx, node, x):
+    return cast_value(ctx, x, _in_dtype(ctx, node), node.type.dtype)
+
+
+class CheckIndex(Lowering):
+    """Identity on an index tensor; the kernel prologue checks every entry first."""
+
+    kind = "elementwise"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        a = node.attr
+        ctx.check_index(node, x, a["size"], None, a.get("ignore"))
+        return ctx.load(x, idx)
+
+
+# ============================================================================ movement
+
+
+class Reshape(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        src = ctx.type_of(x).shape
+        flat = flat_index(idx, node.type.shape)
+        return ctx.load(x, unflatten(flat, src) if src else [])
+
+
+class Transpose(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        perm = node.attr["perm"]
+        src = [None] * len(perm)
+        for k, p in enumerate(perm):
+            src[p] = idx[k]
+        return ctx.load(x, src)
+
+
+class Broadcast(Lowering):
+    kind = "broadcast"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        shape = ctx.type_of(x).shape
+        lead = len(node.type.shape) - len(shape)
+        return ctx.load(x, [Ix.of(0) if d == 1 else idx[lead + j] for j, d in enumerate(shape)])
+
+
+class Slice(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        a = node.attr
+        return ctx.load(x, [Ix.of(s) + i * st for i, s, st in zip(idx, a["starts"], a["steps"])])
+
+
+class Pad(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        a = node.attr
+        shape = ctx.type_of(x).shape
+        dt = node.type.dtype
+        fill = None if ctx.analysis else const(dt, a.get("value", 0.0))
+        if any(n == 0 for n in shape):
+            return fill
+        conds, src = [], []
+        for o, n, lo, it in zip(idx, shape, a["lo"], a["interior"]):
+            s = it + 1
+            span = (n - 1) * s
+            t = o - lo
+            tc = t.clamp(0, span)
+            conds += [ctx.cmp(">=", t, 0), ctx.cmp("<=", t, span), ctx.divisible(tc, s)]
+            src.append(tc // s)
+        v = ctx.load(x, src)
+        return ctx.select(ctx.all_(*conds), v, fill)
+
+
+class Concat(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        axis = node.attr["axis"]
+        parts, off = [], 0
+        for x in node.inputs:
+            n = ctx.type_of(x).shape[axis]
+            if n:
+                t = idx[axis] - off
+                cond = ctx.all_(ctx.cmp(">=", t, 0), ctx.cmp("<", t, n))
+                if cond is not False:
+                    src = list(idx)
+                    src[axis] = t.clamp(0, n - 1)
+                    parts.append((cond, ctx.load(x, src)))
+            off += n
+        result = parts[-1][1]
+        for cond, v in reversed(parts[:-1]):
+            result = ctx.select(cond, v, result)
+        return result
+
+
+class Gather(Lowering):
+    kind = "injective"
+
+    def element(self, ctx, node, idx):
+        x, ind = node.inputs
+        axis = node.attr["axis"]
+        xt, it = ctx.type_of(x), ctx.type_of(ind)
+        size = xt.shape[axis]
+        ctx.check_index(node, ind, size, axis)
+        k = it.ndim
+        v = ctx.load(ind, idx[axis:axis + k])
+        d = ctx.data_index(node.name, v, 0, max(size - 1, 0))
+        return ctx.load(x, list(idx[:axis]) + [d] + list(idx[axis + k:]))
+
+
+# ============================================================================ sources
+
+
+class Full(Lowering):
+    kind = "source"
+
+    def element(self, ctx, node, idx):
+        return None if ctx.analysis else const(node.type.dtype, node.attr["value"])
+
+
+class Iota(Lowering):
+    kind = "source"
+
+    def element(self, ctx, node, idx):
+        i = idx[node.attr["axis"]]
+        ctx.use(i)
+        if ctx.analysis:
+            return None
+        return cast_value(ctx, ctx.ix(i), "int64", node.type.dtype)
+
+
+class Constant(Lowering):
+    """Scalars become immediates; arrays a private constant global (the program keeps
+    large constants in pre-filled buffers instead, see ``MATERIALIZE_CONSTANT``)."""
+
+    kind = "source"
+
+    def element(self, ctx, node, idx):
+        t = node.type
+        values = node.attr["value"]
+        if t.size == 1:
+            return None if ctx.analysis else const(t.dtype, values[0])
+        off = flat_index(idx, t.shape)
+        if ctx.analysis:
+            ctx.accesses.append(off)
+            return None
+        gname = f"const.{node.name}.{abs(hash(values)) % (1 << 32):x}"
+        mty = mem_type(t.dtype)
+        try:
+            gv = ctx.module.get_global(gname)
+        except KeyError:
+            arr = ir.ArrayType(mty, t.size)
+            if t.dtype == "bool":
+                init = ir.Constant(arr, [ir.Constant(I8, 1 if v else 0) for v in values])
+            else:
+                init = ir.Constant(arr, [const(t.dtype, v) for v in values])
+            gv = ir.GlobalVariable(ctx.module, arr, name=gname)
+            gv.global_constant = True
+            gv.linkage = "private"
+            gv.initializer = init
+            gv.align = 64
+        p = ctx.b.gep(gv, [c64(0), ctx.ix(off)], source_etype=ir.ArrayType(mty, t.size), inbounds=True)
+        v = ctx.b.load(p, typ=mty, align=ITEMSIZE[t.dtype])
+        if t.dtype == "bool":
+            v = ctx.b.icmp_unsigned("!=", v, ir.Constant(I8, 0))
+        return v
+
+
+MATERIALIZE_CONSTANT = 256  # constants with more elements live in pre-filled buffers
+
+
+def _u64(v: int) -> ir.Constant:
+    v &= (1 << 64) - 1
+    return c64(v - (1 << 64) if v >= 1 << 63 else v)
+
+
+class RngUniform(Lowering):
+    """splitmix64(seed, stream, flat index) >> 40, scaled by 2^-24: bit-exact with the
+    reference (i64 arithmetic wraps like uint64)."""
+
+    kind = "source"
+
+    def element(self, ctx, node, idx):
+        (seed,) = node.inputs
+        s = ctx.load(seed, [])
+        off = flat_index(idx, node.type.shape) if node.type.shape else Ix.of(0)
+        if ctx.analysis:
+            ctx.accesses.append(off)
+            return None
+        b = ctx.b
+        if s.type != I64:
+            s = b.sext(s, I64)
+        stream = node.attr.get("stream", 0)
+        base = b.add(b.mul(s, _u64(P.GOLDEN)), _u64(stream * P.STREAM))
+        z = b.add(b.add(ctx.ix(off), base), _u64(P.GOLDEN))
+        z = b.mul(b.xor(z, b.lshr(z, c64(30))), _u64(P.MIX1))
+        z = b.mul(b.xor(z, b.lshr(z, c64(27))), _u64(P.MIX2))
+        z = b.xor(z, b.lshr(z, c64(31)))
+        u = b.uitofp(b.lshr(z, c64(40)), reg_type(node.type.dtype))
+        return b.fmul(u, const(node.type.dtype, 1.0 / (1 << 24)))
+
+
+# ============================================================================ reductions
+
+
+class Reduce(Lowering):
+    kind = "reduction"
+    is_reduction = True
+
+    def __init__(self, op):
+        self.op = op
+
+    def init(self, ctx, node):
+        if ctx.analysis:
+            return None
+        dt = node.type.dtype
+        if self.op == "sum":
+            return const(dt, 0)
+        if is_float(dt):
+            return const(dt, -math.inf)
+        return const(dt, -(1 << (31 if dt == "int32" else 63)))
+
+    def combine(self, ctx, node, acc, v, reduce=True):
+        if ctx.analysis:
+            return None
+        dt = node.type.dtype
+        if self.op == "sum":
+            if is_float(dt):
+                return ctx.b.fadd(acc, v, flags=FM_REDUCE if reduce else FM)
+            return ctx.b.add(acc, v)
+        if is_float(dt):
+            return ctx.call_intrinsic("llvm.maximum", dt, acc, v)
+        return ctx.call_intrinsic("llvm.smax", dt, acc, v)
+
+    def element(self, ctx, node, idx):
+        (x,) = node.inputs
+        xt = ctx.type_of(x)
+        axes = tuple(node.attr["axes"])
+        keep = node.attr.get("keepdims", False)
+        full = [None] * xt.ndim
+        it = iter(idx)
+        for d in range(xt.ndim):
+            if keep:
+                i = next(it)
+                if d not in axes:
+                    full[d] = i
+            elif d not in axes:
+                full[d] = next(it)
+        red = [d for d in range(xt.ndim) if d in axes]
+        ext = [xt.shape[d] for d in red]
+        if math.prod(ext) == 0:
+            return self.init(ctx, node)
+        key = f"red.{node.name}"
+        if ctx.analysis:
+            with ctx.loops(key, ext) as ridx:
+                for d, i in zip(red, ridx):
+                    full[d] = i
+                ctx.load(x, full)
+            return None
+        ty = reg_type(node.type.dtype)
+        acc = ctx.alloca(ty, "acc")
+        ctx.b.store(self.init(ctx, node), acc)
+        with ctx.loops(key, ext) as ridx:
+            for d, i in zip(red, ridx):
+                full[d] = i
+            v = ctx.load(x, full)
+            a = ctx.b.load(acc, typ=ty)
+            ctx.b.store(self.combine(ctx, node, a, v), acc)
+        return ctx.b.load(acc, typ=ty)
+
+
+# ============================================================================ matmul
+
+
+def _batch_offsets(shape, batch):
+    """Element strides of an operand's batch dims against the output batch (0 = broadcast)."""
+    lead = len(batch) - (len(shape) - 2)
+    mat = shape[-2] * shape[-1]
+    cs = contiguous_strides(shape[:-2]) if len(shape) > 2 else ()
+    out = []
+    for k in range(len(batch)):
+        j = k - lead
+        if j < 0 or shape[j] == 1:
+            out.append(0)
+        else:
+            out.append(cs[j] * mat)
+    return out
+
+
+def gemm_provider():
+    """(emit_gemm, gemm_workspace_bytes) from compiler/codegen/gemm.py, else our fallback."""
+    try:
+        from .gemm import emit_gemm, gemm_workspace_bytes  # noqa: F401
+        return emit_gemm, gemm_workspace_bytes
+    except ImportError:  # pragma: no cover - until the GEMM lands
+        return emit_simple_gemm, (lambda dtype="float32": 64)
+
+
+def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
+    """A plain correct loop nest with the GEMM contract's signature (a fallback)."""
+    et = reg_type(dtype)
+    fn = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, PTR] + [I64] * 8 + [PTR]), name=name)
+    A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    zero = const(dtype, 0.0)
+    with for_range(b, c64(0), M, "m") as m:
+        crow = b.gep(C, [b.mul(m, scm)], source_etype=et)
+        with for_range(b, c64(0), N, "n0") as n:
+            b.store(zero, b.gep(crow, [n], source_etype=et))
+        with for_range(b, c64(0), K, "k") as k:
+            av = b.load(b.gep(A, [b.add(b.mul(m, sam), b.mul(k, sak))], source_etype=et), typ=et)
+            brow = b.gep(B, [b.mul(k, sbk)], source_etype=et)
+            with for_range(b, c64(0), N, "n") as n:
+                p = b.gep(crow, [n], source_etype=et)
+                bv = b.load(b.gep(brow, [b.mul(n, sbn)], source_etype=et), typ=et)
+                b.store(b.fadd(b.load(p, typ=et), b.fmul(av, bv, flags=FM), flags=FM), p)
+    b.ret_void()
+    return fn
+
+
+MATMUL_MIN_FLOPS_PARALLEL = 1 << 18
+MATMUL_MAX_TASKS = 2
+
+
+class Matmul(Lowering):
+    kind = "matmul"
+
+    def element(self, ctx, node, idx):  # one dot product: correct, slow; kernels use the GEMM
+        a, bname = node.inputs
+        at, bt = ctx.type_of(a), ctx.type_of(bname)
+        batch = node.type.shape[:-2]
+        K = at.shape[-1]
+        ai = [idx[len(batch) - (at.ndim - 2) + j] if at.shape[j] != 1 else Ix.of(0)
+              for j in range(at.ndim - 2)]
+        bi = [idx[len(batch) - (bt.ndim - 2) + j] if bt.shape[j] != 1 else Ix.of(0)
+              for j in range(bt.ndim - 2)]
+        m, n = idx[-2], idx[-1]
+        dt = node.type.dtype
+        if K == 0:
+            return None if ctx.analysis else const(dt, 0.0)
+        key = f"dot.{node.name}"
+        if ctx.analysis:
+            with ctx.loops(key, [K]) as (k,):
+                ctx.load(a, ai + [m, k])
+                ctx.load(bname, bi + [k, n])
+            return None
+        acc = ctx.alloca(reg_type(dt), "dot")
+        ctx.b.store(const(dt, 0.0), acc)
+        with ctx.loops(key, [K]) as (k,):
+            p = ctx.b.fmul(ctx.load(a, ai + [m, k]), ctx.load(bname, bi + [k, n]), flags=FM)
+            ctx.b.store(ctx.b.fadd(ctx.b.load(acc, typ=reg_type(dt)), p, flags=FM_REDUCE), acc)
+        return ctx.b.load(acc, typ=reg_type(dt))
+
+    def kernel(self, kb: KernelBuilder) -> Kernel:
+        node = kb.root
+        a, bname = node.inputs
+        at, bt = kb.graph.types[a], kb.graph.types[bname]
+        dt = node.type.dtype
+        et = reg_type(dt)
+        out = node.type
+        batch = out.shape[:-2]
+        M, N = out.shape[-2:]
+        K = at.shape[-1]
+        nb = math.prod(batch)
+        emit_gemm, ws_bytes = gemm_provider()
+        gname = f"narch.gemm.{dt}"
+        m = kb.module
+        try:
+            gemm = m.get_global(gname)
+        except KeyError:
+            gemm = emit_gemm(m, gname, dt)
+        a_off = _batch_offsets(at.shape, batch)
+        b_off = _batch_offsets(bt.shape, batch)
+        bcs = contiguous_strides(batch) if batch else ()
+        flops = nb * M * N * max(K, 1)
+        tasks = 1
+        if flops >= MATMUL_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
+            tasks = MATMUL_MAX_TASKS
+        # work items: (batch element, row block); task t does items [t*per, (t+1)*per)
+        if tasks > 1 and nb < tasks:
+            rb = -(-M // -(-tasks // nb))
+            rb = -(-rb // 6) * 6
+        else:
+            rb = M
+        rb = max(1, min(rb, M))
+        nrb = -(-M // rb)
+        items = nb * nrb
+        tasks = max(1, min(tasks, items))
+        per = -(-items // tasks)
+        wsb = -(-ws_bytes(dt) // 64) * 64
+        kb.workspace_bytes = wsb * tasks
+
+        names = [a, bname, node.name, "__workspace__"]
+        bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
+        bfn.linkage = "internal"
+        A, B, C, W, lo, hi = bfn.args
+        b = ir.IRBuilder(bfn.append_basic_block("entry"))
+        ctx = Ctx(kb, analysis=False, builder=b)
+        if out.size:
+            with ctx.for_range(lo, hi, "item") as item:
+                bi = b.udiv(item, c64(nrb))
+                r0 = b.mul(b.urem(item, c64(nrb)), c64(rb))
+                rows = b.sub(c64(M), r0)
+                rows = b.select(b.icmp_signed("<", rows, c64(rb)), rows, c64(rb))
+                ao, bo = c64(0), c64(0)
+                for k, s in enumerate(bcs):
+                    bk = b.urem(b.udiv(bi, c64(s)), c64(batch[k]))
+                    ao = b.add(ao, b.mul(bk, c64(a_off[k])))
+                    bo = b.add(bo, b.mul(bk, c64(b_off[k])))
+                ao = b.add(ao, b.mul(r0, c64(K)))
+                co = b.add(b.mul(bi, c64(M * N)), b.mul(r0, c64(N)))
+                pa = b.gep(A, [ao], source_etype=et)
+                pb = b.gep(B, [bo], source_etype=et)
+                pc = b.gep(C, [co], source_etype=et)
+                task = b.udiv(b.sub(item, c64(0)), c64(per))
+                pw = b.gep(W, [b.mul(task, c64(wsb))], source_etype=I8)
+                b.call(gemm, [pa, pb, pc, rows, c64(N), c64(K), c64(K), c64(1), c64(N), c64(1),
+                              c64(N), pw])
+        b.ret_void()
+        return _finish_custom(kb, bfn, names, items, tasks, per, "matmul")
+
+
+def _finish_custom(kb, bfn, names, n0, tasks, per, strategy) -> Kernel:
+    """The task and kernel functions around a custom body(ptr..., lo, hi)."""
+    m = kb.module
+    tfn = None
+    if tasks > 1:
+        tfn = ir.Function(m, ir.FunctionType(VOID, [PTR, I64]), name=f"{kb.name}.task")
+        tfn.linkage = "internal"
+        tb = ir.IRBuilder(tfn.append_basic_block("entry"))
+        lo = tb.mul(tfn.args[1], c64(per))
+        hi = tb.add(lo, c64(per))
+        hi = tb.select(tb.icmp_signed("<", hi, c64(n0)), hi, c64(n0))
+        tb.call(bfn, [kb._load_ptr(tb, tfn.args[0], n) for n in names] + [lo, hi])
+        tb.ret_void()
+    kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=kb.name)
+    b = open_function(kfn)
+    kb._emit_checks(kfn, b, kfn.args[0])
+    if kb.root.type.size:
+        if tfn is not None:
+            pf = declare(m, "narch_parallel_for", VOID, [PTR, PTR, I64])
+            b.call(pf, [tfn, kfn.args[0], c64(tasks)])
+        else:
+            b.call(bfn, [kb._load_ptr(b, kfn.args[0], n) for n in names] + [c64(0), c64(n0)])
+    b.ret(ir.Constant(I32, 0))
+    close_function(kfn)
+    return Kernel(kb.name, kb.nodes, tuple(kb.external_inputs()), (kb.root.name,), strategy, tasks,
+                  [c for c, _ in kb.checks], {}, getattr(kb, "workspace_bytes", 0))
+
+
+# ============================================================================ scatter_add
+
+
+class ScatterAdd(Lowering):
+    kind = "opaque"
+
+    def _split(self, ctx_types, node):
+        idx, src = node.inputs
+        axis = node.attr["axis"]
+        it, st = ctx_types[idx], ctx_types[src]
+        pre = st.shape[:axis]
+        post = st.shape[axis + it.ndim:]
+        return idx, src, axis, it, st, pre, post
+
+    def element(self, ctx, node, idx_out):
+        """out[p, i, q] = sum_j (idx[j] == i) * src[p, j, q]: an inner loop over the indices."""
+        idx, src, axis, it, st, pre, post = self._split(ctx.graph.types, node)
+        ctx.check_index(node, idx, node.attr["size"], axis)
+        p, i, q = idx_out[:axis], idx_out[axis], idx_out[axis + 1:]
+        dt = node.type.dtype
+        if it.size == 0:
+            return None if ctx.analysis else const(dt, 0.0)
+        key = f"scat.{node.name}"
+        ctx.use(i)
+        if ctx.analysis:
+            with ctx.loops(key, it.shape) as j:
+                ctx.load(idx, j)
+                ctx.load(src, list(p) + list(j) + list(q))
+            return None
+        b = ctx.b
+        acc = ctx.alloca(reg_type(dt), "sacc")
+        b.store(const(dt, 0.0), acc)
+        with ctx.loops(key, it.shape) as j:
+            k = ctx.load(idx, j)
+            k = b.sext(k, I64) if k.type != I64 else k
+            v = ctx.load(src, list(p) + list(j) + list(q))
+            hit = b.icmp_signed("==", k, ctx.ix(i))
+            v = b.select(hit, v, const(dt, 0.0))
+            b.store(_arith("fadd", "add")(ctx, node, b.load(acc, typ=reg_type(dt)), v), acc)
+        return b.load(acc, typ=reg_type(dt))
+
+    def kernel(self, kb: KernelBuilder) -> Kernel:
+        """Zero the output, then out[p, idx[j], q] += src[p, j, q] (parallel over p)."""
+        node = kb.root
+        idx, src, axis, it, st, pre, post = self._split(kb.graph.types, node)
+        size = node.attr["size"]
+        out = node.type
+        add = _arith("fadd", "add")
+
+        def body(ctx, lohi=None):
+            ctx.check_index(node, idx, size, axis)
+            with ctx.loops("P", pre, lohi) as pidx:
+                with ctx.loops("Z", (size,) + tuple(post)) as zidx:
+                    ctx.store_flat(node.name, flat_index(list(pidx) + list(zidx), out.shape),
+                                   None if ctx.analysis else const(out.dtype, 0.0))
+                if it.size and math.prod(post):
+                    with ctx.loops("J", it.shape) as jidx:
+                        k = ctx.load(idx, jidx)
+                        d = ctx.data_index(node.name, k, 0, size - 1)
+                        ctx.use(d)
+                        with ctx.loops("Q", post) as qidx:
+                            off = flat_index(list(pidx) + [d] + list(qidx), out.shape)
+                            acc = ctx.load_flat(node.name, off)
+                            v = ctx.load(src, list(pidx) + list(jidx) + list(qidx))
+                            ctx.store_flat(node.name, off, None if ctx.analysis else add(ctx, node, acc, v))
+        return kb.finish(body, "scatter", st.size + out.size, "P")
+
+
+# ============================================================================ the table
+
+LOWERINGS: dict[str, Lowering] = {
+    "neg": Elementwise(_neg),
+    "exp": Elementwise(_math("exp")),
+    "log": Elementwise(_math("log")),
+    "sqrt": Elementwise(_math("sqrt")),
+    "rsqrt": Elementwise(_math("rsqrt")),
+    "tanh": Elementwise(_math("tanh")),
+    "erf": Elementwise(_math("erf")),
+    "sin": Elementwise(_math("sin")),
+    "cos": Elementwise(_math("cos")),
+    "abs": Elementwise(_abs),
+    "sign": Elementwise(_sign),
+    "stop_gradient": Elementwise(_identity),
+    "add": Elementwise(_arith("fadd", "add")),
+    "sub": Elementwise(_arith("fsub", "sub")),
+    "mul": Elementwise(_arith("fmul", "mul")),
+    "div": Elementwise(_div),
+    "pow": Elementwise(_math("pow")),
+    "maximum": Elementwise(_minmax("llvm.maximum", "llvm.smax")),
+    "minimum": Elementwise(_minmax("llvm.minimum", "llvm.smin")),
+    **{op: Elementwise(_cmp(op)) for op in _FCMP},
+    "where": Elementwise(_where),
+    "cast": Elementwise(_cast),
+    "sum": Reduce("sum"),
+    "max": Reduce("max"),
+    "reshape": Reshape(),
+    "transpose": Transpose(),
+    "broadcast_to": Broadcast(),
+    "slice": Slice(),
+    "pad": Pad(),
+    "concat": Concat(),
+    "gather": Gather(),
+    "scatter_add": ScatterAdd(),
+    "matmul": Matmul(),
+    "full": Full(),
+    "iota": Iota(),
+    "constant": Constant(),
+    "rng_uniform": RngUniform(),
+    "check_index": CheckIndex(),
+}
+
+
+def attach() -> None:
+    for name, low in LOWERINGS.items():
+        if name in PRIMITIVES:
+            PRIMITIVES[name].lowering = low
+
+
+def missing() -> list[str]:
+    """Primitives without a lowering (the meta-test keeps this empty)."""
+    return sorted(n for n, p in PRIMITIVES.items() if p.lowering is None)
+
+
+attach()

@@ -1,0 +1,268 @@
+"""A compiled program: the graph's kernels in order on pre-allocated buffers behind ONE
+native entry point.
+
+``build(graph, groups)`` lowers every group (by default one node each) to a kernel in one
+LLVM module and adds
+
+    i32 @narch_main(ptr %bufs)   ; calls k0(bufs), k1(bufs), ... and stops at the first error
+
+so a call from Python is one ctypes call with an array of buffer pointers.  Slot 0 of that
+array is the error record a failing index check fills; the program turns it into an
+``OpIndexError`` naming the index, the op and the user's source line.
+
+Buffers (for now; memory planning will place intermediates in one arena): each graph input
+is the caller's (C-contiguous) array, each intermediate one NumPy allocation made once,
+each output a fresh array per call (handed over, never copied), large constants pre-filled
+buffers.  One workspace buffer serves every kernel that needs scratch (the GEMM).
+
+Native code is cached in-process by the canonical graph text (no source locations) and
+options, so recompiling an equal graph costs nothing; when the disk cache
+(``runtime/cache.py``) is present, object code is also cached on disk.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+
+import llvmlite.ir as ir
+import numpy as np
+
+from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
+from neural_arch.compiler.codegen.kernel import I32, PTR, Kernel, KernelBuilder
+from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
+from neural_arch.compiler.ir import Graph, Node, format_graph
+from neural_arch.compiler.ops.registry import OpIndexError
+
+from . import jit
+
+ENTRY = "narch_main"
+
+
+def canonical_text(graph: Graph) -> str:
+    """The graph's text without source locations: what determines the machine code."""
+    return format_graph(graph.replace(nodes=[Node(n.name, n.op, n.inputs, n.type, n.attrs, None)
+                                             for n in graph.nodes]))
+
+
+def default_groups(graph: Graph) -> list[tuple[Node, ...]]:
+    return [(n,) for n in graph.nodes]
+
+
+def materialized(node: Node) -> bool:
+    """Nodes whose value is computed at build time into a pre-filled buffer (no kernel)."""
+    return node.op == "constant" and node.type.size > MATERIALIZE_CONSTANT
+
+
+# ----------------------------------------------------------------------------- build
+
+
+@dataclass
+class Layout:
+    slots: dict          # value name -> slot in bufs (0 = error record)
+    nslots: int
+    workspace_slot: int
+    workspace_bytes: int
+
+
+@dataclass
+class Module:
+    """Everything ``build`` produces: IR text, kernel records, buffer layout."""
+    llvm_ir: str
+    kernels: list
+    layout: Layout
+    checks: dict = field(default_factory=dict)  # code -> IndexCheck
+    build_seconds: float = 0.0
+
+
+def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
+    t0 = time.perf_counter()
+    options = dict(options or {})
+    groups = list(groups) if groups is not None else default_groups(graph)
+    slots = {None: 0}
+    for gi in graph.inputs:
+        slots[gi.name] = len(slots)
+    for n in graph.nodes:
+        slots[n.name] = len(slots)
+    ws_slot = len(slots)
+    slots["__workspace__"] = ws_slot
+    nslots = len(slots)
+
+    module = ir.Module(name=graph.name)
+    checks = {}
+
+    def register(info):
+        code = len(checks) + 1
+        checks[code] = info
+        return code
+
+    kernels: list[Kernel] = []
+    for k, group in enumerate(groups):
+        if len(group) == 1 and materialized(group[0]):
+            continue
+        name = f"k{k}.{group[-1].op}"
+        kb = KernelBuilder(module, graph, group, name, add_check=register, options=options)
+        kb.slot = slots.__getitem__
+        kernels.append(kb.build())
+
+    entry = ir.Function(module, ir.FunctionType(I32, [PTR]), name=ENTRY)
+    b = ir.IRBuilder(entry.append_basic_block("entry"))
+    for kern in kernels:
+        fn = module.get_global(kern.name)
+        rc = b.call(fn, [entry.args[0]])
+        fail = entry.append_basic_block(kern.name + ".fail")
+        ok = entry.append_basic_block(kern.name + ".ok")
+        b.cbranch(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), fail, ok)
+        b.position_at_end(fail)
+        b.ret(rc)
+        b.position_at_end(ok)
+    b.ret(ir.Constant(I32, 0))
+    ws = max([k.workspace_bytes for k in kernels] + [0])
+    return Module(str(module), kernels, Layout(slots, nslots, ws_slot, ws), checks,
+                  time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- native code
+
+
+@dataclass
+class Native:
+    """Loaded machine code of one module (shared by equal programs in this process)."""
+    loaded: object
+    entry: object
+    llvm_module: object       # optimised llvmlite ModuleRef (None when loaded from an object)
+    optimized_ir: str | None
+    compile_seconds: float
+    from_cache: bool = False
+
+
+_native_cache: dict = {}
+_native_lock = threading.Lock()
+
+
+def _disk_cache():
+    try:
+        from .cache import ObjectCache
+    except ImportError:
+        return None
+    try:
+        return ObjectCache()
+    except Exception:  # pragma: no cover - a broken cache must not break compilation
+        return None
+
+
+def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool = True) -> Native:
+    key = (key_text, tuple(sorted(options.items())))
+    with _native_lock:
+        hit = _native_cache.get(key)
+        if hit is not None:
+            return hit
+    from . import threadpool
+    if any(k.tasks > 1 for k in mod.kernels):
+        threadpool.install()
+    t0 = time.perf_counter()
+    llmod = jit.optimize(mod.llvm_ir, "program")
+    optimized = str(llmod)
+    loaded = jit.load(llmod)
+    entry = loaded.function(ENTRY, ctypes.c_int32, ctypes.c_void_p)
+    nat = Native(loaded, entry, llmod, optimized, time.perf_counter() - t0)
+    with _native_lock:
+        _native_cache.setdefault(key, nat)
+        return _native_cache[key]
+
+
+# ----------------------------------------------------------------------------- the program
+
+
+class Program:
+    """A graph compiled to native code, callable on NumPy arrays (positional, in the order
+    of ``graph.inputs``).  Calls are serialised by a lock (buffers are shared)."""
+
+    def __init__(self, graph: Graph, groups=None, options: dict | None = None):
+        self.graph = graph
+        self.options = dict(options or {})
+        self.module = build(graph, groups, self.options)
+        self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(groups)),
+                                  self.options)
+        lay = self.module.layout
+        self._slots = lay.slots
+        self._ptrs = (ctypes.c_void_p * lay.nslots)()
+        self._keep = []
+        self._err = np.zeros(4, np.int64)
+        self._ptrs[0] = self._err.ctypes.data
+        self._ws = np.zeros(max(lay.workspace_bytes, 64) + 64, np.uint8)
+        self._ptrs[lay.workspace_slot] = self._ws.ctypes.data
+        types = graph.types
+        outputs = set(graph.outputs)
+        inputs = set(graph.input_names)
+        self._out_alloc = []  # (slot, shape, dtype) allocated per call
+        for n in graph.nodes:
+            if materialized(n):
+                arr = np.array(n.attr["value"], dtype=n.type.dtype).reshape(n.type.shape)
+                self._keep.append(arr)
+                self._ptrs[lay.slots[n.name]] = arr.ctypes.data
+            elif n.name in outputs:
+                self._out_alloc.append((lay.slots[n.name], n.name, n.type.shape, n.type.dtype))
+            else:
+                arr = np.empty(n.type.shape, dtype=n.type.dtype)
+                self._keep.append(arr)
+                self._ptrs[lay.slots[n.name]] = arr.ctypes.data
+        self._in_slots = [lay.slots[i.name] for i in graph.inputs]
+        self._outputs = list(graph.outputs)
+        self._inputs = inputs
+        self._lock = threading.Lock()
+        self._entry = self.native.entry
+
+    @property
+    def kernels(self) -> list[Kernel]:
+        return self.module.kernels
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        if len(arrays) != len(self._in_slots):
+            raise TypeError(f"{self.graph.name} takes {len(self._in_slots)} inputs, got {len(arrays)}")
+        with self._lock:
+            ptrs = self._ptrs
+            for slot, a in zip(self._in_slots, arrays):
+                ptrs[slot] = a.ctypes.data
+            fresh = {}
+            for slot, name, shape, dtype in self._out_alloc:
+                arr = np.empty(shape, dtype=dtype)
+                fresh[name] = arr
+                ptrs[slot] = arr.ctypes.data
+            rc = self._entry(ptrs)
+            if rc:
+                raise self._error(rc)
+            results, seen = [], set()
+            by_input = dict(zip(self.graph.input_names, arrays))
+            for o in self._outputs:
+                if o in fresh and o not in seen:
+                    results.append(fresh[o])
+                elif o in fresh:
+                    results.append(fresh[o].copy())
+                elif o in by_input:
+                    results.append(np.array(by_input[o], copy=True))
+                else:  # a materialised constant
+                    n = self.graph.producer()[o]
+                    results.append(np.array(n.attr["value"], dtype=n.type.dtype).reshape(n.type.shape))
+                seen.add(o)
+            return results
+
+    def _error(self, rc: int) -> Exception:
+        code, bad = int(self._err[0]), int(self._err[1])
+        info = self.module.checks.get(code)
+        if info is None:
+            return RuntimeError(f"{self.graph.name}: native code failed with status {rc}")
+        node = self.graph.producer().get(info.node.name, info.node)
+        if node.op == "check_index":
+            allowed = f"[0, {info.size})" + (f" or {info.ignore}" if info.ignore is not None else "")
+            err = OpIndexError("check_index", f"index {bad} is out of range: allowed {allowed}")
+        else:
+            err = OpIndexError(node.op, f"index {bad} is out of range for axis {info.axis} of size {info.size}")
+        return err.with_loc(node.loc)
+
+
+def groups_key(groups):
+    if groups is None:
+        return None
+    return tuple(tuple(n.name for n in g) for g in groups)
