@@ -607,6 +607,13 @@ def _getitem(x: Tensor, key):
                                                   "use F.where or F.masked_fill")
             if advanced:
                 raise _err(OpIndexError, "index", "only one integer-array index per expression is supported")
+            if not isinstance(idx, Tensor) and idx.dtype.kind in "iu" and idx.size:
+                # a literal index array: negative entries count from the end, as in numpy
+                lo, hi = int(idx.min()), int(idx.max())
+                if lo < -d or hi >= d:
+                    raise _err(OpIndexError, "index", f"index {lo if lo < -d else hi} is out of range "
+                                                      f"for axis {axis} of size {d}")
+                idx = np.where(idx < 0, idx + d, idx).astype(np.int64)
             starts.append(0), stops.append(d), steps.append(1)
             advanced.append((len(out_shape), idx))
             out_shape.append(d)
@@ -615,11 +622,18 @@ def _getitem(x: Tensor, key):
     if (tuple(starts), tuple(stops), tuple(steps)) != ((0,) * x.ndim, x.shape, (1,) * x.ndim):
         y = bind("slice", x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
     y = reshape(y, tuple(out_shape))
+    # numpy's rule: integers next to the array index join it; when the integer/array indices
+    # are not adjacent (a slice or None between them), the indexed dims go first
+    picks = [j for j, k in enumerate(expanded) if k is not None and not isinstance(k, slice)]
+    to_front = bool(advanced) and picks[-1] - picks[0] + 1 != len(picks)
     for pos, idx in advanced:
         t = _as_tensor(idx)
         if t.dtype not in INT_DTYPES:
             raise _err(OpIndexError, "index", f"array indices must be integers, got {t.dtype}")
         y = gather(y, t, axis=pos)
+        if to_front and pos:
+            perm = tuple(range(pos, pos + t.ndim)) + tuple(range(pos)) + tuple(range(pos + t.ndim, y.ndim))
+            y = transpose(y, *perm)
     return y
 
 
