@@ -4,5 +4,6 @@
 """
 from . import nn, optim
 from .gpt2 import GPT2, GPT2Config
+from .train import compile_train_step
 
-__all__ = ["nn", "optim", "GPT2", "GPT2Config"]
+__all__ = ["nn", "optim", "GPT2", "GPT2Config", "compile_train_step"]

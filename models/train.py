@@ -1,0 +1,174 @@
+"""compile_train_step: forward, loss, backward, clipping and the optimizer update as ONE program.
+
+    step = compile_train_step(model, loss_fn, optimizer, x, y)   # example batch
+    for ...:
+        loss = step(x, y)              # updates model parameters and optimizer state
+
+The program's inputs are the parameters, the optimizer state, the learning rate, the step
+number and a dropout seed (runtime values, so schedules and dropout never recompile) and the
+batch; its outputs are the loss, the new parameters and the new optimizer state.  The model and
+optimizer stay the source of truth: after each call their tensors hold the updated values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from neural_arch.compiler.autodiff import autodiff
+from neural_arch.compiler.ir import Graph, TensorType
+from neural_arch.compiler.tensor import Tensor
+from neural_arch.compiler.trace import call_graph, trace_with_info, Traced
+from neural_arch.compiler import functional as F
+
+from . import nn
+from .optim import Optimizer, clip_by_global_norm
+
+
+@dataclass
+class TrainStepProgram:
+    graph: Graph
+    param_names: list[str]
+    state_names: list[str]  # per parameter, the optimizer state keys in order
+    n_batch: int
+
+
+def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_batch, clip_norm: float | None = None,
+                      name: str = "train_step") -> TrainStepProgram:
+    named = list(model.named_parameters())
+    by_id = {id(p): n for n, p in named}
+    opt_params = [by_id[id(p)] for p in optimizer.params if id(p) in by_id]
+    if len(opt_params) != len(optimizer.params):
+        raise ValueError("compile_train_step: the optimizer holds parameters that are not the model's")
+    params = dict(named)
+    batch_types = [b.type if isinstance(b, Tensor) else Tensor(np.asarray(b)).type for b in example_batch]
+
+    # 1. the loss as a graph of (batch..., params..., seed), traced with dropout drawing from the seed
+    def loss_graph_fn(seed, *batch):
+        with nn.dropout_seed(seed):
+            return loss_fn(model, *batch)
+
+    traced = trace_with_info(loss_graph_fn, TensorType((), "int64"), *batch_types, params=params, name="loss")
+    g = traced.graph
+    if not traced.single_output:
+        raise ValueError("compile_train_step: loss_fn must return one scalar tensor")
+    param_inputs = [i.name for i in g.inputs if i.kind == "param"]
+    name_of_input = {}
+    for i in g.inputs:
+        if i.kind == "param":
+            t = traced.bindings[i.name]
+            name_of_input[by_id[id(t)]] = i.name
+    wrt = [name_of_input[n] for n in opt_params]
+    vg = autodiff(g, wrt, with_value=True, name="loss_and_grads")
+    state_keys = list(optimizer.state_names)
+
+    # 2. the whole step: loss and grads, clipping, update
+    def step_fn(lr, step, seed, *rest):
+        batch = rest[:len(batch_types)]
+        ps = rest[len(batch_types):len(batch_types) + len(named)]
+        states = rest[len(batch_types) + len(named):]
+        pmap = dict(zip([n for n, _ in named], ps))
+        feed = []
+        args = iter(batch)
+        for i in g.inputs:
+            if i.kind == "param":
+                feed.append(pmap[by_id[id(traced.bindings[i.name])]])
+            elif i.name == g.inputs[0].name:
+                feed.append(seed)
+            else:
+                feed.append(next(args))
+        outs = call_graph(vg, *feed)
+        loss, grads = outs[0], outs[1:]
+        if clip_norm is not None:
+            grads, _ = clip_by_global_norm(list(grads), clip_norm)
+        new_params, new_states = [], []
+        for k, (pname, gr) in enumerate(zip(opt_params, grads)):
+            st = {key: states[k * len(state_keys) + j] for j, key in enumerate(state_keys)}
+            new_p, new_st = optimizer.update(pmap[pname], gr, st, lr, step)
+            new_params.append(new_p)
+            new_states += [new_st[key] for key in state_keys]
+        return (loss, *new_params, *new_states)
+
+    example_states = []
+    for pname in opt_params:
+        p = params[pname]
+        example_states += [TensorType(p.shape, p.dtype) for _ in state_keys]
+    full = trace_with_info(step_fn, TensorType((), "float32"), TensorType((), "int64"), TensorType((), "int64"),
+                           *batch_types, *[p.type for _, p in named], *example_states, params={}, name=name).graph
+    # parameters and optimizer state are named inputs of their kinds
+    inputs = list(full.inputs)
+    names = ["lr", "step", "seed"] + [f"batch{i}" for i in range(len(batch_types))] + \
+        [n for n, _ in named] + [f"{p}.{k}" for p in opt_params for k in state_keys]
+    kinds = ["arg"] * (3 + len(batch_types)) + ["param"] * len(named) + ["state"] * len(example_states)
+    rename = {old.name: new for old, new in zip(inputs, names)}
+    from neural_arch.compiler.ir import GraphInput, Node
+    new_inputs = tuple(GraphInput(rename[i.name], i.type, kind) for i, kind in zip(inputs, kinds))
+    nodes = tuple(Node(n.name, n.op, tuple(rename.get(x, x) for x in n.inputs), n.type, n.attrs, n.loc)
+                  for n in full.nodes)
+    outputs = tuple(rename.get(o, o) for o in full.outputs)
+    graph = Graph(name, new_inputs, nodes, outputs)
+    return TrainStepProgram(graph, [n for n, _ in named], state_keys, len(batch_types))
+
+
+class TrainStep:
+    """The compiled step.  Call it with a batch; it returns the loss (a float) and updates the
+    model's parameters and the optimizer's state."""
+
+    def __init__(self, model, optimizer: Optimizer, program: TrainStepProgram, runner, backend: str):
+        self.model, self.optimizer, self.program, self.backend = model, optimizer, program, backend
+        self._run = runner
+        self.graph = program.graph
+        self._params = dict(model.named_parameters())
+        self._opt_order = [n for n in program.param_names if id(self._params[n]) in optimizer.state]
+        self.seed = 0
+
+    def __call__(self, *batch) -> float:
+        opt = self.optimizer
+        opt.step_count += 1
+        pnames = self.program.param_names
+        first = self._params[self._opt_order[0]]
+        step_no = opt.state_for(first)["step"] + 1
+        self.seed += 1
+        inputs = [np.asarray(opt.lr, np.float32), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
+        inputs += [np.asarray(b.data if isinstance(b, Tensor) else b) for b in batch]
+        inputs += [self._params[n].data for n in pnames]
+        for n in self._opt_order:
+            st = opt.state_for(self._params[n])
+            inputs += [st[k].data for k in self.program.state_names]
+        outs = self._run(inputs)
+        loss = float(outs[0])
+        k = 1
+        for n in self._opt_order:
+            self._params[n].data = outs[k]
+            k += 1
+        for n in self._opt_order:
+            st = opt.state_for(self._params[n])
+            st["step"] = step_no
+            for key in self.program.state_names:
+                st[key] = Tensor(outs[k])
+                k += 1
+        return loss
+
+
+def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_batch, clip_norm: float | None = None,
+                       backend: str = "llvm") -> TrainStep:
+    """Build ONE program for forward, loss, backward, (clipping) and update.
+
+    ``loss_fn(model, *batch) -> scalar tensor``.  ``backend="llvm"`` compiles it to native code;
+    ``"interpreter"`` runs the same graph through the NumPy interpreter."""
+    prog = build_train_graph(model, loss_fn, optimizer, example_batch, clip_norm)
+    if backend == "interpreter":
+        from neural_arch.runtime.interpreter import interpret
+
+        def runner(inputs):
+            return interpret(prog.graph, inputs)
+    elif backend == "llvm":
+        from neural_arch.compiler.compile import compile_graph
+        compiled = compile_graph(prog.graph)
+
+        def runner(inputs):
+            return compiled.run_arrays(inputs)
+    else:
+        raise ValueError(f"compile_train_step: backend must be 'llvm' or 'interpreter', got {backend!r}")
+    return TrainStep(model, optimizer, prog, runner, backend)

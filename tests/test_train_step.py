@@ -1,0 +1,85 @@
+"""compile_train_step: one program for forward, backward, clipping and update; its losses and
+parameters equal the eager training loop's."""
+import numpy as np
+import pytest
+
+from neural_arch.compiler import Tensor, functional as F
+from neural_arch.models import GPT2, GPT2Config, compile_train_step, nn, optim
+
+RNG = np.random.default_rng(0)
+
+
+def mlp():
+    nn.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 3))
+
+
+def mlp_loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def eager_losses(model, opt, batches, clip=None):
+    out = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = mlp_loss(model, Tensor(x), Tensor(y))
+        loss.backward()
+        if clip is not None:
+            optim.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        out.append(float(loss.item()))
+    return out
+
+
+BATCHES = [(RNG.standard_normal((8, 6)).astype(np.float32), RNG.integers(0, 3, 8)) for _ in range(5)]
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+                                      lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+                                      lambda ps: optim.Adam(ps, lr=0.01)])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_interpreted_train_step_equals_eager(make_opt, clip):
+    m1, m2 = mlp(), mlp()
+    o1, o2 = make_opt(m1.parameters()), make_opt(m2.parameters())
+    want = eager_losses(m1, o1, BATCHES, clip)
+    step = compile_train_step(m2, mlp_loss, o2, *BATCHES[0], clip_norm=clip, backend="interpreter")
+    got = [step(x, y) for x, y in BATCHES]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-4, atol=1e-5, err_msg=n)
+    st1, st2 = o1.state_for(m1.parameters()[0]), o2.state_for(m2.parameters()[0])
+    assert st1["step"] == st2["step"] == len(BATCHES)
+
+
+def test_graph_has_param_state_and_runtime_inputs():
+    model = mlp()
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    step = compile_train_step(model, mlp_loss, opt, *BATCHES[0], backend="interpreter")
+    kinds = {}
+    for i in step.graph.inputs:
+        kinds.setdefault(i.kind, []).append(i.name)
+    assert kinds["arg"][:3] == ["lr", "step", "seed"]
+    assert kinds["param"] == [n for n, _ in model.named_parameters()]
+    assert kinds["state"][:2] == ["0.weight.exp_avg", "0.weight.exp_avg_sq"]
+    assert len(step.graph.outputs) == 1 + 2 * 0 + len(kinds["param"]) + len(kinds["state"])
+    # changing the learning rate between steps needs no new program
+    g = step.graph
+    opt.lr = 0.5
+    step(*BATCHES[1])
+    assert step.graph is g
+
+
+def test_gpt2_train_step_with_dropout_runs_and_learns():
+    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2, dropout=0.1)
+    nn.manual_seed(0)
+    model = GPT2(cfg)
+    opt = optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loss_fn(m, x, y):
+        return m(x, y)[1]
+    x = np.tile(np.arange(8) % 11, (4, 1))
+    y = (x + 1) % 11
+    step = compile_train_step(model, loss_fn, opt, x, y, backend="interpreter")
+    losses = [step(x, y) for _ in range(40)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert any(n.op == "rng_uniform" for n in step.graph.nodes)
