@@ -164,11 +164,11 @@ def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_
         def runner(inputs):
             return interpret(prog.graph, inputs)
     elif backend == "llvm":
-        from neural_arch.compiler.compile import compile_graph
-        compiled = compile_graph(prog.graph)
+        from neural_arch.runtime.program import Program
+        program = Program(prog.graph)
 
         def runner(inputs):
-            return compiled.run_arrays(inputs)
+            return program(*[np.ascontiguousarray(a) for a in inputs])
     else:
         raise ValueError(f"compile_train_step: backend must be 'llvm' or 'interpreter', got {backend!r}")
     return TrainStep(model, optimizer, prog, runner, backend)

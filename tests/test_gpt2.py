@@ -76,3 +76,27 @@ def test_decode_step_with_cache_equals_full_forward():
 def test_sequence_longer_than_context_is_refused():
     with pytest.raises(ValueError, match="exceeds n_positions 24"):
         GPT2(CFG)(Tensor(np.zeros((1, 25), np.int64)))
+
+
+def test_greedy_generation_with_cache_equals_without_token_for_token():
+    from neural_arch.models.generate import generate
+    nn.manual_seed(5)
+    model = GPT2(CFG)
+    prompt = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5))
+    slow = generate(model, prompt, 10, temperature=0, use_cache=False)
+    fast = generate(model, prompt, 10, temperature=0, backend="llvm")
+    interp = generate(model, prompt, 10, temperature=0, backend="interpreter")
+    assert slow.shape == (2, 15)
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(interp, slow)
+
+
+def test_sampling_filters():
+    from neural_arch.models.generate import sample_next
+    logits = np.array([[0.0, 5.0, 4.9, -1.0]])
+    rng = np.random.default_rng(0)
+    picks = {int(sample_next(logits, rng, 1.0, top_k=2)[0]) for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {int(sample_next(logits, rng, 1.0, top_p=0.3)[0]) for _ in range(50)}
+    assert picks == {1}
+    assert int(sample_next(logits, rng, 0)[0]) == 1

@@ -83,3 +83,14 @@ def test_gpt2_train_step_with_dropout_runs_and_learns():
     losses = [step(x, y) for _ in range(40)]
     assert losses[-1] < 0.5 * losses[0]
     assert any(n.op == "rng_uniform" for n in step.graph.nodes)
+
+
+def test_compiled_train_step_equals_eager():
+    m1, m2 = mlp(), mlp()
+    o1, o2 = optim.AdamW(m1.parameters(), lr=0.01), optim.AdamW(m2.parameters(), lr=0.01)
+    want = eager_losses(m1, o1, BATCHES, 0.5)
+    step = compile_train_step(m2, mlp_loss, o2, *BATCHES[0], clip_norm=0.5, backend="llvm")
+    got = [step(x, y) for x, y in BATCHES]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)
