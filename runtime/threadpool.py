@@ -9,7 +9,8 @@ which runs tasks ``0 .. n_tasks-1`` over the pool's workers *and* the calling th
 when all tasks have finished.  ``install()`` compiles the pool (LLVM IR below, calling
 pthread/futex from libc in-process -- no C compiler needed), starts the workers and
 registers the symbol with ``llvmlite.binding.add_symbol`` so that every module MCJIT-loads
-afterwards (including cached object files) resolves it.
+afterwards (including cached object files) resolves it.  So is ``i64 narch_num_threads()``:
+the threads ``narch_parallel_for`` runs on now, the caller included (1 without workers).
 
 Why it is built this way (measured on our 2-core machines): waking a sleeping thread costs
 60-120 us, a pinned spinning worker answers in well under a microsecond, and two unpinned
@@ -47,6 +48,7 @@ import llvmlite.binding as llvm
 from . import jit
 
 SYMBOL = "narch_parallel_for"
+THREADS_SYMBOL = "narch_num_threads"
 MAX_WORKERS = 255
 
 _OPEN = 1 << 40  # job_entry: bit 40 = job open, low bits = workers inside the job
@@ -413,6 +415,13 @@ define void @narch_pool_state(ptr %out) {
   ret void
 }
 
+; Threads narch_parallel_for uses now, the caller included.
+define i64 @narch_num_threads() {
+  %nw = load atomic i64, ptr @pool_cfg monotonic, align 8
+  %t = add i64 %nw, 1
+  ret i64 %t
+}
+
 define i64 @narch_pool_alive() {
   %alivep = getelementptr i64, ptr @pool_cfg, i64 3
   %a = load atomic i64, ptr %alivep acquire, align 8
@@ -455,6 +464,9 @@ define void @narch_pool_stop() {
 }
 define i64 @narch_pool_alive() {
   ret i64 0
+}
+define i64 @narch_num_threads() {
+  ret i64 1
 }
 define void @narch_pool_state(ptr %out) {
   call void @llvm.memset.p0.i64(ptr %out, i8 0, i64 96, i1 false)
@@ -588,6 +600,7 @@ def install() -> None:
         addr = loaded.address(SYMBOL)
         _parallel_for = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(addr)
         llvm.add_symbol(SYMBOL, addr)
+        llvm.add_symbol(THREADS_SYMBOL, loaded.address(THREADS_SYMBOL))
         _address = addr
         _start(threads)
         _loaded = loaded  # last: the unlocked fast path above sees a running pool
