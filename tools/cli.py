@@ -39,6 +39,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    if args.model != "gpt2":
+        raise SystemExit(f"narch train: unknown model {args.model!r} (available: gpt2)")
+    from neural_arch.tools.train import run
+    res = run(args)
+    return 0 if res["val"] < res["baseline"] else 1
+
+
 def cmd_dump(args) -> int:
     from neural_arch.compiler import trace, grad
     fn = _load_user_function(args.target)
@@ -68,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", choices=["auto", "llvm", "interpreter"], default="auto",
                    help="how the training step runs (default: LLVM when available)")
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("train", help="train a model (gpt2: a character-level GPT-2 on the stdlib sources)",
+                       description="example: narch train gpt2 --steps 600 --out runs/gpt2-char",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("model", nargs="?", default="gpt2", help="which model to train")
+    from neural_arch.tools.train import add_arguments
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
     u = sub.add_parser("dump", help="print the IR of a traced function",
                        description="example: narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
     u.add_argument("target", help="path/to/file.py:function")
