@@ -407,6 +407,8 @@ def backward(root: Tensor, grad: Tensor | None = None) -> None:
         grad = as_tensor(grad)
         if grad.shape != root.shape:
             raise ValueError(f"backward(): grad has shape {grad.shape}, expected {root.shape}")
+        if grad.dtype != root.dtype:  # e.g. a float64 NumPy array for a float32 result
+            grad = Tensor._wrap(grad.data.astype(root.dtype))
     cts: dict[int, Tensor] = {id(root): grad}
     with no_grad():
         for t in reversed(_topo_from(root)):

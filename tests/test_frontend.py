@@ -313,6 +313,12 @@ def test_backward_accumulates_and_checks_its_argument():
     x.grad = None
     y.backward(np.array([1.0, 0.0, -1.0], dtype=np.float32))
     np.testing.assert_array_equal(x.grad.data, [1.0, 0.0, -1.0])
+    # a cotangent of another dtype (a float64 array, a Python list) is cast to the result's dtype
+    x.grad = None
+    (x * 2.0).backward(np.ones(3))
+    (x * 1.0).backward([1, 0, 1])
+    assert x.grad.dtype == "float32"
+    np.testing.assert_array_equal(x.grad.data, [3.0, 2.0, 3.0])
 
 
 def test_backward_through_a_shared_subexpression():
