@@ -218,16 +218,28 @@ class Program:
     def kernels(self) -> list[Kernel]:
         return self.module.kernels
 
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, *arrays: np.ndarray, out=None) -> list[np.ndarray]:
+        """Run on C-contiguous input arrays of the graph's input types (the caller checks;
+        ``CompiledFunction`` does).  ``out``: optional arrays (one per computed output, in
+        order) to write into instead of fresh ones (benchmarks, steady-state loops)."""
         if len(arrays) != len(self._in_slots):
             raise TypeError(f"{self.graph.name} takes {len(self._in_slots)} inputs, got {len(arrays)}")
+        if out is not None:
+            out = list(out)
+            if len(out) != len(self._out_alloc):
+                raise TypeError(f"out= needs {len(self._out_alloc)} arrays, got {len(out)}")
+            for o, (_, name, shape, dtype) in zip(out, self._out_alloc):
+                if o.shape != tuple(shape) or o.dtype != np.dtype(dtype) or not o.flags.c_contiguous \
+                        or not o.flags.writeable:
+                    raise TypeError(f"out= array for %{name} must be a writeable C-contiguous "
+                                    f"{dtype}{list(shape)} array")
         with self._lock:
             ptrs = self._ptrs
             for slot, a in zip(self._in_slots, arrays):
                 ptrs[slot] = a.ctypes.data
             fresh = {}
-            for slot, name, shape, dtype in self._out_alloc:
-                arr = np.empty(shape, dtype=dtype)
+            for k, (slot, name, shape, dtype) in enumerate(self._out_alloc):
+                arr = np.empty(shape, dtype=dtype) if out is None else out[k]
                 fresh[name] = arr
                 ptrs[slot] = arr.ctypes.data
             rc = self._entry(ptrs)

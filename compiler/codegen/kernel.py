@@ -403,11 +403,6 @@ class Ctx:
         fn = intrinsic(self.module, base, ty, len(args))
         return self.b.call(fn, list(args), fastmath=flags)
 
-    # -- index checks
-    def check_index(self, node: Node, idx_name: str, size: int, axis=None, ignore=None) -> None:
-        """Register a bounds check of index tensor ``idx_name`` (run before any read)."""
-        self.kb.add_check(node, idx_name, size, axis, ignore)
-
 
 # ----------------------------------------------------------------------------- plans
 
@@ -487,6 +482,11 @@ class KernelBuilder:
         return names
 
     def build(self) -> Kernel:
+        for n in self.nodes:  # index checks come first: they run before any read
+            reg = getattr(self.lowering(n), "index_checks", None)
+            if reg is not None:
+                for idx_name, size, axis, ignore in reg(self.graph, n):
+                    self.add_check(n, idx_name, size, axis, ignore)
         low = self.lowering(self.root)
         custom = getattr(low, "kernel", None)
         if custom is not None:
@@ -570,7 +570,8 @@ class KernelBuilder:
     def finish(self, body: Callable, strategy: str, work: int, e0_key: str) -> Kernel:
         """Plan (analysis run), then emit ``@name.body``, ``@name.task`` and ``@name``."""
         actx = Ctx(self, analysis=True)
-        body(actx)
+        if self.root.type.size:
+            body(actx)
         plan, extents = make_plan(actx)
         # index checks found while analysing
         for node, idx_name, size, axis, ignore in self._check_specs.values():

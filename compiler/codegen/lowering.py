@@ -173,11 +173,11 @@ class CheckIndex(Lowering):
 
     kind = "elementwise"
 
+    def index_checks(self, graph, node):
+        return [(node.inputs[0], node.attr["size"], None, node.attr.get("ignore"))]
+
     def element(self, ctx, node, idx):
-        (x,) = node.inputs
-        a = node.attr
-        ctx.check_index(node, x, a["size"], None, a.get("ignore"))
-        return ctx.load(x, idx)
+        return ctx.load(node.inputs[0], idx)
 
 
 # ============================================================================ movement
@@ -272,12 +272,16 @@ class Concat(Lowering):
 class Gather(Lowering):
     kind = "injective"
 
+    def index_checks(self, graph, node):
+        x, ind = node.inputs
+        axis = node.attr["axis"]
+        return [(ind, graph.types[x].shape[axis], axis, None)]
+
     def element(self, ctx, node, idx):
         x, ind = node.inputs
         axis = node.attr["axis"]
         xt, it = ctx.type_of(x), ctx.type_of(ind)
         size = xt.shape[axis]
-        ctx.check_index(node, ind, size, axis)
         k = it.ndim
         v = ctx.load(ind, idx[axis:axis + k])
         d = ctx.data_index(node.name, v, 0, max(size - 1, 0))
@@ -638,10 +642,12 @@ class ScatterAdd(Lowering):
         post = st.shape[axis + it.ndim:]
         return idx, src, axis, it, st, pre, post
 
+    def index_checks(self, graph, node):
+        return [(node.inputs[0], node.attr["size"], node.attr["axis"], None)]
+
     def element(self, ctx, node, idx_out):
         """out[p, i, q] = sum_j (idx[j] == i) * src[p, j, q]: an inner loop over the indices."""
         idx, src, axis, it, st, pre, post = self._split(ctx.graph.types, node)
-        ctx.check_index(node, idx, node.attr["size"], axis)
         p, i, q = idx_out[:axis], idx_out[axis], idx_out[axis + 1:]
         dt = node.type.dtype
         if it.size == 0:
@@ -674,7 +680,6 @@ class ScatterAdd(Lowering):
         add = _arith("fadd", "add")
 
         def body(ctx, lohi=None):
-            ctx.check_index(node, idx, size, axis)
             with ctx.loops("P", pre, lohi) as pidx:
                 with ctx.loops("Z", (size,) + tuple(post)) as zidx:
                     ctx.store_flat(node.name, flat_index(list(pidx) + list(zidx), out.shape),
