@@ -93,15 +93,18 @@ class CompiledFunction:
     @property
     def llvm_ir(self) -> str:
         """The optimised LLVM IR that runs."""
-        return self.program.native.optimized_ir if self.program is not None else ""
+        if self.program is None:
+            return ""
+        nat = self.program.native
+        nat.optimized(self.program.module)
+        return nat.optimized_ir
 
     @property
     def asm(self) -> str:
         if self.program is None:
             return ""
         from neural_arch.runtime import jit
-        nat = self.program.native
-        return jit.emit_assembly(nat.llvm_module)
+        return jit.emit_assembly(self.program.native.optimized(self.program.module))
 
     def __repr__(self):
         return (f"<compiled {self.graph.name}: {len(self.graph.nodes)} nodes, "

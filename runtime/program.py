@@ -22,6 +22,10 @@ options, so recompiling an equal graph costs nothing; when the disk cache
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -131,45 +135,94 @@ class Native:
     """Loaded machine code of one module (shared by equal programs in this process)."""
     loaded: object
     entry: object
-    llvm_module: object       # optimised llvmlite ModuleRef (None when loaded from an object)
+    llvm_module: object       # optimised llvmlite ModuleRef (None when loaded from the cache)
     optimized_ir: str | None
     compile_seconds: float
     from_cache: bool = False
+    key_parts: dict = None
+
+    def optimized(self, mod: "Module"):
+        """The optimised module (recompiled on demand after a cache hit, for inspection)."""
+        if self.llvm_module is None:
+            self.llvm_module = jit.optimize(mod.llvm_ir, "program")
+            self.optimized_ir = str(self.llvm_module)
+        return self.llvm_module
 
 
 _native_cache: dict = {}
 _native_lock = threading.Lock()
 
 
-def _disk_cache():
+@functools.lru_cache(maxsize=None)
+def codegen_version() -> str:
+    """Our version plus a fingerprint of the code generator's sources: a cached object is
+    valid only for the codegen that produced it."""
     try:
-        from .cache import ObjectCache
-    except ImportError:
+        from importlib.metadata import version
+        v = version("neural_arch")
+    except Exception:  # pragma: no cover - running from a source tree without metadata
+        v = "0.0.0"
+    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib
+    h = hashlib.sha256()
+    for mod in (index, kernel, lowering, mathlib, gemm, sys.modules[__name__]):
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
+    return f"{v}+codegen.{h.hexdigest()[:16]}"
+
+
+def cache_key_parts(key_text: str, options: dict) -> dict:
+    return {"ir": key_text, "version": codegen_version(), "toolchain": jit.toolchain_id(),
+            "options": {str(k): repr(v) for k, v in sorted(options.items())}}
+
+
+def _disk_cache():
+    if os.environ.get("NEURAL_ARCH_CACHE", "1") == "0":
         return None
     try:
-        return ObjectCache()
-    except Exception:  # pragma: no cover - a broken cache must not break compilation
+        from .cache import default_cache
+        return default_cache()
+    except Exception:  # pragma: no cover - a broken cache must never break compiling
         return None
 
 
 def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool = True) -> Native:
-    key = (key_text, tuple(sorted(options.items())))
+    """Machine code for ``mod``: from this process's memory, else the disk cache, else
+    optimise (O3) and compile it (then store the object on disk)."""
+    key = (key_text, tuple(sorted((str(k), repr(v)) for k, v in options.items())))
     with _native_lock:
         hit = _native_cache.get(key)
-        if hit is not None:
-            return hit
+    if hit is not None:
+        return hit
     from . import threadpool
-    if any(k.tasks > 1 for k in mod.kernels):
-        threadpool.install()
+    threadpool.install()  # kernels (and cached objects) may call narch_parallel_for
     t0 = time.perf_counter()
-    llmod = jit.optimize(mod.llvm_ir, "program")
-    optimized = str(llmod)
-    loaded = jit.load(llmod)
+    cache = _disk_cache() if use_disk_cache else None
+    parts = cache_key_parts(key_text, options)
+    obj = cache.get(parts) if cache is not None else None
+    llmod = None
+    optimized = None
+    if obj is None:
+        llmod = jit.optimize(mod.llvm_ir, "program")
+        optimized = str(llmod)
+        obj = jit.emit_object(llmod)
+        if cache is not None:
+            cache.put(parts, obj)
+        from_cache = False
+    else:
+        from_cache = True
+    loaded = jit.load(None, obj)
     entry = loaded.function(ENTRY, ctypes.c_int32, ctypes.c_void_p)
-    nat = Native(loaded, entry, llmod, optimized, time.perf_counter() - t0)
+    nat = Native(loaded, entry, llmod, optimized, time.perf_counter() - t0, from_cache)
+    nat.key_parts = parts
     with _native_lock:
         _native_cache.setdefault(key, nat)
         return _native_cache[key]
+
+
+def clear_memory_cache() -> None:
+    """Forget this process's loaded programs (the next Program compiles or hits the disk)."""
+    with _native_lock:
+        _native_cache.clear()
 
 
 # ----------------------------------------------------------------------------- the program
