@@ -322,3 +322,316 @@ def test_micro_kernel_assembly(dtype, fma):
     assert len(fmas) >= bl.mr * bl.nv and len(fmas) % (bl.mr * bl.nv) == 0, loop
     assert all(i.startswith(fma) and i.count("%ymm") == 3 for i in fmas), fmas
     assert not any("rsp" in i or "rbp)" in i for i in loop), loop
+
+
+# ----------------------------------------------------------------------------- epilogues
+
+from neural_arch.compiler.codegen import gemm as gemm_mod  # noqa: E402
+
+I64 = ir.IntType(64)
+PTR = ir.PointerType()
+ELEM = {"float32": ir.FloatType(), "float64": ir.DoubleType()}
+CT = {"float32": ctypes.c_float, "float64": ctypes.c_double}
+GEMM_ARGTYPES = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_void_p]
+
+
+def splat(ty, x):
+    """A constant x of type ty (scalar or vector)."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [x] * ty.count)
+    return ir.Constant(ty, x)
+
+
+def _load(b, p, off, et, lanes):
+    """lanes consecutive elements at p[off]: element-aligned (a bare vector load would
+    promise the vector's 32-byte alignment)."""
+    q = b.gep(p, [off], source_etype=et)
+    size = 4 if isinstance(et, ir.FloatType) else 8
+    return b.load(q, typ=ir.VectorType(et, lanes) if lanes > 1 else et, align=size)
+
+
+def gelu_poly(b, x):
+    """0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), with tanh(u) as the Pade
+    form u (27 + u^2) / (27 + 9 u^2) on u clamped to [-3, 3] (exactly +-1 there)."""
+    t = x.type
+    x2 = b.fmul(x, x)
+    u = b.fmul(splat(t, 0.7978845608028654), b.fadd(x, b.fmul(splat(t, 0.044715), b.fmul(x2, x))))
+    u = b.select(b.fcmp_ordered(">", u, splat(t, 3.0)), splat(t, 3.0), u)
+    u = b.select(b.fcmp_ordered("<", u, splat(t, -3.0)), splat(t, -3.0), u)
+    u2 = b.fmul(u, u)
+    th = b.fdiv(b.fmul(u, b.fadd(splat(t, 27.0), u2)), b.fadd(splat(t, 27.0), b.fmul(splat(t, 9.0), u2)))
+    return b.fmul(b.fmul(splat(t, 0.5), x), b.fadd(splat(t, 1.0), th))
+
+
+def gelu_poly_ref(x):
+    u = np.clip(0.7978845608028654 * (x + 0.044715 * x ** 3), -3.0, 3.0)
+    return 0.5 * x * (1.0 + u * (27.0 + u * u) / (27.0 + 9.0 * u * u))
+
+
+def _epi_bias(dtype):
+    et = ELEM[dtype]
+
+    def epi(b, acc, m, n, lanes, extra):
+        (bias,) = extra
+        return b.fadd(acc, _load(b, bias, n, et, lanes))
+    return [PTR], [ctypes.c_void_p], epi
+
+
+def _epi_full(dtype):
+    """alpha * gelu(acc + bias[n]) + R[m*ld + n], and counts[m*ld + n + lane] += 1 for every
+    element the epilogue sees (so the test sees each applied exactly once, in bounds)."""
+    et = ELEM[dtype]
+
+    def epi(b, acc, m, n, lanes, extra):
+        bias, R, ld, alpha, counts = extra
+        base = b.add(b.mul(m, ld), n)
+        for lane in range(lanes):
+            p = b.gep(counts, [b.add(base, ir.Constant(I64, lane))], source_etype=I64)
+            b.atomic_rmw("add", p, ir.Constant(I64, 1), "monotonic")
+        y = gelu_poly(b, b.fadd(acc, _load(b, bias, n, et, lanes)))
+        al = alpha
+        if lanes > 1:
+            al = b.insert_element(ir.Constant(acc.type, None), alpha, ir.Constant(ir.IntType(32), 0))
+            al = b.shuffle_vector(al, ir.Constant(acc.type, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        return b.fadd(b.fmul(al, y), _load(b, R, base, et, lanes))
+    return ([PTR, PTR, I64, et, PTR],
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, CT[dtype], ctypes.c_void_p], epi)
+
+
+EPILOGUES = {"bias": _epi_bias, "full": _epi_full}
+_epi_cache: dict = {}
+
+
+def epilogue_gemm(dtype, kind, parallel=False, blocking=None, min_flops=None):
+    """(ctypes function, workspace bytes) of a gemm with the named epilogue."""
+    key = (dtype, kind, parallel, blocking, min_flops)
+    if key not in _epi_cache:
+        from neural_arch.runtime import jit, threadpool
+
+        types, ctys, epi = EPILOGUES[kind](dtype)
+        module = ir.Module(name="epi")
+        saved = gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD
+        try:
+            if min_flops is not None:
+                gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = min_flops
+            threads = gemm_mod.gemm_threads(parallel)
+            gemm_mod._emit_gemm(module, "g", dtype, blocking or BLOCKING[dtype], types, epi, threads)
+        finally:
+            gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = saved
+        if threads > 1:
+            threadpool.install()
+        loaded = jit.load(jit.optimize(str(module), "epi"))
+        fn = loaded.function("g", None, *GEMM_ARGTYPES, *ctys)
+        _epi_cache[key] = (loaded, fn, gemm_workspace_bytes(dtype, threads))
+    return _epi_cache[key][1:]
+
+
+def call_gemm(fn, a, b, c, ws, *extra):
+    it = a.itemsize
+    (M, K), N = a.shape, b.shape[1]
+    fn(a.ctypes.data, b.ctypes.data, c.ctypes.data, M, N, K, a.strides[0] // it, a.strides[1] // it,
+       b.strides[0] // it, b.strides[1] // it, c.strides[0] // it, ws.ctypes.data, *extra)
+
+
+EPI_SHAPES = [(1, 1, 1), (5, 15, 0), (7, 17, 3), (6, 16, 256), (13, 33, 257), (12, 40, 5),
+              (31, 45, 300), (145, 17, 7), (100, 300, 64), (2, 1, 9)]
+
+
+def run_epilogue_case(dtype, kind, M, N, K, rng, alloc, fn, wsb, la="c", lb="c"):
+    """One product with the named epilogue on buffers from ``alloc(shape, dtype)``; checked
+    against NumPy float64."""
+    a0, b0 = operand(rng, (M, K), dtype, la), operand(rng, (K, N), dtype, lb)
+    a, b = alloc((M, K), dtype), alloc((K, N), dtype)
+    a[...], b[...] = a0, b0
+    c = alloc((M, N), dtype)
+    c[...] = np.nan
+    ws = alloc((wsb,), np.uint8)
+    ref = reference(a, b)
+    bound = RTOL[dtype] * max(K, 1) * (np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64))
+    if kind == "bias":
+        bias = alloc((N,), dtype)
+        bias[...] = rng.standard_normal(N)
+        call_gemm(fn, a, b, c, ws, bias.ctypes.data)
+        ref = ref + bias
+        bound = bound + np.finfo(dtype).eps * np.abs(ref)
+    else:
+        bias, R, counts = alloc((N,), dtype), alloc((M, N), dtype), alloc((M, N), np.int64)
+        bias[...], R[...], counts[...] = rng.standard_normal(N), rng.standard_normal((M, N)), 0
+        alpha = 0.75
+        call_gemm(fn, a, b, c, ws, bias.ctypes.data, R.ctypes.data, N, alpha, counts.ctypes.data)
+        assert (counts == 1).all(), f"epilogue not applied exactly once: {np.unique(counts)}"
+        x = ref + bias
+        ref = alpha * gelu_poly_ref(x) + R
+        # the dot's error through gelu' (|gelu'| < 1.13, times alpha) plus a few roundings
+        bound = 1.2 * bound + 16 * np.finfo(dtype).eps * (np.abs(ref) + np.abs(x) + np.abs(R) + 1)
+    bad = ~(np.abs(c - ref) <= bound + np.finfo(dtype).tiny)
+    assert not bad.any(), (
+        f"{kind} {dtype} {(M, N, K)}: {int(bad.sum())} wrong; first at {np.argwhere(bad)[0]}: "
+        f"{c[tuple(np.argwhere(bad)[0])]} vs {ref[tuple(np.argwhere(bad)[0])]}")
+
+
+def _plain_alloc(shape, dtype):
+    return np.empty(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype,kind", [("float32", "bias"), ("float32", "full"),
+                                        ("float64", "full")])
+def test_epilogue_guarded(dtype, kind):
+    """A bias add; and bias + GELU-like polynomial + scalar scale + residual with a probe
+    counting every element the epilogue sees: against NumPy float64 on ragged shapes,
+    with every buffer (operands, C, bias, residual, counts, workspace) flush against
+    inaccessible pages."""
+    fn, wsb = epilogue_gemm(dtype, kind)
+    rng = np.random.default_rng(11)
+    pages = GuardedPages()
+    try:
+        for i, (M, N, K) in enumerate(EPI_SHAPES):
+            at_end = bool(i % 2)
+            layouts = [("c", "c"), ("f", "s")][i % 2]
+            run_epilogue_case(dtype, kind, M, N, K, rng,
+                              lambda s, d: pages.array(s, d, at_end), fn, wsb, *layouts)
+    finally:
+        pages.close()
+
+
+def test_epilogue_small_blocking():
+    """Tiny cache blocks: several K blocks (the epilogue only on the last), MC and NC
+    blocks, every kind of edge tile."""
+    bl = GemmBlocking(vl=8, mr=6, nv=2, kc=5, mc=12, nc=32)
+    kind = "full"
+    fn, wsb = epilogue_gemm("float32", kind, blocking=bl)
+    rng = np.random.default_rng(12)
+    for (M, N, K) in [(25, 70, 11), (12, 32, 10), (1, 1, 1), (40, 33, 0), (13, 65, 16), (30, 8, 5)]:
+        run_epilogue_case("float32", kind, M, N, K, rng, _plain_alloc, fn, wsb)
+
+
+def test_epilogue_inf_nan_and_empty():
+    fn, wsb = epilogue_gemm("float32", "bias")
+    ws = np.zeros(wsb, np.uint8)
+    a, b = np.ones((8, 8), np.float32), np.ones((8, 20), np.float32)
+    a[2, 3] = np.inf
+    bias = np.zeros(20, np.float32)
+    bias[5] = np.nan
+    c = np.zeros((8, 20), np.float32)
+    call_gemm(fn, a, b, c, ws, bias.ctypes.data)
+    assert np.isnan(c[:, 5]).all() and np.isinf(c[2, [0, 19]]).all() and (c[0, :5] == 8).all()
+    for M, N in [(0, 5), (5, 0)]:  # nothing to do: the epilogue is not called
+        call_gemm(fn, np.ones((M, 3), np.float32), np.ones((3, N), np.float32),
+                  np.ones((M, N), np.float32), ws, 0)
+
+
+def test_epilogue_must_return_the_accumulator_type():
+    module = ir.Module(name="bad")
+
+    def epi(b, acc, m, n, lanes, extra):
+        return ir.Constant(ir.FloatType(), 0.0)  # a scalar where a vector is due
+    with pytest.raises(TypeError, match="epilogue must return"):
+        emit_gemm(module, "g", "float32", epilogue=epi)
+
+
+def test_extra_arguments_signature():
+    module = ir.Module(name="sig")
+    fn = emit_gemm(module, "g", "float64", extra_arg_types=[PTR, I64, ir.DoubleType()],
+                   epilogue=lambda b, acc, m, n, lanes, extra: acc)
+    assert [str(a.type) for a in fn.args] == (["ptr"] * 3 + ["i64"] * 8 + ["ptr", "ptr", "i64",
+                                                                             "double"])
+
+
+# ----------------------------------------------------------------------------- parallel
+
+
+def pool_generation():
+    from neural_arch.runtime import threadpool
+
+    return threadpool.state()["gen"]
+
+
+def pool_threads():
+    from neural_arch.runtime import threadpool
+
+    return threadpool.num_threads()
+
+
+def test_workspace_bytes_per_thread():
+    for dtype in ("float32", "float64"):
+        one = gemm_workspace_bytes(dtype)
+        assert gemm_workspace_bytes(dtype, 1) == one and gemm_workspace_bytes(dtype, 3) == 3 * one
+    with pytest.raises(ValueError):
+        gemm_workspace_bytes("float32", 0)
+    assert gemm_mod.gemm_threads(False) == 1 and gemm_mod.gemm_threads(3) == 3
+    assert gemm_mod.gemm_threads(True) == pool_threads()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parallel_split_ragged(dtype):
+    """Threshold forced to 0: every product with >= 2 row (or column) units is split;
+    both split directions, ragged edges, one-unit sides, K == 0."""
+    saved = gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD
+    gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = 0
+    try:
+        g = GemmKernel(dtype, parallel=2)
+    finally:
+        gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = saved
+    assert g.workspace_bytes == gemm_workspace_bytes(dtype, 2)
+    rng = np.random.default_rng(13)
+    threads = pool_threads()
+    for (M, N, K) in [(1, 1, 1), (7, 3, 5), (3, 40, 9), (13, 12, 300), (6, 100, 7), (100, 6, 7),
+                      (61, 250, 33), (250, 61, 33), (17, 17, 0), (12, 1, 4), (1, 33, 4)]:
+        for la, lb in [("c", "c"), ("f", "n")]:
+            a, b = operand(rng, (M, K), dtype, la), operand(rng, (K, N), dtype, lb)
+            g0 = pool_generation()
+            c = g(a, b)
+            check(c, a, b, dtype)
+            units = max(-(-M // 6), -(-N // g.blocking.nr))
+            if threads >= 2:
+                assert (pool_generation() > g0) == (units >= 2), (M, N, K)
+
+
+def test_parallel_threshold_and_large():
+    """Default threshold: small products stay on the caller; large ones (M or N split)
+    go through the pool and are right."""
+    g = compile_gemm("float32", parallel=2)
+    rng = np.random.default_rng(14)
+    threads = pool_threads()
+    for (M, N, K), big in [((64, 64, 64), False), ((300, 300, 300), True), ((12, 2000, 600), True),
+                           ((700, 600, 2100), True)]:
+        a, b = operand(rng, (M, K), "float32", "c"), operand(rng, (K, N), "float32", "c")
+        g0 = pool_generation()
+        check(g(a, b), a, b, "float32")
+        if threads >= 2:
+            assert (pool_generation() > g0) == big, (M, N, K)
+
+
+def test_parallel_epilogue_guarded():
+    """Epilogue + parallel split: every element exactly once and right, workspace of
+    exactly two slices between guard pages."""
+    rng = np.random.default_rng(15)
+    pages = GuardedPages()
+    try:
+        fn, wsb = epilogue_gemm("float32", "full", parallel=2, min_flops=0)
+        assert wsb == gemm_workspace_bytes("float32", 2)
+        for i, (M, N, K) in enumerate([(61, 250, 33), (250, 61, 300), (7, 40, 3), (13, 1, 2)]):
+            run_epilogue_case("float32", "full", M, N, K, rng,
+                              lambda s, d: pages.array(s, d, bool(i % 2)), fn, wsb)
+    finally:
+        pages.close()
+
+
+def test_parallel_follows_the_pool_size():
+    """A pool of one thread (NEURAL_ARCH_NUM_THREADS=1 or set_num_threads(1)): the kernel
+    runs inline, same results."""
+    from neural_arch.runtime import threadpool
+
+    g = compile_gemm("float32", parallel=2)
+    rng = np.random.default_rng(16)
+    a, b = rng.standard_normal((300, 200)).astype(np.float32), rng.standard_normal((200, 310)).astype(np.float32)
+    before = threadpool.num_threads()
+    try:
+        threadpool.set_num_threads(1)
+        g0 = pool_generation()
+        check(g(a, b), a, b, "float32")
+        assert pool_generation() == g0
+    finally:
+        threadpool.set_num_threads(before)
+    check(g(a, b), a, b, "float32")

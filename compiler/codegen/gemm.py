@@ -29,6 +29,15 @@ MR x NR accumulators in registers: MR=6 rows by two ``<VL x T>`` vectors (12 acc
 length 0, which stores zeros.  The workspace holds packed B, packed A and one tile buffer
 for edge write-backs, each 64-byte aligned.  Measurements: docs/gemm.md.
 
+Two options (keyword arguments of ``emit_gemm``):
+
+* fused epilogue: ``extra_arg_types`` appends parameters after ``workspace`` and
+  ``epilogue(builder, acc, m, n, lanes, extra_args)`` is emitted into the micro-kernel's
+  final write-back (last K block), so ``C = epilogue(A @ B)`` costs no second pass over C;
+* ``parallel``: the function splits C into row (or, for wide products, column) ranges,
+  one per thread of the native pool (``narch_parallel_for``), each with its own slice of
+  a ``gemm_workspace_bytes(dtype, threads)`` workspace; small products run inline.
+
 All index arithmetic is i64.  No branch in the code reads an operand out of bounds:
 packing reads only rows < M, columns < N and k < K.
 """
@@ -43,8 +52,8 @@ from functools import lru_cache
 import llvmlite.ir as ir
 import numpy as np
 
-__all__ = ["emit_gemm", "gemm_workspace_bytes", "compile_gemm", "GemmKernel", "GemmBlocking",
-           "BLOCKING"]
+__all__ = ["emit_gemm", "gemm_workspace_bytes", "gemm_threads", "compile_gemm", "GemmKernel",
+           "GemmBlocking", "BLOCKING", "PARALLEL_MIN_FLOPS_PER_THREAD"]
 
 I1 = ir.IntType(1)
 I64 = ir.IntType(64)
@@ -116,9 +125,12 @@ def _workspace_bytes(bl: GemmBlocking, itemsize: int) -> int:
     return _workspace_layout(bl, itemsize)[2]
 
 
-def gemm_workspace_bytes(dtype: str = "float32") -> int:
-    """Bytes of scratch ``emit_gemm``'s function needs (independent of M, N, K)."""
-    return _workspace_bytes(_blocking(dtype), _ELEM[dtype][1])
+def gemm_workspace_bytes(dtype: str = "float32", threads: int = 1) -> int:
+    """Bytes of scratch ``emit_gemm``'s function needs (independent of M, N, K): one
+    per-thread slice, times ``threads`` for ``emit_gemm(..., parallel=threads)``."""
+    if threads < 1:
+        raise ValueError(f"gemm: threads must be >= 1, got {threads}")
+    return _workspace_bytes(_blocking(dtype), _ELEM[dtype][1]) * int(threads)
 
 
 # ----------------------------------------------------------------------------- IR helpers
@@ -156,6 +168,14 @@ def _gep(b: ir.IRBuilder, ty, p, off, name="", inbounds=False):
     return b.gep(p, [off], inbounds=inbounds, name=name, source_etype=ty)
 
 
+def _field(b: ir.IRBuilder, p, struct_ty, i: int):
+    """Address of field ``i`` of the struct at ``p`` (an opaque pointer or an alloca's)."""
+    idx = [ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), i)]
+    if getattr(p.type, "is_opaque", True):
+        return b.gep(p, idx, inbounds=True, source_etype=struct_ty)
+    return b.gep(p, idx, inbounds=True)  # typed (alloca): llvmlite derives the field type
+
+
 def _intrinsic(module: ir.Module, name: str, fnty: ir.FunctionType) -> ir.Function:
     g = module.globals.get(name)
     if g is None:
@@ -175,24 +195,42 @@ def _new_function(module, name, argtys, argnames, ret=ir.VoidType(), internal=Tr
 
 # ----------------------------------------------------------------------------- micro-kernel
 
-def _emit_microkernel(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
+def _apply_epilogue(b: ir.IRBuilder, epilogue, v, m, n, lanes: int, extra):
+    """``epilogue(b, v, m, n, lanes, extra)``, checked to return a value of v's type."""
+    r = epilogue(b, v, m, n, lanes, extra)
+    if not isinstance(r, ir.Value) or r.type != v.type:
+        raise TypeError(f"gemm epilogue must return a {v.type} value (lanes={lanes}), got {r!r}")
+    return r
+
+
+def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
+                      extra_types=()) -> ir.Function:
     """``void ukr(ptr ap, ptr bp, i64 kc, ptr c, i64 ldc, i64 mr, i64 nr, i1 accum, ptr tile)``.
 
     ap: packed MR x kc sliver (k-major: ap[k*MR + i]); bp: packed kc x NR micro-panel,
     64-byte aligned (bp[k*NR + j]).  Writes the mr x nr corner of the tile to c (row
     stride ldc), adding to what is there when ``accum``.  ``tile`` is 64-byte aligned
     scratch for MR x NR elements, used by edge tiles.
+
+    With an ``epilogue`` the signature continues ``i1 last, i64 m0, i64 n0, extra...``:
+    when ``last`` (the final K block) every element of the tile passes through the
+    epilogue, as ``<VL x T>`` vectors where VL whole columns are in bounds and as scalars
+    in the ragged tail, with (m0, n0) the tile's first row and column in C.
     """
     MR, NV, VL, NR = bl.mr, bl.nv, bl.vl, bl.nr
     vec = ir.VectorType(elem, VL)
     fma = _intrinsic(module, f"llvm.fma.v{VL}{'f32' if size == 4 else 'f64'}",
                      ir.FunctionType(vec, [vec, vec, vec]))
-    fn = _new_function(module, name, [PTR, PTR, I64, PTR, I64, I64, I64, I1, PTR],
-                       ["ap", "bp", "kc", "c", "ldc", "mr", "nr", "accum", "tile"])
+    argtys = [PTR, PTR, I64, PTR, I64, I64, I64, I1, PTR]
+    argnames = ["ap", "bp", "kc", "c", "ldc", "mr", "nr", "accum", "tile"]
+    if epilogue is not None:
+        argtys += [I1, I64, I64] + list(extra_types)
+        argnames += ["last", "m0", "n0"] + [f"extra{i}" for i in range(len(extra_types))]
+    fn = _new_function(module, name, argtys, argnames)
     fn.attributes.add("noinline")
     for i in (0, 1, 3, 8):
         fn.args[i].add_attribute("noalias")
-    ap, bp, kc, c, ldc, mr, nr, accum, tile = fn.args
+    ap, bp, kc, c, ldc, mr, nr, accum, tile = fn.args[:9]
 
     entry = fn.append_basic_block("entry")
     loop = fn.append_basic_block("k.loop")
@@ -258,6 +296,26 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking) -> ir.Function
     full = b.and_(b.icmp_signed("==", mr, _c(MR)), b.icmp_signed("==", nr, _c(NR)))
     b.cbranch(full, full_blk, edge_blk)
 
+    if epilogue is not None:
+        last, m0, n0 = fn.args[9:12]
+        extra = list(fn.args[12:])
+        # last K block of a full tile: C = epilogue(acc [+ C]), a vector at a time
+        b.position_at_end(full_blk)
+        last_blk = fn.append_basic_block("full.last")
+        full_blk = fn.append_basic_block("full.mid")
+        b.cbranch(last, last_blk, full_blk)
+        b.position_at_end(last_blk)
+        for i in range(MR):
+            crow = _gep(b, elem, c, b.mul(_c(i), ldc))
+            m = b.add(m0, _c(i), name=f"m{i}")
+            for j in range(NV):
+                p = _gep(b, elem, crow, _c(j * VL))
+                # the load is in bounds either way; select, so stale C never leaks in
+                v = b.select(accum, b.fadd(b.load(p, align=size, typ=vec), res[i][j]), res[i][j])
+                v = _apply_epilogue(b, epilogue, v, m, b.add(n0, _c(j * VL)), VL, extra)
+                b.store(v, p, align=size)
+        b.branch(ret_blk)
+
     # full tile: vector loads/stores straight to C
     b.position_at_end(full_blk)
     acc_blk = fn.append_basic_block("full.acc")
@@ -275,11 +333,37 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking) -> ir.Function
                 b.store(v, p, align=size)
         b.branch(ret_blk)
 
-    # edge tile: spill the tile to the stack, copy its mr x nr corner element by element
+    # edge tile: spill the tile to the workspace, copy its mr x nr corner element by element
     b.position_at_end(edge_blk)
     for i in range(MR):
         for j in range(NV):
             b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
+    if epilogue is not None:
+        # last K block: whole vectors of the row where VL columns remain, then scalars
+        last_blk = fn.append_basic_block("edge.last")
+        mid_blk = fn.append_basic_block("edge.mid")
+        b.cbranch(last, last_blk, mid_blk)
+        b.position_at_end(last_blk)
+        vcols = b.and_(nr, _c(-VL), name="vcols")
+        with _for(b, _c(0), mr, 1, "li") as i:
+            crow = _gep(b, elem, c, b.mul(i, ldc))
+            trow = _gep(b, elem, tile, b.mul(i, _c(NR)), inbounds=True)
+            m = b.add(m0, i, name="m")
+            for j in range(NV):
+                with b.if_then(b.icmp_signed(">=", nr, _c((j + 1) * VL))):
+                    t = b.load(_gep(b, elem, trow, _c(j * VL), inbounds=True), align=32, typ=vec)
+                    p = _gep(b, elem, crow, _c(j * VL))
+                    v = b.select(accum, b.fadd(b.load(p, align=size, typ=vec), t), t)
+                    v = _apply_epilogue(b, epilogue, v, m, b.add(n0, _c(j * VL)), VL, extra)
+                    b.store(v, p, align=size)
+            with _for(b, vcols, nr, 1, "lj") as j:
+                t = b.load(_gep(b, elem, trow, j, inbounds=True), align=size, typ=elem)
+                p = _gep(b, elem, crow, j)
+                v = b.select(accum, b.fadd(b.load(p, align=size, typ=elem), t), t)
+                v = _apply_epilogue(b, epilogue, v, m, b.add(n0, j), 1, extra)
+                b.store(v, p, align=size)
+        b.branch(ret_blk)
+        b.position_at_end(mid_blk)
     with _for(b, _c(0), mr, 1, "ei") as i:
         crow = _gep(b, elem, c, b.mul(i, ldc))
         trow = _gep(b, elem, tile, b.mul(i, _c(NR)), inbounds=True)
@@ -389,31 +473,106 @@ def _emit_pack_a(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
 
 # ----------------------------------------------------------------------------- driver
 
-def emit_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
-    """Add ``void name(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, workspace)`` to ``module``
-    (see the module docstring); helpers are internal functions named ``name.*``."""
-    return _emit_gemm(module, name, dtype, _blocking(dtype))
+# Parallel mode runs on one thread below this many flops (2*M*N*K) per thread.  With the
+# native pool a spinning worker answers in under a microsecond, so with hot workers two
+# threads already win at 48^3 (measured: 7.2 vs 8.1 us); a worker asleep (idle > 200 us)
+# joins late and costs ~15-20 us, which two threads repay from about 160^3 on.  2 MFLOP
+# per thread (128^3: 48 -> 33 us hot, 64 -> 79 us cold) sits between, for kernels that run
+# back to back as a program's do.
+PARALLEL_MIN_FLOPS_PER_THREAD = 2e6
+
+PARALLEL_FOR = "narch_parallel_for"
+NUM_THREADS = "narch_num_threads"
 
 
-def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking) -> ir.Function:
+def gemm_threads(parallel=False) -> int:
+    """The thread count ``emit_gemm(..., parallel=parallel)`` plans its workspace for:
+    1 for serial, ``parallel`` itself for an int, the pool's thread count for True."""
+    if parallel is None or parallel is False:
+        return 1
+    if parallel is True:
+        from neural_arch.runtime import threadpool
+
+        return threadpool.num_threads()
+    n = int(parallel)
+    if n < 1:
+        raise ValueError(f"gemm: parallel must be a bool or a thread count >= 1, got {parallel!r}")
+    return n
+
+
+def emit_gemm(module: ir.Module, name: str, dtype: str = "float32", *,
+              extra_arg_types=(), epilogue=None, parallel=False) -> ir.Function:
+    """Add ``void name(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, workspace, *extra)`` to
+    ``module`` (see the module docstring); helpers are internal functions named ``name.*``.
+
+    extra_arg_types: types of parameters appended after ``workspace`` (pointers to bias or
+        residual buffers, their strides, scalars...), forwarded to the epilogue.
+    epilogue: ``epilogue(builder, acc, m, n, lanes, extra_args) -> value``, called while
+        emitting the final store of each piece of C: ``acc`` is the finished dot product,
+        a ``<VL x T>`` vector of columns n..n+VL-1 (VL = 8 float32 / 4 float64, lanes = VL)
+        or a scalar (lanes = 1); ``m``, ``n`` are i64 indices into C's (M, N);
+        ``extra_args`` are the extra parameters as values usable at the builder's position.
+        It returns the value to store (same type) and is applied exactly once per element of
+        C, also when K == 0 (acc = 0).  Buffers it reads must not overlap C.
+    parallel: False (serial), True (the pool's thread count, ``gemm_threads(True)``) or a
+        thread count T.  The function then splits C into up to min(T, narch_num_threads())
+        row or column ranges run through ``narch_parallel_for`` when the product is at least
+        ``PARALLEL_MIN_FLOPS_PER_THREAD`` per thread, and needs a workspace of
+        ``gemm_workspace_bytes(dtype, T)`` bytes (one slice per task).  The module must be
+        loaded after ``runtime.threadpool.install()``.
+    """
+    return _emit_gemm(module, name, dtype, _blocking(dtype), tuple(extra_arg_types), epilogue,
+                      gemm_threads(parallel))
+
+
+def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking, extra_types=(),
+               epilogue=None, threads: int = 1) -> ir.Function:
     elem, size = _ELEM[dtype]
-    ukr = _emit_microkernel(module, f"{name}.ukr", elem, size, bl)
+    extra_types = tuple(extra_types)
+    ukr = _emit_microkernel(module, f"{name}.ukr", elem, size, bl, epilogue, extra_types)
     pack_a = _emit_pack_a(module, f"{name}.pack_a", elem, size, bl)
     pack_b = _emit_pack_b(module, f"{name}.pack_b", elem, size, bl)
-    MR, NR, KC, MC, NC = bl.mr, bl.nr, bl.kc, bl.mc, bl.nc
+    helpers = (elem, size, bl, ukr, pack_a, pack_b, epilogue is not None)
+    extra_names = [f"extra{i}" for i in range(len(extra_types))]
 
-    fn = _new_function(module, name, [PTR, PTR, PTR] + [I64] * 8 + [PTR],
-                       ["A", "B", "C", "M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "ws"],
-                       internal=False)
-    A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws = fn.args
+    fn = _new_function(module, name, [PTR, PTR, PTR] + [I64] * 8 + [PTR] + list(extra_types),
+                       ["A", "B", "C", "M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "ws"]
+                       + extra_names, internal=False)
+    A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws = fn.args[:12]
+    extra = list(fn.args[12:])
     entry = fn.append_basic_block("entry")
     work = fn.append_basic_block("work")
     out = fn.append_basic_block("out")
     b = ir.IRBuilder(entry)
     empty = b.or_(b.icmp_signed("<=", M, _c(0)), b.icmp_signed("<=", N, _c(0)))
     b.cbranch(empty, out, work)
-
     b.position_at_end(work)
+
+    if threads <= 1:
+        _emit_loops(b, helpers, A, B, C, _c(0), M, _c(0), N, K, sam, sak, sbk, sbn, scm, ws, extra)
+        b.branch(out)
+    else:
+        body = _new_function(module, f"{name}.body",
+                             [PTR, PTR, PTR] + [I64] * 4 + [I64] * 6 + [PTR] + list(extra_types),
+                             ["A", "B", "C", "m0", "m1", "n0", "n1", "K", "sam", "sak", "sbk",
+                              "sbn", "scm", "ws"] + extra_names)
+        bb = ir.IRBuilder(body.append_basic_block("entry"))
+        _emit_loops(bb, helpers, *body.args[:14], list(body.args[14:]))
+        bb.ret_void()
+        _emit_parallel(module, name, b, fn, body, bl, size, threads, extra_types, out)
+
+    b.position_at_end(out)
+    b.ret_void()
+    return fn
+
+
+def _emit_loops(b: ir.IRBuilder, helpers, A, B, C, m0, m1, n0, n1, K, sam, sak, sbk, sbn, scm,
+                ws, extra):
+    """The blocked loop nest for rows m0..m1-1 and columns n0..n1-1 of C (both non-empty),
+    emitted at the builder's position (which it leaves at the loop's exit)."""
+    elem, size, bl, ukr, pack_a, pack_b, has_epilogue = helpers
+    MR, NR, KC, MC, NC = bl.mr, bl.nr, bl.kc, bl.mc, bl.nc
+    fn = b.block.function
     # align the workspace to a cache line; packed B first, then packed A
     wsi = b.ptrtoint(ws, I64)
     pad = b.and_(b.sub(_c(0), wsi), _c(_ALIGN - 1))
@@ -423,8 +582,8 @@ def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking) -> ir
     tile = _gep(b, elem, bp, _c(tile_off), "tile", inbounds=True)
     Kpos = b.select(b.icmp_signed(">", K, _c(0)), K, _c(0))
 
-    with _for(b, _c(0), N, NC, "jc") as jc:
-        nc = _smin(b, _c(NC), b.sub(N, jc), "nc")
+    with _for(b, n0, n1, NC, "jc") as jc:
+        nc = _smin(b, _c(NC), b.sub(n1, jc), "nc")
         # do { ... } while (pc < K): K == 0 runs once with kc == 0 and stores zeros
         pre = b.block
         pc_blk = fn.append_basic_block("pc.body")
@@ -435,10 +594,12 @@ def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking) -> ir
         pc.add_incoming(_c(0), pre)
         kc = _smin(b, _c(KC), b.sub(Kpos, pc), "kc")
         accum = b.icmp_signed(">", pc, _c(0), name="accum")
+        pc_next = b.add(pc, _c(KC), name="pc.next")
+        last = b.icmp_signed(">=", pc_next, Kpos, name="last")
         bsrc = _gep(b, elem, B, b.add(b.mul(pc, sbk), b.mul(jc, sbn)), "bsrc")
         b.call(pack_b, [bsrc, kc, nc, sbk, sbn, bp])
-        with _for(b, _c(0), M, MC, "ic") as ic:
-            mc = _smin(b, _c(MC), b.sub(M, ic), "mc")
+        with _for(b, m0, m1, MC, "ic") as ic:
+            mc = _smin(b, _c(MC), b.sub(m1, ic), "mc")
             asrc = _gep(b, elem, A, b.add(b.mul(ic, sam), b.mul(pc, sak)), "asrc")
             b.call(pack_a, [asrc, mc, kc, sam, sak, ap])
             cblk = _gep(b, elem, C, b.add(b.mul(ic, scm), jc), "cblk")
@@ -449,16 +610,80 @@ def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking) -> ir
                     mr = _smin(b, _c(MR), b.sub(mc, ir_), "mr")
                     apan = _gep(b, elem, ap, b.mul(ir_, kc), "apan", inbounds=True)
                     ctile = _gep(b, elem, cblk, b.add(b.mul(ir_, scm), jr), "ctile")
-                    b.call(ukr, [apan, bpan, kc, ctile, scm, mr, nr, accum, tile])
-        pc_next = b.add(pc, _c(KC), name="pc.next")
+                    args = [apan, bpan, kc, ctile, scm, mr, nr, accum, tile]
+                    if has_epilogue:
+                        args += [last, b.add(ic, ir_), b.add(jc, jr)] + list(extra)
+                    b.call(ukr, args)
         pc.add_incoming(pc_next, b.block)
         b.cbranch(b.icmp_signed("<", pc_next, Kpos), pc_blk, pc_end)
         b.position_at_end(pc_end)
+
+
+def _emit_parallel(module, name, b: ir.IRBuilder, fn, body, bl: GemmBlocking, size: int,
+                   threads: int, extra_types, out):
+    """The parallel driver in ``fn`` (builder at its non-empty case): split C over up to
+    ``threads`` tasks, each with its own workspace slice, or call ``body`` inline."""
+    A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws = fn.args[:12]
+    extra = list(fn.args[12:])
+    MR, NR = bl.mr, bl.nr
+    wsb = _workspace_bytes(bl, size)
+    nthreads = _intrinsic(module, NUM_THREADS, ir.FunctionType(I64, []))
+    pfor = _intrinsic(module, PARALLEL_FOR, ir.FunctionType(ir.VoidType(), [PTR, PTR, I64]))
+    # ctx: the arguments, then (use_m, units, tasks)
+    fields = [PTR, PTR, PTR] + [I64] * 8 + [PTR] + [I64] * 3 + list(extra_types)
+    ctx_ty = ir.LiteralStructType(fields)
+
+    # task(ctx, t): units [t*units/tasks, (t+1)*units/tasks) of rows (MR) or columns (NR)
+    task = _new_function(module, f"{name}.task", [PTR, I64], ["ctx", "t"])
+    tb = ir.IRBuilder(task.append_basic_block("entry"))
+    cx, t = task.args
+    vals = [tb.load(_field(tb, cx, ctx_ty, i), typ=ty) for i, ty in enumerate(fields)]
+    tA, tB, tC, tM, tN, tK, tsam, tsak, tsbk, tsbn, tscm, tws, use_m, units, tasks = vals[:15]
+    lo = tb.sdiv(tb.mul(t, units), tasks)
+    hi = tb.sdiv(tb.mul(tb.add(t, _c(1)), units), tasks)
+    is_m = tb.icmp_signed("!=", use_m, _c(0))
+    unit = tb.select(is_m, _c(MR), _c(NR))
+    dim = tb.select(is_m, tM, tN)
+    lo, hi = tb.mul(lo, unit), _smin(tb, tb.mul(hi, unit), dim)
+    m0, m1 = tb.select(is_m, lo, _c(0)), tb.select(is_m, hi, tM)
+    n0, n1 = tb.select(is_m, _c(0), lo), tb.select(is_m, tN, hi)
+    tws = tb.gep(tws, [tb.mul(t, _c(wsb))], source_etype=ir.IntType(8), name="ws.t")
+    with tb.if_then(tb.icmp_signed("<", lo, hi)):
+        tb.call(body, [tA, tB, tC, m0, m1, n0, n1, tK, tsam, tsak, tsbk, tsbn, tscm, tws]
+                + vals[15:])
+    tb.ret_void()
+
+    # the caller: how many tasks, along which dimension
+    T = _smin(b, b.call(nthreads, []), _c(threads), "threads")
+    Kp = b.select(b.icmp_signed(">", K, _c(1)), K, _c(1))
+    mnk = b.mul(b.mul(M, N), Kp, name="mnk")
+    big = b.icmp_signed(">=", mnk, b.mul(T, _c(int(PARALLEL_MIN_FLOPS_PER_THREAD // 2))))
+    mu = b.sdiv(b.add(M, _c(MR - 1)), _c(MR), name="m.units")
+    nu = b.sdiv(b.add(N, _c(NR - 1)), _c(NR), name="n.units")
+    # split the longer side of C unless it has a single unit
+    pref_m = b.icmp_signed(">=", M, N)
+    m_ok, n_ok = b.icmp_signed(">=", mu, _c(2)), b.icmp_signed(">=", nu, _c(2))
+    use_m = b.select(pref_m, b.or_(m_ok, b.not_(n_ok)), b.and_(b.not_(n_ok), m_ok))
+    units = b.select(use_m, mu, nu, name="units")
+    tasks = _smin(b, T, units, "tasks")
+    go = b.and_(big, b.icmp_signed(">=", tasks, _c(2)))
+    par_blk = b.append_basic_block("parallel")
+    ser_blk = b.append_basic_block("serial")
+    b.cbranch(go, par_blk, ser_blk)
+
+    b.position_at_end(ser_blk)
+    b.call(body, [A, B, C, _c(0), M, _c(0), N, K, sam, sak, sbk, sbn, scm, ws] + extra)
     b.branch(out)
 
-    b.position_at_end(out)
-    b.ret_void()
-    return fn
+    b.position_at_end(par_blk)
+    b.position_at_start(fn.entry_basic_block)
+    ctx = b.alloca(ctx_ty, name="ctx")
+    b.position_at_end(par_blk)
+    vals = [A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws, b.zext(use_m, I64), units, tasks] + extra
+    for i, v in enumerate(vals):
+        b.store(v, _field(b, ctx, ctx_ty, i))
+    b.call(pfor, [task, ctx, tasks])
+    b.branch(out)
 
 
 # ----------------------------------------------------------------------------- Python face
@@ -468,21 +693,30 @@ _ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_int6
 
 
 class GemmKernel:
-    """A jit-loaded gemm for one dtype, callable on NumPy arrays: ``kernel(a, b) -> a @ b``."""
+    """A jit-loaded gemm for one dtype, callable on NumPy arrays: ``kernel(a, b) -> a @ b``.
 
-    def __init__(self, dtype: str = "float32", blocking: GemmBlocking | None = None):
+    ``parallel`` as for ``emit_gemm``: the kernel then splits large products over the
+    native pool itself (``self.threads`` workspace slices)."""
+
+    def __init__(self, dtype: str = "float32", blocking: GemmBlocking | None = None,
+                 parallel=False):
         from neural_arch.runtime import jit
 
         self.dtype = np.dtype(dtype)
         self.blocking = blocking or _blocking(dtype)
-        self.symbol = f"narch_gemm_{dtype}"
+        self.threads = gemm_threads(parallel)
+        self.symbol = f"narch_gemm_{dtype}" + (f"_par{self.threads}" if self.threads > 1 else "")
         module = ir.Module(name=self.symbol)
-        _emit_gemm(module, self.symbol, dtype, self.blocking)
+        _emit_gemm(module, self.symbol, dtype, self.blocking, threads=self.threads)
         self.llvm_ir = str(module)
         self.module = jit.optimize(self.llvm_ir, self.symbol)
+        if self.threads > 1:
+            from neural_arch.runtime import threadpool
+
+            threadpool.install()
         self._loaded = jit.load(self.module)
         self.raw = self._loaded.function(self.symbol, None, *_ARGTYPES)
-        self.workspace_bytes = _workspace_bytes(self.blocking, self.dtype.itemsize)
+        self.workspace_bytes = _workspace_bytes(self.blocking, self.dtype.itemsize) * self.threads
         self._tls = threading.local()
 
     def assembly(self) -> str:
@@ -552,8 +786,14 @@ class GemmKernel:
         return out
 
 
-@lru_cache(maxsize=None)
-def compile_gemm(dtype: str = "float32") -> GemmKernel:
-    """The gemm for ``dtype``, built and jit-loaded once; ``compile_gemm()(a, b) == a @ b``."""
+def compile_gemm(dtype: str = "float32", parallel=False) -> GemmKernel:
+    """The gemm for ``dtype``, built and jit-loaded once; ``compile_gemm()(a, b) == a @ b``.
+    ``parallel=True`` (or a thread count): the kernel splits large products over the
+    native thread pool (see ``emit_gemm``)."""
     _blocking(dtype)
-    return GemmKernel(dtype)
+    return _compile_gemm(dtype, gemm_threads(parallel))
+
+
+@lru_cache(maxsize=None)
+def _compile_gemm(dtype: str, threads: int) -> GemmKernel:
+    return GemmKernel(dtype, parallel=threads)
