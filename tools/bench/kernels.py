@@ -6,11 +6,13 @@ matmul: GFLOP/s of our gemm (compiler/codegen/gemm.py) against numpy.matmul (Ope
 square float32 matrices, on 1 and 2 threads, and against the machine's FMA peak measured
 here by a jit-compiled loop of independent ``<8 x float>`` FMAs.
 
-Threads: our kernel is called on row ranges of C; the 2-thread run splits M in two at a
-multiple of the micro-kernel's MR, runs one half on the calling thread and one on a
-persistent worker thread, each pinned to its own core (unpinned threads are often packed
-onto one core), each with its own workspace.  ctypes releases the GIL during the call.
+Threads: the 2-thread rows run ``compile_gemm(dtype, parallel=2)``, which splits C itself
+over the native pinned pool (runtime/threadpool.py, ``narch_parallel_for``) when the
+product is large enough (``PARALLEL_MIN_FLOPS_PER_THREAD``); ``used`` says whether it did.
 NumPy's thread count is set through OpenBLAS's own ``set_num_threads`` when we can find it.
+The epilogue table times a fused ``gelu(x @ W + b)`` kernel (bias add and a tanh-GELU
+polynomial in the GEMM's write-back) against the plain GEMM and against NumPy doing the
+same in two steps.
 Set ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` unset: on this machine they select a slower
 OpenBLAS kernel, which would flatter us.
 """
@@ -131,64 +133,6 @@ def _cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-# Below this many flops per thread a second thread costs more (waking it: 60-120 us) than
-# it saves; 8 MFLOP is ~85 us on one core.
-MIN_FLOPS_PER_THREAD = 8e6
-
-
-class RowSplitGemm:
-    """Run the gemm on ``threads`` row ranges of C: the caller's thread takes the first,
-    pinned workers the rest; each has its own workspace.  Small products (under
-    ``min_flops`` per thread) run on the caller's thread alone."""
-
-    def __init__(self, kernel, threads: int, min_flops: float = MIN_FLOPS_PER_THREAD):
-        self.kernel, self.threads, self.min_flops = kernel, threads, min_flops
-        cpus = _cpus()
-        self.cpus = [cpus[i % len(cpus)] for i in range(threads)] if threads > 1 else []
-        self.workers = [PinnedWorker(c) for c in self.cpus[1:]]
-        self.workspaces = [np.zeros(kernel.workspace_bytes, np.uint8) for _ in range(threads)]
-
-    def threads_for(self, M: int, N: int, K: int) -> int:
-        """How many threads a product of this size runs on."""
-        by_size = int(2.0 * M * N * K // self.min_flops) if self.min_flops > 0 else self.threads
-        by_rows = -(-M // self.kernel.blocking.mr)
-        return max(1, min(self.threads, by_size, by_rows))
-
-    def ranges(self, M: int, threads: int) -> list[tuple[int, int]]:
-        """``threads`` row ranges, cut at multiples of MR so only the last has an edge."""
-        mr = self.kernel.blocking.mr
-        cuts = [0] + [min(M, round(M * i / threads / mr) * mr) for i in range(1, threads)] + [M]
-        return list(zip(cuts[:-1], cuts[1:]))
-
-    def __call__(self, a, b, out):
-        k = self.kernel
-        (M, K), N = a.shape, b.shape[1]
-        threads = self.threads_for(M, N, K)
-        if threads == 1:
-            k.run(a, b, out, workspace=self.workspaces[0])
-            return out
-        rs = self.ranges(M, threads)
-        busy = self.workers[:threads - 1]
-        for w, (m0, m1), ws in zip(busy, rs[1:], self.workspaces[1:]):
-            w.submit(lambda m0=m0, m1=m1, ws=ws: k.run(a, b, out, m0, m1, ws))
-        k.run(a, b, out, *rs[0], self.workspaces[0])
-        for w in busy:
-            w.wait()
-        return out
-
-    def __enter__(self):
-        if self.cpus:
-            self._saved = os.sched_getaffinity(0)
-            os.sched_setaffinity(0, {self.cpus[0]})
-        return self
-
-    def __exit__(self, *exc):
-        if self.cpus:
-            os.sched_setaffinity(0, self._saved)
-        for w in self.workers:
-            w.close()
-
-
 # ----------------------------------------------------------------------------- FMA peak
 
 _PEAK_IR = r"""
@@ -269,23 +213,41 @@ def measure_fma_peak(threads: int = 1, seconds: float = 0.3, rounds: int = 3) ->
 BLAS_SPIN_SECONDS = 0.15
 
 
+def _pool(threads: int):
+    """The native pool, restarted with ``threads`` threads if it has another count."""
+    from neural_arch.runtime import threadpool
+
+    threadpool.install()
+    if threadpool.num_threads() != threads:
+        threadpool.set_num_threads(threads)
+    return threadpool
+
+
+def _pool_jobs() -> int:
+    """Jobs published to the pool's workers so far (its generation counter)."""
+    from neural_arch.runtime import threadpool
+
+    return threadpool.state()["gen"]
+
+
 def bench_matmul(sizes=(128, 256, 512, 1024, 2048), threads=(1, 2), dtype="float32",
                  peak: dict | None = None, check: bool = True, rounds: int = 3,
                  seconds: float = 0.2) -> list[dict]:
     """One row per (size, threads): our GFLOP/s, NumPy's, their ratio and our share of the
     FMA peak measured in this run.
 
-    Each side is timed as the best of repeated calls, in ``rounds`` alternating blocks of
-    about ``seconds`` each (NumPy, pause for its spinning workers, ours), so both see the
-    same background load; the best block counts.
+    One thread: the serial kernel.  More: ``compile_gemm(dtype, parallel=t)`` with the
+    native pool at ``t`` threads.  Each side is timed as the best of repeated calls, in
+    ``rounds`` alternating blocks of about ``seconds`` each (NumPy, pause for its spinning
+    workers, ours), so both see the same background load; the best block counts.
     """
     from neural_arch.compiler.codegen.gemm import compile_gemm
 
-    kernel = compile_gemm(dtype)
     peak = dict(peak or {})
     for t in threads:
         if t not in peak:
             peak[t] = measure_fma_peak(t)
+    pool_before = _pool(max(threads)).num_threads()
     rng = np.random.default_rng(0)
     rows = []
     try:
@@ -296,27 +258,36 @@ def bench_matmul(sizes=(128, 256, 512, 1024, 2048), threads=(1, 2), dtype="float
             flops = 2.0 * n * n * n
             for t in threads:
                 numpy_ok = set_numpy_threads(t)
-                with RowSplitGemm(kernel, t) as g:
-                    if check:
-                        ref = a.astype(np.float64) @ b.astype(np.float64)
-                        out.fill(np.nan)
-                        g(a, b, out)
-                        err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) or 1.0))
-                        if not err < 1e-5:
-                            raise AssertionError(f"gemm wrong at n={n}, threads={t}: rel err {err}")
-                    t_np = t_us = float("inf")
-                    for _ in range(rounds):
-                        t_np = min(t_np, best_time(lambda: np.matmul(a, b), min_total=seconds))
-                        time.sleep(BLAS_SPIN_SECONDS)
-                        t_us = min(t_us, best_time(lambda: g(a, b, out), min_total=seconds))
-                    used = g.threads_for(n, n, n)
-                ours, ref_gf = flops / t_us / 1e9, flops / t_np / 1e9
-                rows.append(dict(size=n, threads=t, threads_used=used, ours_gflops=ours,
-                                 numpy_gflops=ref_gf, ratio=ours / ref_gf, peak_gflops=peak[t],
-                                 peak_frac=ours / peak[t],
+                _pool(max(t, 1))
+                kernel = compile_gemm(dtype, parallel=t if t > 1 else False)
+                a_, b_, out_ = kernel.prepare(a, b, out)
+                ws = kernel.workspace()
+
+                def ours():
+                    kernel.run(a_, b_, out_, workspace=ws)
+                if check:
+                    ref = a.astype(np.float64) @ b.astype(np.float64)
+                    out.fill(np.nan)
+                    ours()
+                    err = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) or 1.0))
+                    if not err < 1e-5:
+                        raise AssertionError(f"gemm wrong at n={n}, threads={t}: rel err {err}")
+                jobs = _pool_jobs()
+                ours()
+                used = t if t > 1 and _pool_jobs() > jobs else 1
+                t_np = t_us = float("inf")
+                for _ in range(rounds):
+                    t_np = min(t_np, best_time(lambda: np.matmul(a, b), min_total=seconds))
+                    time.sleep(BLAS_SPIN_SECONDS)
+                    t_us = min(t_us, best_time(ours, min_total=seconds))
+                ours_gf, ref_gf = flops / t_us / 1e9, flops / t_np / 1e9
+                rows.append(dict(size=n, threads=t, threads_used=used, ours_gflops=ours_gf,
+                                 numpy_gflops=ref_gf, ratio=ours_gf / ref_gf, peak_gflops=peak[t],
+                                 peak_frac=ours_gf / peak[t],
                                  numpy_threads=t if numpy_ok else None))
     finally:
         set_numpy_threads(len(_cpus()))
+        _pool(pool_before)
     return rows
 
 
@@ -330,6 +301,122 @@ def format_matmul(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- fused epilogue
+
+
+def _splat(ty, x):
+    import llvmlite.ir as ir
+
+    return ir.Constant(ty, [x] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, x)
+
+
+def bias_gelu_epilogue(b, acc, m, n, lanes, extra):
+    """``gelu_tanh(acc + bias[n])`` with tanh(u) as u (27 + u^2) / (27 + 9 u^2) on u clamped
+    to [-3, 3]: the kind of epilogue the fusion pass hands the GEMM (float32)."""
+    import llvmlite.ir as ir
+
+    (bias,) = extra
+    f32 = ir.FloatType()
+    p = b.gep(bias, [n], source_etype=f32)
+    x = b.fadd(acc, b.load(p, typ=acc.type, align=4))
+    t = x.type
+    u = b.fmul(_splat(t, 0.7978845608028654),
+               b.fadd(x, b.fmul(_splat(t, 0.044715), b.fmul(b.fmul(x, x), x))))
+    u = b.select(b.fcmp_ordered(">", u, _splat(t, 3.0)), _splat(t, 3.0), u)
+    u = b.select(b.fcmp_ordered("<", u, _splat(t, -3.0)), _splat(t, -3.0), u)
+    u2 = b.fmul(u, u)
+    th = b.fdiv(b.fmul(u, b.fadd(_splat(t, 27.0), u2)),
+                b.fadd(_splat(t, 27.0), b.fmul(_splat(t, 9.0), u2)))
+    return b.fmul(b.fmul(_splat(t, 0.5), x), b.fadd(_splat(t, 1.0), th))
+
+
+def _numpy_bias_gelu(c, bias):
+    x = c + bias
+    u = np.clip(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x), -3, 3)
+    return np.float32(0.5) * x * (1 + u * (27 + u * u) / (27 + 9 * u * u))
+
+
+_EPI_KERNEL = {}
+
+
+def _fused_gemm(threads: int):
+    """ctypes ``gelu(A @ B + bias)`` (float32, row-major) and its workspace."""
+    if threads not in _EPI_KERNEL:
+        import llvmlite.ir as ir
+
+        from neural_arch.compiler.codegen.gemm import emit_gemm, gemm_workspace_bytes
+        from neural_arch.runtime import jit
+
+        module = ir.Module(name="fused")
+        emit_gemm(module, "fused", "float32", extra_arg_types=[ir.PointerType()],
+                  epilogue=bias_gelu_epilogue, parallel=threads if threads > 1 else False)
+        loaded = jit.load(jit.optimize(str(module), "fused"))
+        fn = loaded.function("fused", None, *([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8
+                                              + [ctypes.c_void_p] * 2))
+        _EPI_KERNEL[threads] = (loaded, fn, np.zeros(gemm_workspace_bytes("float32", threads), np.uint8))
+    return _EPI_KERNEL[threads][1:]
+
+
+def bench_epilogue(sizes=(512, 1024), threads=(1, 2), rounds: int = 3,
+                   seconds: float = 0.2) -> list[dict]:
+    """``gelu(x @ W + b)`` (float32, n x n): the fused kernel against our plain GEMM (the
+    epilogue's cost) and against NumPy's matmul followed by the same epilogue in NumPy."""
+    from neural_arch.compiler.codegen.gemm import compile_gemm
+
+    pool_before = _pool(max(threads)).num_threads()
+    rng = np.random.default_rng(1)
+    rows = []
+    try:
+        for n in sizes:
+            a = rng.standard_normal((n, n), dtype=np.float32)
+            w = rng.standard_normal((n, n), dtype=np.float32) / np.float32(np.sqrt(n))
+            bias = rng.standard_normal(n, dtype=np.float32)
+            out = np.empty((n, n), np.float32)
+            flops = 2.0 * n ** 3
+            for t in threads:
+                set_numpy_threads(t)
+                _pool(t)
+                fn, ws = _fused_gemm(t)
+                plain = compile_gemm("float32", parallel=t if t > 1 else False)
+                pws = plain.workspace()
+                args = (a.ctypes.data, w.ctypes.data, out.ctypes.data, n, n, n, n, 1, n, 1, n,
+                        ws.ctypes.data, bias.ctypes.data)
+                fn(*args)
+                ref = _numpy_bias_gelu((a.astype(np.float64) @ w.astype(np.float64)), bias)
+                err = float(np.max(np.abs(out - ref)))
+                if not err < 1e-3:
+                    raise AssertionError(f"fused gemm wrong at n={n}: max err {err}")
+                times = {"np": float("inf"), "plain": float("inf"), "fused": float("inf")}
+                for _ in range(rounds):
+                    times["np"] = min(times["np"], best_time(lambda: _numpy_bias_gelu(a @ w, bias),
+                                                             min_total=seconds))
+                    time.sleep(BLAS_SPIN_SECONDS)
+                    times["plain"] = min(times["plain"], best_time(
+                        lambda: plain.run(a, w, out, workspace=pws), min_total=seconds))
+                    times["fused"] = min(times["fused"], best_time(lambda: fn(*args),
+                                                                   min_total=seconds))
+                rows.append(dict(size=n, threads=t, fused_gflops=flops / times["fused"] / 1e9,
+                                 plain_gflops=flops / times["plain"] / 1e9,
+                                 numpy_gflops=flops / times["np"] / 1e9,
+                                 vs_plain=times["plain"] / times["fused"],
+                                 vs_numpy=times["np"] / times["fused"]))
+    finally:
+        set_numpy_threads(len(_cpus()))
+        _pool(pool_before)
+    return rows
+
+
+def format_epilogue(rows: list[dict]) -> str:
+    head = (f"{'n':>6} {'thr':>3} {'fused GF/s':>11} {'plain GF/s':>11} {'numpy 2-step':>13} "
+            f"{'fused/plain':>12} {'fused/numpy':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['size']:>6} {r['threads']:>3} {r['fused_gflops']:>11.1f} "
+                     f"{r['plain_gflops']:>11.1f} {r['numpy_gflops']:>13.1f} "
+                     f"{r['vs_plain']:>11.2f}x {r['vs_numpy']:>11.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -337,6 +424,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--epilogue-sizes", type=int, nargs="*", default=[512, 1024])
     args = p.parse_args(argv)
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         if var in os.environ:
@@ -348,6 +436,9 @@ def main(argv=None) -> int:
           ", ".join(f"{t} thread{'s' if t > 1 else ''}: {g:.1f} GFLOP/s" for t, g in peak.items()))
     print(f"matmul {args.dtype}, square n x n, best of repeated runs:")
     print(format_matmul(bench_matmul(args.sizes, args.threads, args.dtype, peak)))
+    if args.epilogue_sizes:
+        print("gelu(x @ W + b), float32, n x n: fused epilogue vs plain GEMM vs NumPy in two steps:")
+        print(format_epilogue(bench_epilogue(args.epilogue_sizes, args.threads)))
     return 0
 
 
