@@ -47,6 +47,14 @@ def cmd_train(args) -> int:
     return 0 if res["val"] < res["baseline"] else 1
 
 
+def cmd_bench(args) -> int:
+    suites = {"kernels": "neural_arch.tools.bench.kernels"}
+    if args.suite not in suites:
+        raise SystemExit(f"narch bench: unknown suite {args.suite!r} (available: {', '.join(suites)})")
+    import importlib
+    return importlib.import_module(suites[args.suite]).main(args.rest)
+
+
 def cmd_dump(args) -> int:
     from neural_arch.compiler import trace, grad
     fn = _load_user_function(args.target)
@@ -83,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     from neural_arch.tools.train import add_arguments
     add_arguments(t)
     t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="benchmarks printed as ratios against peers measured in the same run",
+                       description="example: narch bench kernels --sizes 512 1024 --threads 2\n"
+                                   "(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for a fair NumPy)")
+    b.add_argument("suite", help="kernels")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see narch bench SUITE --help)")
+    b.set_defaults(func=cmd_bench)
     u = sub.add_parser("dump", help="print the IR of a traced function",
                        description="example: narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
     u.add_argument("target", help="path/to/file.py:function")
