@@ -34,7 +34,7 @@ import llvmlite.ir as ir
 import numpy as np
 
 from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
-from neural_arch.compiler.codegen.kernel import I32, PTR, Kernel, KernelBuilder
+from neural_arch.compiler.codegen.kernel import I32, PTR, GroupSpec, Kernel, KernelBuilder
 from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
 from neural_arch.compiler.ir import Graph, Node, format_graph
 from neural_arch.compiler.ops.registry import OpIndexError
@@ -50,13 +50,49 @@ def canonical_text(graph: Graph) -> str:
                                              for n in graph.nodes]))
 
 
-def default_groups(graph: Graph) -> list[tuple[Node, ...]]:
-    return [(n,) for n in graph.nodes]
+def default_groups(graph: Graph) -> list[GroupSpec]:
+    """One kernel per node (no fusion)."""
+    return [GroupSpec.single(n) for n in graph.nodes]
+
+
+def fused_groups(graph: Graph) -> list[GroupSpec]:
+    """Kernels from the fusion pass's plan (``compiler/passes/fusion.py``): guards first."""
+    from neural_arch.compiler.passes.fusion import fuse
+    plan = fuse(graph)
+    prod = graph.producer()
+    computed = {n for g in plan.groups for n in g.nodes}
+
+    def upstream(name):  # inlined producers a guard reads through (constants, remaps)
+        out, stack = [], list(prod[name].inputs)
+        while stack:
+            v = stack.pop()
+            if v in prod and v not in computed and prod[v] not in out:
+                out.append(prod[v])
+                stack.extend(prod[v].inputs)
+        order = {n.name: k for k, n in enumerate(graph.nodes)}
+        return tuple(sorted(out, key=lambda n: order[n.name]))
+    specs = [GroupSpec("guard", (prod[g],), upstream(g)) for g in plan.guards]
+    for g in plan.groups:
+        specs.append(GroupSpec(g.kind, tuple(prod[n] for n in g.nodes), tuple(prod[n] for n in g.inlined),
+                               tuple(g.outputs), tuple(g.domain), tuple(g.axes)))
+    return specs
 
 
 def materialized(node: Node) -> bool:
     """Nodes whose value is computed at build time into a pre-filled buffer (no kernel)."""
     return node.op == "constant" and node.type.size > MATERIALIZE_CONSTANT
+
+
+def _as_specs(graph: Graph, groups) -> list[GroupSpec]:
+    specs = []
+    for g in groups:
+        if isinstance(g, GroupSpec):
+            specs.append(g)
+        else:
+            nodes = tuple(g)
+            specs.append(GroupSpec.single(nodes[0]) if len(nodes) == 1 else
+                         GroupSpec("auto", nodes, (), (nodes[-1].name,)))
+    return specs
 
 
 # ----------------------------------------------------------------------------- build
@@ -78,20 +114,29 @@ class Module:
     layout: Layout
     checks: dict = field(default_factory=dict)  # code -> IndexCheck
     build_seconds: float = 0.0
+    groups: list = field(default_factory=list)
+    buffered: tuple = ()  # values that live in buffers (inputs, kernel outputs, constants)
 
 
 def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
+    """Lower ``graph`` to one LLVM module: a kernel per group (default: the fusion plan's
+    kernels, or one per node with ``options={"fuse": False}``) and the entry point."""
     t0 = time.perf_counter()
     options = dict(options or {})
-    groups = list(groups) if groups is not None else default_groups(graph)
-    slots = {None: 0}
-    for gi in graph.inputs:
-        slots[gi.name] = len(slots)
-    for n in graph.nodes:
-        slots[n.name] = len(slots)
-    ws_slot = len(slots)
-    slots["__workspace__"] = ws_slot
-    nslots = len(slots)
+    if groups is not None:
+        specs = _as_specs(graph, groups)
+    elif options.get("fuse", True):
+        specs = fused_groups(graph)
+    else:
+        specs = default_groups(graph)
+    # big constants live in pre-filled buffers: no kernel computes them, none inlines them
+    big = {n.name for n in graph.nodes if materialized(n)}
+    if big:
+        specs = [GroupSpec(s.kind, tuple(n for n in s.members if n.name not in big),
+                           tuple(n for n in s.inlined if n.name not in big),
+                           tuple(o for o in s.outputs if o not in big), s.domain, s.axes)
+                 for s in specs]
+        specs = [s for s in specs if s.members]
 
     module = ir.Module(name=graph.name)
     checks = {}
@@ -101,15 +146,48 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         checks[code] = info
         return code
 
-    kernels: list[Kernel] = []
-    for k, group in enumerate(groups):
-        if len(group) == 1 and materialized(group[0]):
-            continue
-        name = f"k{k}.{group[-1].op}"
-        kb = KernelBuilder(module, graph, group, name, add_check=register, options=options)
-        kb.slot = slots.__getitem__
-        kernels.append(kb.build())
+    slots = {None: 0}
 
+    def slot(name):
+        if name not in slots:
+            slots[name] = len(slots)
+        return slots[name]
+    for gi in graph.inputs:
+        slot(gi.name)
+    for name in sorted(big):
+        slot(name)
+    for name in graph.outputs:
+        slot(name)
+    slot("__workspace__")
+
+    kernels: list[Kernel] = []
+    final_specs = []
+    for k, spec in enumerate(specs):
+        name = f"k{k}.{spec.members[-1].op}"
+        kb = KernelBuilder(module, graph, spec, name, add_check=register, options=options)
+        kb.slot = slot
+        try:
+            kernels.append(kb.build())
+            final_specs.append(spec)
+        except NotImplementedError as e:
+            # a group this codegen cannot run as one kernel (e.g. a row kernel member that
+            # reads another row): its members run as single-node kernels instead
+            for j, n in enumerate(spec.members):
+                one = GroupSpec("node", (n,), spec.inlined, (n.name,), tuple(n.type.shape))
+                kb = KernelBuilder(module, graph, one, f"k{k}u{j}.{n.op}", add_check=register, options=options)
+                kb.slot = slot
+                kern = kb.build()
+                kern.note = f"unfused: {e}"
+                kernels.append(kern)
+                final_specs.append(one)
+    specs = final_specs
+
+    written = set(graph.input_names) | big
+    for kern in kernels:
+        written |= set(kern.outputs) | set(kern.buffers)
+    unwritten = [n for n in slots if n not in (None, "__workspace__") and n not in written]
+    if unwritten:
+        raise AssertionError(f"internal error: buffers read but written by no kernel: {unwritten}")
     entry = ir.Function(module, ir.FunctionType(I32, [PTR]), name=ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
     for kern in kernels:
@@ -123,8 +201,9 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         b.position_at_end(ok)
     b.ret(ir.Constant(I32, 0))
     ws = max([k.workspace_bytes for k in kernels] + [0])
-    return Module(str(module), kernels, Layout(slots, nslots, ws_slot, ws), checks,
-                  time.perf_counter() - t0)
+    buffered = tuple(n for n in slots if n not in (None, "__workspace__"))
+    return Module(str(module), kernels, Layout(dict(slots), len(slots), slots["__workspace__"], ws), checks,
+                  time.perf_counter() - t0, specs, buffered)
 
 
 # ----------------------------------------------------------------------------- native code
@@ -198,6 +277,7 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     t0 = time.perf_counter()
     cache = _disk_cache() if use_disk_cache else None
     parts = cache_key_parts(key_text, options)
+    parts["threads"] = threadpool.num_threads()  # the GEMM's parallel mode is planned for it
     obj = cache.get(parts) if cache is not None else None
     llmod = None
     optimized = None
@@ -236,7 +316,7 @@ class Program:
         self.graph = graph
         self.options = dict(options or {})
         self.module = build(graph, groups, self.options)
-        self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(groups)),
+        self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(self.module.groups)),
                                   self.options)
         lay = self.module.layout
         self._slots = lay.slots
@@ -246,11 +326,12 @@ class Program:
         self._ptrs[0] = self._err.ctypes.data
         self._ws = np.zeros(max(lay.workspace_bytes, 64) + 64, np.uint8)
         self._ptrs[lay.workspace_slot] = self._ws.ctypes.data
-        types = graph.types
         outputs = set(graph.outputs)
         inputs = set(graph.input_names)
-        self._out_alloc = []  # (slot, shape, dtype) allocated per call
+        self._out_alloc = []  # (slot, name, shape, dtype) allocated per call
         for n in graph.nodes:
+            if n.name not in lay.slots:
+                continue  # computed inside a kernel: no buffer
             if materialized(n):
                 arr = np.array(n.attr["value"], dtype=n.type.dtype).reshape(n.type.shape)
                 self._keep.append(arr)
@@ -328,6 +409,6 @@ class Program:
 
 
 def groups_key(groups):
-    if groups is None:
-        return None
-    return tuple(tuple(n.name for n in g) for g in groups)
+    """What, besides the graph, determines the code: the kernels' kinds, members, outputs."""
+    return tuple((g.kind, tuple(n.name for n in g.members), tuple(n.name for n in g.inlined),
+                  tuple(g.outputs)) for g in groups)

@@ -53,8 +53,8 @@ def check_against_interpreter(graph: Graph, arrays, rtol=1e-5, atol=1e-6, groups
     return got
 
 
-def traced_check(fn, *arrays, rtol=1e-5, atol=1e-6):
-    cf = compile(fn, *arrays)
+def traced_check(fn, *arrays, rtol=1e-5, atol=1e-6, options=None):
+    cf = compile(fn, *arrays, options=options)
     want = interpret(cf.graph, list(arrays) + [np.asarray(t.data) for t in cf._bindings])
     got = cf.run_arrays(*arrays)
     for g, w in zip(got, want):
@@ -167,12 +167,15 @@ def test_large_kernels_split_into_parallel_tasks():
     x = rng.standard_normal((512, 700)).astype(np.float32)
     b = rng.standard_normal(700).astype(np.float32)
     idx = rng.integers(0, 512, 3000)
-    cf = traced_check(lambda x, b, i: (F.exp(x) * b, x.sum(axis=1), x.sum(axis=0), x.max(axis=1),
-                                       F.gather(x, i, axis=0), F.uniform(7, (600, 600))),
-                      x, b, idx, rtol=1e-4, atol=1e-4)
-    assert any(k.tasks > 1 for k in cf.kernels)
-    strategies = {k.strategy for k in cf.kernels}
-    assert {"map", "reduce-inner", "reduce-outer"} <= strategies
+    def f(x, b, i):
+        return (F.exp(x) * b, x.sum(axis=1), x.sum(axis=0), x.max(axis=1), F.gather(x, i, axis=0),
+                F.uniform(7, (600, 600)), F.softmax(x, axis=-1))
+    for fuse in (False, True):
+        cf = traced_check(f, x, b, idx, rtol=1e-4, atol=1e-4, options={"fuse": fuse})
+        assert any(k.tasks > 1 for k in cf.kernels)
+        strategies = {k.strategy for k in cf.kernels}
+        assert {"map", "reduce-inner", "reduce-outer"} <= strategies if not fuse else \
+            {"row", "row-columns"} <= strategies
 
 
 def test_elementwise_kernels_are_vectorised():
@@ -188,10 +191,12 @@ def test_elementwise_kernels_are_vectorised():
 
 def test_loop_dimensions_merge_only_when_strides_allow():
     x = np.ones((4, 6, 8), np.float32)
-    cf = compile(lambda a: (a + 1.0, F.transpose(a, 0, 2, 1) + 1.0), x)
-    loops = [k.loops["out"] for k in cf.kernels if k.strategy == "map" and k.nodes[-1].op == "transpose"]
-    assert loops == [[4, 8, 6]]
-    assert [k.loops["out"] for k in cf.kernels if k.nodes[-1].op == "add"][0] == [192]
+    for fuse in (True, False):
+        cf = compile(lambda a: (a + 1.0, F.transpose(a, 0, 2, 1) + 2.0), x, options={"fuse": fuse})
+        loops = {o: k.loops["out"] for k in cf.kernels for o in k.outputs}
+        plain, transposed = cf.graph.outputs
+        assert loops[plain] == [192]
+        assert loops[transposed] == ([4, 8, 6] if fuse else [192])  # unfused: the transpose is its own kernel
 
 
 # ----------------------------------------------------------------------------- index algebra
@@ -242,7 +247,7 @@ def test_kernels_from_groups_of_nodes():
     got = check_against_interpreter(g, [a, b], groups=groups)
     p = Program(g, groups)
     assert len(p.kernels) == 3
-    assert [k.strategy for k in p.kernels] == ["map", "reduce-inner", "map"]
+    assert [k.strategy for k in p.kernels] == ["loop", "reduce-inner", "loop"]
     np.testing.assert_allclose(got[1], np.exp(got[0] - 3.0).sum(axis=1), rtol=1e-5)
 
 

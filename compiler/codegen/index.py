@@ -302,7 +302,25 @@ def floordiv(e: Ix, d: int) -> Ix:
     inner = R.single_atom()
     if isinstance(inner, Div):  # (x // a) // b == x // (a*b)
         return Ix(q, q0) + floordiv(inner.x, inner.d * d)
+    split = _split_small(R, d)
+    if split is not None:  # (g*B + s) // (g*d') == B // d' when 0 <= s < g
+        big, g, _ = split
+        return Ix(q, q0) + floordiv(big, d // g)
     return Ix(q, q0) + Ix({Div(R, d): 1})
+
+
+def _split_small(R: Ix, d: int):
+    """R = g*B + s with g | d, g > 1 and 0 <= s < g (s: the smallest-coefficient terms and
+    the constant): returns (B, g, s) or None."""
+    terms = sorted(R.terms, key=lambda t: -abs(t[1]))
+    for k in range(1, len(terms)):
+        g = _gcd_all([c for _, c in terms[:k]])
+        if g <= 1 or d % g:
+            continue
+        small = Ix(dict(terms[k:]), R.const)
+        if small.lo >= 0 and small.hi < g:
+            return Ix({a: c // g for a, c in terms[:k]}), g, small
+    return None
 
 
 def mod(e: Ix, d: int) -> Ix:
@@ -320,6 +338,10 @@ def mod(e: Ix, d: int) -> Ix:
     inner = R.single_atom()
     if isinstance(inner, Mod) and inner.d % d == 0:
         return mod(inner.x, d)
+    split = _split_small(R, d)
+    if split is not None:  # (g*B + s) % (g*d') == g*(B % d') + s when 0 <= s < g
+        big, g, small = split
+        return mod(big, d // g) * g + small
     return Ix({Mod(R, d): 1})
 
 

@@ -181,6 +181,8 @@ class Kernel:
     checks: list = field(default_factory=list)
     loops: dict = field(default_factory=dict)  # planned loop spaces: key -> merged extents
     workspace_bytes: int = 0   # scratch the kernel needs in the program's workspace buffer
+    buffers: tuple = ()        # values computed and read back inside the kernel (need buffers)
+    note: str = ""             # why the kernel looks the way it does (e.g. an unfused group)
 
     def __str__(self):
         ops = ", ".join(f"%{n.name}={n.op}" for n in self.nodes)
@@ -209,6 +211,7 @@ class Ctx:
         self.vals: dict[str, ir.Value] = {}  # loop variable name -> LLVM value
         # analysis records
         self.accesses: list[Ix] = []
+        self.access_names: list[str] = []
         self.uses: list[Ix] = []
         self.spaces: dict[str, list[Var]] = {}
         self.space_lohi: dict = {}  # key -> (lo, hi) values for the first merged group
@@ -230,8 +233,15 @@ class Ctx:
     def load(self, name: str, idx) -> ir.Value | None:
         """The element of value ``name`` at multi-index ``idx`` (a list of Ix)."""
         idx = [Ix.of(i) for i in idx]
-        node = self.kb.inline.get(name)
-        if node is not None:
+        rv = self.kb.row_values.get(name)
+        if rv is not None:  # a row kernel's reduction, already computed for the current row
+            # checked in analysis (unmerged loop variables, where equal rows simplify to
+            # equal index forms); emission trusts it
+            if self.analysis and flat_index(idx, self.type_of(name).shape) != rv[1]:
+                raise NotImplementedError(f"%{name} is read at another row than the current one")
+            return rv[0]
+        if self.kb.is_inline(name):
+            node = self.kb.inline[name]
             return self.kb.lowering(node).element(self, node, idx)
         t = self.type_of(name)
         return self.load_flat(name, flat_index(idx, t.shape) if t.shape else Ix.of(0))
@@ -239,6 +249,7 @@ class Ctx:
     def load_flat(self, name: str, off: Ix) -> ir.Value | None:
         if self.analysis:
             self.accesses.append(off)
+            self.access_names.append(name)
             return None
         t = self.type_of(name)
         ptr = self.b.gep(self.ptrs[name], [self.ix(off)], source_etype=mem_type(t.dtype), inbounds=True)
@@ -250,6 +261,7 @@ class Ctx:
     def store_flat(self, name: str, off: Ix, value: ir.Value | None) -> None:
         if self.analysis:
             self.accesses.append(off)
+            self.access_names.append(name)
             return
         t = self.type_of(name)
         if t.dtype == "bool":
@@ -445,21 +457,54 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- builder
 
 
+@dataclass
+class GroupSpec:
+    """What one kernel computes (the contract with the fusion pass).
+
+    kind: ``node`` (one node, its own strategy), ``loop`` (elementwise/remap members over
+    one domain), ``reduce`` (a row kernel: reductions over the same axes of ``domain`` with
+    their producers, row-level consumers, full-domain consumers and grand totals),
+    ``matmul`` (a matmul, then its elementwise epilogue), ``guard`` (index checks only).
+    members: nodes this kernel computes, in topological order; inlined: nodes recomputed
+    wherever a member reads them (sources, index remaps, guards); outputs: values written
+    to buffers (read by other kernels or returned)."""
+
+    kind: str
+    members: tuple
+    inlined: tuple = ()
+    outputs: tuple = ()
+    domain: tuple = ()
+    axes: tuple = ()
+
+    @staticmethod
+    def single(node: Node) -> "GroupSpec":
+        return GroupSpec("node", (node,), (), (node.name,), tuple(node.type.shape))
+
+
 class KernelBuilder:
     """Emits one kernel for a group of nodes into a module."""
 
-    def __init__(self, module: ir.Module, graph: Graph, nodes, name: str,
+    def __init__(self, module: ir.Module, graph: Graph, group, name: str,
                  add_check: Callable | None = None, options: dict | None = None):
+        if not isinstance(group, GroupSpec):  # a plain sequence of nodes: the last is the output
+            nodes = tuple(group)
+            group = GroupSpec("node", nodes[-1:], nodes[:-1], (nodes[-1].name,), nodes[-1].type.shape) \
+                if len(nodes) == 1 else GroupSpec("auto", nodes, (), (nodes[-1].name,))
         self.module = module
         self.graph = graph
-        self.nodes = tuple(nodes)
+        self.spec = group
         self.name = name
         self.options = options or {}
+        self.nodes = tuple(group.members)
         self.root = self.nodes[-1]
-        self.inline = {n.name: n for n in self.nodes if n is not self.root}
-        self.checks: list[IndexCheck] = []
+        self.outputs = tuple(group.outputs) or (self.root.name,)
+        self.inline = {n.name: n for n in tuple(group.inlined) + self.nodes}
+        self.checks: list = []
         self._check_specs: dict[str, tuple] = {}
         self._register_check = add_check or (lambda info: len(self.checks) + 1)
+        self.row_values: dict[str, tuple] = {}  # row kernels: value -> (LLVM value, row index)
+        self.buffered: set[str] = set()          # values read from buffers even though computed here
+        self.workspace_bytes = 0
 
     def lowering(self, node: Node):
         from ..ops.registry import get
@@ -472,44 +517,273 @@ class KernelBuilder:
         if node.name not in self._check_specs:
             self._check_specs[node.name] = (node, idx_name, size, axis, ignore)
 
+    def is_inline(self, name: str) -> bool:
+        return name in self.inline and name not in self.buffered
+
     def external_inputs(self) -> list[str]:
-        names = []
-        inside = {n.name for n in self.nodes}
+        """Values this kernel reads from buffers."""
+        names: list[str] = []
+        seen: set[str] = set()
+        stack = [i for n in self.nodes for i in reversed(n.inputs)]
         for n in self.nodes:
-            for i in n.inputs:
-                if i not in inside and i not in names:
-                    names.append(i)
-        return names
+            if n.name in self.buffered and n.name not in names:
+                names.append(n.name)
+        while stack:
+            i = stack.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if self.is_inline(i):
+                stack.extend(reversed(self.inline[i].inputs))
+            elif i not in names:
+                names.append(i)
+        order = {n: k for k, n in enumerate(self.graph.input_names)}
+        order.update({n.name: len(order) + k for k, n in enumerate(self.graph.nodes)})
+        return sorted(names, key=lambda v: order.get(v, -1))
 
     def build(self) -> Kernel:
-        for n in self.nodes:  # index checks come first: they run before any read
+        # index checks come first: they run before any read
+        for n in self.nodes + tuple(x for x in self.spec.inlined if x.op != "check_index"):
             reg = getattr(self.lowering(n), "index_checks", None)
             if reg is not None:
                 for idx_name, size, axis, ignore in reg(self.graph, n):
                     self.add_check(n, idx_name, size, axis, ignore)
-        low = self.lowering(self.root)
-        custom = getattr(low, "kernel", None)
-        if custom is not None:
-            return custom(self)
-        return self.build_loop_kernel()
+        kind = self.spec.kind
+        if kind == "guard":
+            return self.finish(None, "guard", 0, None)
+        if kind in ("node", "opaque", "auto") and (len(self.nodes) == 1 or kind == "auto"):
+            custom = getattr(self.lowering(self.root), "kernel", None)
+            if custom is not None and len(self.nodes) == 1:
+                return custom(self)
+            return self.build_node_kernel()
+        if kind == "reduce":
+            return self.build_row_kernel()
+        if kind == "matmul":
+            return self.build_matmul_kernel()
+        return self.build_map_kernel()
 
-    # -- generic loop kernels (map / reductions)
-    def build_loop_kernel(self) -> Kernel:
+    # -- one node: map, or a reduction with its best loop order
+    def build_node_kernel(self) -> Kernel:
         root = self.root
-        out_t = root.type
         low = self.lowering(root)
-        strategy = "map"
-        body: Callable
         if getattr(low, "is_reduction", False):
             body, strategy, work, e0_key = self._reduction_body()
-        else:
-            def body(ctx, lohi=None):
-                with ctx.loops("out", out_t.shape, lohi) as idx:
-                    v = low.element(ctx, root, idx)
-                    ctx.store_flat(root.name, flat_index(idx, out_t.shape), v)
-            work = out_t.size
-            e0_key = "out"
-        return self.finish(body, strategy, work, e0_key)
+            return self.finish(body, strategy, work, e0_key)
+        return self.build_map_kernel()
+
+    # -- loop kernels: every output over its own shape, members inlined
+    def build_map_kernel(self) -> Kernel:
+        by_shape: dict[tuple, list[str]] = {}
+        for o in self.outputs:
+            by_shape.setdefault(tuple(self.graph.types[o].shape), []).append(o)
+        shapes = list(by_shape)
+        main = max(shapes, key=lambda sh: math.prod(sh))
+
+        def body(ctx, lohi=None):
+            for k, sh in enumerate([main] + [x for x in shapes if x != main]):
+                if math.prod(sh) == 0:
+                    continue
+                with ctx.loops("out" if sh == main else f"out{k}", sh, lohi if sh == main else None) as idx:
+                    for o in by_shape[sh]:
+                        v = self._element(ctx, o, idx)
+                        ctx.store_flat(o, flat_index(idx, sh), v)
+        work = sum(math.prod(sh) for sh in shapes)
+        return self.finish(body, "map" if len(self.nodes) == 1 else "loop", work, "out",
+                           size=math.prod(main))
+
+    def _element(self, ctx, name: str, idx):
+        node = self.inline[name]
+        return self.lowering(node).element(ctx, node, idx)
+
+    # -- row kernels
+    def build_row_kernel(self) -> Kernel:
+        g = self.graph
+        domain = tuple(self.spec.domain)
+        axes = tuple(self.spec.axes)
+        kept = [d for d in range(len(domain)) if d not in axes]
+        red_shape_k = tuple(1 if d in axes else n for d, n in enumerate(domain))
+        red_shape = tuple(n for d, n in enumerate(domain) if d not in axes)
+        types = g.types
+
+        def level(name):
+            sh = tuple(types[name].shape)
+            if sh == domain:
+                return "full"
+            if sh in (red_shape_k, red_shape):
+                return "row"
+            if all(d == 1 for d in sh):
+                return "total"
+            raise NotImplementedError(f"{self.name}: %{name} of shape {sh} does not fit a row kernel "
+                                      f"over {domain} axes {axes}")
+
+        reductions = [n for n in self.nodes if getattr(self.lowering(n), "is_reduction", False)]
+        row_reds = [n for n in reductions if level(n.name) != "total" or
+                    tuple(types[n.inputs[0]].shape) == domain]
+        totals = [n for n in reductions if n not in row_reds]
+        outs = {lv: [o for o in self.outputs if level(o) == lv] for lv in ("full", "row", "total")}
+
+        def row_index(name, ridx):
+            sh = tuple(types[name].shape)
+            if sh == red_shape and len(sh) == len(kept) and (sh != red_shape_k or len(kept) == len(domain)):
+                return list(ridx)
+            if sh == red_shape_k:
+                it = iter(ridx)
+                return [Ix.of(0) if d in axes else next(it) for d in range(len(domain))]
+            return list(ridx)
+
+        trail = []
+        for d in reversed(range(len(domain))):
+            if d in axes:
+                break
+            trail.insert(0, d)
+        if (trail and math.prod(domain[d] for d in trail) >= 8 and not totals and row_reds
+                and not self.options.get("no_column_kernels")):
+            return self._column_row_kernel(domain, axes, kept, trail, row_reds, outs, row_index)
+
+        def body(ctx, lohi=None):
+            tot_acc = {}
+            for t in totals:
+                if not ctx.analysis:
+                    tot_acc[t.name] = ctx.alloca(reg_type(t.type.dtype), "total")
+                    ctx.b.store(self.lowering(t).init(ctx, t), tot_acc[t.name])
+            self.row_values.clear()
+            row_ext = [domain[d] for d in kept]
+            if math.prod(row_ext):
+              with ctx.loops("row", row_ext, lohi) as ridx:
+                  for r in row_reds:
+                      ri = row_index(r.name, ridx)
+                      v = self.lowering(r).element(ctx, r, ri)
+                      self.row_values[r.name] = (v, flat_index(ri, types[r.name].shape))
+                  for o in outs["row"]:
+                      ri = row_index(o, ridx)
+                      ctx.store_flat(o, flat_index(ri, types[o].shape), self._row_or_element(ctx, o, ri))
+                  for t in totals:
+                      (x,) = t.inputs
+                      v = ctx.load(x, row_index(x, ridx))
+                      if not ctx.analysis:
+                          a = ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
+                          ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
+                  if outs["full"] and math.prod(domain[d] for d in axes):
+                      with ctx.loops("full", [domain[d] for d in axes]) as fidx:
+                          full = [None] * len(domain)
+                          it_r, it_f = iter(ridx), iter(fidx)
+                          for d in range(len(domain)):
+                              full[d] = next(it_f) if d in axes else next(it_r)
+                          for o in outs["full"]:
+                              ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
+            self.row_values.clear()
+            for t in totals:
+                v = None if ctx.analysis else ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
+                zero = [Ix.of(0)] * len(types[t.name].shape)
+                self.row_values[t.name] = (v, Ix.of(0))
+            for o in outs["total"]:
+                zero = [Ix.of(0)] * len(types[o].shape)
+                ctx.store_flat(o, Ix.of(0), self._row_or_element(ctx, o, zero))
+            self.row_values.clear()
+
+        work = math.prod(domain) * max(1, len(row_reds))
+        serial = bool(totals)
+        size = max([types[o].size for o in self.outputs] + [0])
+        k = self.finish(body, "row", 0 if serial else work, "row", size=size)
+        return k
+
+    def _column_row_kernel(self, domain, axes, kept, trail, row_reds, outs, row_index):
+        """A row kernel whose innermost domain dims are kept (e.g. sums over the batch): each
+        reduction accumulates whole rows of its buffer, reduced dims outside, the kept
+        trailing dims innermost (contiguous, vectorised); later members read the row values
+        back from those buffers."""
+        types = self.graph.types
+        outer = [d for d in kept if d not in trail]
+        red = [d for d in range(len(domain)) if d in axes]
+        for r in row_reds:
+            self.buffered.add(r.name)
+        extra = tuple(r.name for r in row_reds if r.name not in self.outputs)
+
+        def compose(parts):
+            full = [None] * len(domain)
+            for dims, ids in parts:
+                for d, i in zip(dims, ids):
+                    full[d] = i
+            return full
+
+        def body(ctx, lohi=None):
+            with ctx.loops("P", [domain[d] for d in outer], lohi if outer else None) as pidx:
+                tl = None if outer else lohi
+                for r in row_reds:
+                    low = self.lowering(r)
+                    (x,) = r.inputs
+                    with ctx.loops(f"T0.{r.name}", [domain[d] for d in trail], tl) as tidx:
+                        ri = row_index(r.name, [f for f in compose([(outer, pidx), (trail, tidx)]) if f is not None])
+                        ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), low.init(ctx, r))
+                    if math.prod(domain[d] for d in red):
+                        with ctx.loops(f"R.{r.name}", [domain[d] for d in red]) as ridx:
+                            with ctx.loops(f"T.{r.name}", [domain[d] for d in trail], tl) as tidx:
+                                full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
+                                ri = row_index(r.name, [full[d] for d in kept])
+                                off = flat_index(ri, types[r.name].shape)
+                                acc = ctx.load_flat(r.name, off)
+                                v = ctx.load(x, full)
+                                ctx.store_flat(r.name, off, low.combine(ctx, r, acc, v, reduce=False))
+                rest = [o for o in outs["row"] if o not in {r.name for r in row_reds}]
+                if rest:
+                    with ctx.loops("Trow", [domain[d] for d in trail], tl) as tidx:
+                        full = compose([(outer, pidx), (trail, tidx)])
+                        for o in rest:
+                            ri = row_index(o, [full[d] for d in kept])
+                            ctx.store_flat(o, flat_index(ri, types[o].shape), self._element(ctx, o, ri))
+                if outs["full"] and math.prod(domain[d] for d in red):
+                    with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
+                        with ctx.loops("Tfull", [domain[d] for d in trail], tl) as tidx:
+                            full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
+                            for o in outs["full"]:
+                                ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
+
+        size = max([types[o].size for o in self.outputs] + [0])
+        work = math.prod(domain) * len(row_reds)
+        k = self.finish(body, "row-columns", work, "P" if outer else f"T0.{row_reds[0].name}", size=size,
+                        min_chunk=1 if outer else 64)
+        k.buffers = tuple(k.buffers) + extra
+        return k
+
+    def _row_or_element(self, ctx, name, idx):
+        if name in self.row_values:
+            return self.row_values[name][0]
+        return self._element(ctx, name, idx)
+
+    # -- matmul kernels: the GEMM, then the epilogue over its output
+    def build_matmul_kernel(self) -> Kernel:
+        mm = [n for n in self.nodes if n.op == "matmul"]
+        if len(mm) != 1:
+            raise NotImplementedError(f"{self.name}: a matmul kernel needs exactly one matmul")
+        mm = mm[0]
+        m = self.module
+        first = KernelBuilder(m, self.graph, GroupSpec("node", (mm,), self.spec.inlined, (mm.name,)),
+                              self.name + ".mm", self._register_check, self.options)
+        first.slot = self.slot
+        k1 = first.build()
+        rest = [n for n in self.nodes if n is not mm]
+        epi_outs = tuple(o for o in self.outputs if o != mm.name)
+        stages = [k1]
+        if epi_outs:
+            second = KernelBuilder(m, self.graph, GroupSpec("loop", tuple(rest), self.spec.inlined, epi_outs),
+                                   self.name + ".epi", self._register_check, self.options)
+            second.slot = self.slot
+            second.inline.pop(mm.name, None)
+            stages.append(second.build())
+        kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=self.name)
+        b = ir.IRBuilder(kfn.append_basic_block("entry"))
+        for st in stages:
+            rc = b.call(m.get_global(st.name), [kfn.args[0]])
+            with b.if_then(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), likely=False):
+                b.ret(rc)
+        b.ret(ir.Constant(I32, 0))
+        self.workspace_bytes = max(st.workspace_bytes for st in stages)
+        self.buffered = set(first.buffered) | {mm.name}
+        extra = tuple(sorted(({mm.name} - set(self.outputs)) | set(k1.buffers)))
+        return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs, "matmul",
+                      max(st.tasks for st in stages), [c for st in stages for c in st.checks],
+                      {k: v for st in stages for k, v in st.loops.items()}, self.workspace_bytes,
+                      buffers=extra)
 
     def _reduction_body(self):
         root = self.root
@@ -528,7 +802,7 @@ class KernelBuilder:
         t_size = math.prod(xt.shape[d] for d in trail)
         out_t = root.type
         work = max(xt.size, out_t.size)
-        if trail and t_size >= 8 and red and x not in self.inline:
+        if trail and t_size >= 8 and red and not self.is_inline(x):
             # outer reduction: accumulate rows of the output (vectorises over the kept inner dims)
             outer = [d for d in kept if d not in trail]
 
@@ -567,43 +841,43 @@ class KernelBuilder:
                 ctx.store_flat(root.name, flat_index(idx, out_t.shape), v)
         return body, "reduce-inner", work, "out"
 
-    def finish(self, body: Callable, strategy: str, work: int, e0_key: str) -> Kernel:
+    def finish(self, body: Callable | None, strategy: str, work: int, e0_key: str | None,
+               size: int | None = None, min_chunk: int = 1) -> Kernel:
         """Plan (analysis run), then emit ``@name.body``, ``@name.task`` and ``@name``."""
+        size = self.root.type.size if size is None else size
         actx = Ctx(self, analysis=True)
-        if self.root.type.size:
+        if body is not None and size:
             body(actx)
         plan, extents = make_plan(actx)
-        # index checks found while analysing
-        for node, idx_name, size, axis, ignore in self._check_specs.values():
-            info = IndexCheck(0, node, size, axis, ignore)
+        for node, idx_name, isize, axis, ignore in self._check_specs.values():
+            info = IndexCheck(0, node, isize, axis, ignore)
             info.code = self._register_check(info)
             self.checks.append((info, idx_name))
 
-        names = self.external_inputs() + [self.root.name]
-        e0 = extents.get(e0_key, [])
-        out_size = self.root.type.size
+        names = self.external_inputs() + [o for o in self.outputs if o not in self.external_inputs()]
+        e0 = extents.get(e0_key, []) if e0_key else []
         tasks = 1
-        if e0 and out_size and work >= PARALLEL_MIN_WORK and not self.options.get("serial"):
-            tasks = int(min(e0[0], max(1, work // PARALLEL_CHUNK), PARALLEL_MAX_TASKS))
+        if body is not None and e0 and size and work >= PARALLEL_MIN_WORK and not self.options.get("serial"):
+            tasks = int(min(e0[0] // min_chunk, max(1, work // PARALLEL_CHUNK), PARALLEL_MAX_TASKS))
+            tasks = max(tasks, 1)
         n0 = e0[0] if e0 else 1
 
         m = self.module
-        # body(ptr..., lo, hi)
-        bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * len(names) + [I64, I64]),
-                          name=f"{self.name}.body")
-        bfn.linkage = "internal"
-        for a in bfn.args[:len(names)]:
-            a.add_attribute("noalias")
-        bb = open_function(bfn)
-        ptrs = dict(zip(names, bfn.args))
-        ectx = Ctx(self, analysis=False, plan=plan, builder=bb, ptrs=ptrs)
-        if out_size:
-            body(ectx, (bfn.args[-2], bfn.args[-1]) if e0 else None)
-        ectx.b.ret_void()
-        close_function(bfn)
+        bfn = None
+        if body is not None:
+            bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * len(names) + [I64, I64]),
+                              name=f"{self.name}.body")
+            bfn.linkage = "internal"
+            for a in bfn.args[:len(names)]:
+                a.add_attribute("noalias")
+            bb = open_function(bfn)
+            ptrs = dict(zip(names, bfn.args))
+            ectx = Ctx(self, analysis=False, plan=plan, builder=bb, ptrs=ptrs)
+            if size:
+                body(ectx, (bfn.args[-2], bfn.args[-1]) if e0 else None)
+            ectx.b.ret_void()
+            close_function(bfn)
 
-        slot = self.slot
-        # task(ptr bufs, i64 t)
         tfn = None
         if tasks > 1:
             chunk = -(-n0 // tasks)
@@ -615,12 +889,11 @@ class KernelBuilder:
             hi = tb.select(tb.icmp_signed("<", hi, c64(n0)), hi, c64(n0))
             tb.call(bfn, [self._load_ptr(tb, tfn.args[0], n) for n in names] + [lo, hi])
             tb.ret_void()
-        # kernel(ptr bufs) -> i32
         kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=self.name)
         kb = open_function(kfn)
         bufs = kfn.args[0]
         self._emit_checks(kfn, kb, bufs)
-        if out_size:
+        if bfn is not None and size:
             if tfn is not None:
                 pf = declare(m, "narch_parallel_for", VOID, [PTR, PTR, I64])
                 kb.call(pf, [tfn, bufs, c64(tasks)])
@@ -628,9 +901,8 @@ class KernelBuilder:
                 kb.call(bfn, [self._load_ptr(kb, bufs, n) for n in names] + [c64(0), c64(n0)])
         kb.ret(ir.Constant(I32, 0))
         close_function(kfn)
-        loops = {k: v for k, v in extents.items()}
-        return Kernel(self.name, self.nodes, tuple(self.external_inputs()), (self.root.name,),
-                      strategy, tasks, [c for c, _ in self.checks], loops)
+        return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs,
+                      strategy, tasks, [c for c, _ in self.checks], dict(extents), self.workspace_bytes)
 
     # -- helpers shared with custom kernels
     slot: Callable = None  # set by the program: value name -> bufs slot
@@ -641,25 +913,25 @@ class KernelBuilder:
 
     def _emit_checks(self, fn: ir.Function, b: ir.IRBuilder, bufs) -> None:
         """For each registered check: scan the index tensor (min/max, vectorised); on a bad
-        index find the one to report, write the error record and return 1."""
+        index find the one to report, write the error record and return 1.  The index
+        values are loaded like any value (from a buffer, or computed inline)."""
         for info, idx_name in self.checks:
             it = self.graph.types[idx_name]
             if it.size == 0:
                 continue
-            ptr = self._load_ptr(b, bufs, idx_name)
-            ity = mem_type(it.dtype)
-            n = it.size
-            ctx = Ctx(self, analysis=False, builder=b, ptrs={idx_name: ptr})
+            ctx = Ctx(self, analysis=False, builder=b,
+                      ptrs={n: self._load_ptr(b, bufs, n) for n in self._value_reads(idx_name)})
             lo_slot = ctx.alloca(I64, "chk.lo")
             hi_slot = ctx.alloca(I64, "chk.hi")
-            b.store(c64(info.size if info.ignore is None else 0), lo_slot)  # any valid start
+            b.store(c64(info.size if info.ignore is None else 0), lo_slot)
             b.store(c64(0), hi_slot)
-            first = None
-            with ctx.for_range(c64(0), c64(n), f"{self.name}.chk", known_nonempty=True) as i:
-                v = b.load(b.gep(ptr, [i], source_etype=ity, inbounds=True), typ=ity, align=ITEMSIZE[it.dtype])
-                v = b.sext(v, I64) if ity != I64 else v
-                if info.ignore is not None:
-                    # ignored entries count as index 0 (valid whenever size > 0)
+
+            def load_index(idx):
+                v = ctx.load(idx_name, idx)
+                return b.sext(v, I64) if v.type != I64 else v
+            with ctx.loops(f"chk.{info.code}", it.shape) as idx:
+                v = load_index(idx)
+                if info.ignore is not None:  # ignored entries count as index 0
                     v = b.select(b.icmp_signed("==", v, c64(info.ignore)), c64(0) if info.size else v, v)
                 lo = b.load(lo_slot, typ=I64)
                 hi = b.load(hi_slot, typ=I64)
@@ -681,11 +953,8 @@ class KernelBuilder:
                     found = ctx.alloca(I64, "chk.first")
                     b.store(c64(0), found)
                     done_bb = fn.append_basic_block(f"{self.name}.chk.found")
-                    scan = ctx.for_range(c64(0), c64(n), f"{self.name}.chk.scan", known_nonempty=True)
-                    with scan as i:
-                        v = b.load(b.gep(ptr, [i], source_etype=ity, inbounds=True), typ=ity,
-                                   align=ITEMSIZE[it.dtype])
-                        v = b.sext(v, I64) if ity != I64 else v
+                    with ctx.loops(f"chk.scan.{info.code}", it.shape) as idx:
+                        v = load_index(idx)
                         is_bad = b.and_(b.icmp_signed("!=", v, c64(info.ignore)),
                                         b.or_(b.icmp_signed("<", v, c64(0)),
                                               b.icmp_signed(">=", v, c64(info.size))))
@@ -699,3 +968,17 @@ class KernelBuilder:
                 b.store(c64(info.code), err)
                 b.store(badv, b.gep(err, [c64(1)], source_etype=I64, inbounds=True))
                 b.ret(ir.Constant(I32, 1))
+
+    def _value_reads(self, name: str) -> list[str]:
+        """Buffers read to compute value ``name`` (itself, or through inlined nodes)."""
+        out, stack, seen = [], [name], set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if self.is_inline(v):
+                stack.extend(self.inline[v].inputs)
+            else:
+                out.append(v)
+        return out

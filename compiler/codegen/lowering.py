@@ -25,7 +25,7 @@ import numpy as np
 
 from ..ops import primitives as P
 from ..ops.registry import PRIMITIVES
-from .index import Ix, contiguous_strides, flat_index, unflatten
+from .index import Ix, Var, contiguous_strides, flat_index, unflatten
 from .kernel import (F32, F64, FM, FM_REDUCE, I1, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel,
                      KernelBuilder, c64, close_function, const, declare, for_range, open_function, intrinsic, is_float, mem_type, reg_type)
 
@@ -323,6 +323,7 @@ class Constant(Lowering):
         off = flat_index(idx, t.shape)
         if ctx.analysis:
             ctx.accesses.append(off)
+            ctx.access_names.append(None)  # a constant global, not a buffer
             return None
         gname = f"const.{node.name}.{abs(hash(values)) % (1 << 32):x}"
         mty = mem_type(t.dtype)
@@ -366,6 +367,7 @@ class RngUniform(Lowering):
         off = flat_index(idx, node.type.shape) if node.type.shape else Ix.of(0)
         if ctx.analysis:
             ctx.accesses.append(off)
+            ctx.access_names.append(None)  # the counter, not a buffer
             return None
         b = ctx.b
         if s.type != I64:
@@ -468,12 +470,13 @@ def _batch_offsets(shape, batch):
 
 
 def gemm_provider():
-    """(emit_gemm, gemm_workspace_bytes) from compiler/codegen/gemm.py, else our fallback."""
+    """(emit_gemm, gemm_workspace_bytes, threads for its parallel mode) from
+    compiler/codegen/gemm.py, else a plain loop nest of ours."""
     try:
-        from .gemm import emit_gemm, gemm_workspace_bytes  # noqa: F401
-        return emit_gemm, gemm_workspace_bytes
-    except ImportError:  # pragma: no cover - until the GEMM lands
-        return emit_simple_gemm, (lambda dtype="float32": 64)
+        from .gemm import emit_gemm, gemm_threads, gemm_workspace_bytes
+        return emit_gemm, gemm_workspace_bytes, gemm_threads(True)
+    except ImportError:  # pragma: no cover - only without the GEMM module
+        return (lambda m, n, dt, **kw: emit_simple_gemm(m, n, dt)), (lambda dtype="float32", threads=1: 64), 1
 
 
 def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
@@ -498,8 +501,9 @@ def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir
     return fn
 
 
-MATMUL_MIN_FLOPS_PARALLEL = 1 << 18
+MATMUL_MIN_FLOPS_PARALLEL = 1 << 18   # batched products split over tasks above this
 MATMUL_MAX_TASKS = 2
+GEMM_PARALLEL_MIN_FLOPS = 1 << 22     # one product: the GEMM's own parallel mode above this
 
 
 class Matmul(Lowering):
@@ -531,6 +535,26 @@ class Matmul(Lowering):
             ctx.b.store(ctx.b.fadd(ctx.b.load(acc, typ=reg_type(dt)), p, flags=FM_REDUCE), acc)
         return ctx.b.load(acc, typ=reg_type(dt))
 
+    @staticmethod
+    def operand(kb: KernelBuilder, name: str):
+        """(buffer, base offset, element strides per dim) of a matmul operand: its own buffer,
+        or, when it is computed inline through index remaps (a transpose, a broadcast, a
+        reshape of a buffer), the buffer it reads with the remap's affine strides.  None if
+        the remap is not affine (the operand must then be materialised)."""
+        t = kb.graph.types[name]
+        if not kb.is_inline(name):
+            return name, 0, list(contiguous_strides(t.shape))
+        actx = Ctx(kb, analysis=True)
+        vs = [Ix.var(f"mm#{d}", n) if n > 1 else Ix.of(0) for d, n in enumerate(t.shape)]
+        actx.load(name, vs)
+        if len(actx.accesses) != 1 or actx.uses or actx.access_names[0] is None:
+            return None
+        off = actx.accesses[0]
+        if any(not isinstance(a, Var) for a, _ in off.terms):
+            return None
+        strides = [off.coef(v.terms[0][0].name) if v.terms else 0 for v in vs]
+        return actx.access_names[0], off.const, strides
+
     def kernel(self, kb: KernelBuilder) -> Kernel:
         node = kb.root
         a, bname = node.inputs
@@ -542,19 +566,42 @@ class Matmul(Lowering):
         M, N = out.shape[-2:]
         K = at.shape[-1]
         nb = math.prod(batch)
-        emit_gemm, ws_bytes = gemm_provider()
-        gname = f"narch.gemm.{dt}"
         m = kb.module
+        # operands: buffers read with strides (transposes and broadcasts cost nothing);
+        # other inline computations are materialised first
+        stages = []
+        ops = []
+        for name in (a, bname):
+            op = self.operand(kb, name)
+            if op is None:
+                from .kernel import GroupSpec
+                pre = KernelBuilder(m, kb.graph, GroupSpec("loop", (kb.inline[name],), kb.spec.inlined, (name,)),
+                                    f"{kb.name}.{'a' if name == a else 'b'}", kb._register_check, kb.options)
+                pre.slot = kb.slot
+                stages.append(pre.build())
+                kb.buffered.add(name)
+                kb.materialized = getattr(kb, "materialized", ()) + (name,)
+                op = (name, 0, list(contiguous_strides(kb.graph.types[name].shape)))
+            ops.append(op)
+        (abuf, abase, ast), (bbuf, bbase, bst) = ops
+
+        def batch_strides(shape, strides):
+            lead = len(batch) - (len(shape) - 2)
+            return [0 if k - lead < 0 or shape[k - lead] == 1 else strides[k - lead] for k in range(len(batch))]
+        a_bs, b_bs = batch_strides(at.shape, ast), batch_strides(bt.shape, bst)
+        sam, sak = ast[-2], ast[-1]
+        sbk, sbn = bst[-2], bst[-1]
+        bcs = contiguous_strides(batch) if batch else ()
+        flops = nb * M * N * max(K, 1)
+        emit_gemm, ws_bytes, threads = gemm_provider()
+        big_single = nb == 1 and threads > 1 and flops >= GEMM_PARALLEL_MIN_FLOPS and not kb.options.get("serial")
+        gname = f"narch.gemm.{dt}" + (".par" if big_single else "")
         try:
             gemm = m.get_global(gname)
         except KeyError:
-            gemm = emit_gemm(m, gname, dt)
-        a_off = _batch_offsets(at.shape, batch)
-        b_off = _batch_offsets(bt.shape, batch)
-        bcs = contiguous_strides(batch) if batch else ()
-        flops = nb * M * N * max(K, 1)
+            gemm = emit_gemm(m, gname, dt, parallel=threads) if big_single else emit_gemm(m, gname, dt)
         tasks = 1
-        if flops >= MATMUL_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
+        if not big_single and flops >= MATMUL_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
             tasks = MATMUL_MAX_TASKS
         # work items: (batch element, row block); task t does items [t*per, (t+1)*per)
         if tasks > 1 and nb < tasks:
@@ -567,40 +614,59 @@ class Matmul(Lowering):
         items = nb * nrb
         tasks = max(1, min(tasks, items))
         per = -(-items // tasks)
-        wsb = -(-ws_bytes(dt) // 64) * 64
+        wsb = -(-ws_bytes(dt, threads if big_single else 1) // 64) * 64
         kb.workspace_bytes = wsb * tasks
 
-        names = [a, bname, node.name, "__workspace__"]
+        names = [abuf, bbuf, node.name, "__workspace__"]
         bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
         bfn.linkage = "internal"
         A, B, C, W, lo, hi = bfn.args
         b = ir.IRBuilder(bfn.append_basic_block("entry"))
-        ctx = Ctx(kb, analysis=False, builder=b)
         if out.size:
-            with ctx.for_range(lo, hi, "item") as item:
+            with for_range(b, lo, hi, "item") as item:
                 bi = b.udiv(item, c64(nrb))
                 r0 = b.mul(b.urem(item, c64(nrb)), c64(rb))
                 rows = b.sub(c64(M), r0)
                 rows = b.select(b.icmp_signed("<", rows, c64(rb)), rows, c64(rb))
-                ao, bo = c64(0), c64(0)
-                for k, s in enumerate(bcs):
-                    bk = b.urem(b.udiv(bi, c64(s)), c64(batch[k]))
-                    ao = b.add(ao, b.mul(bk, c64(a_off[k])))
-                    bo = b.add(bo, b.mul(bk, c64(b_off[k])))
-                ao = b.add(ao, b.mul(r0, c64(K)))
+                ao, bo = c64(abase), c64(bbase)
+                for k, st in enumerate(bcs):
+                    bk = b.urem(b.udiv(bi, c64(st)), c64(batch[k]))
+                    ao = b.add(ao, b.mul(bk, c64(a_bs[k])))
+                    bo = b.add(bo, b.mul(bk, c64(b_bs[k])))
+                ao = b.add(ao, b.mul(r0, c64(sam)))
                 co = b.add(b.mul(bi, c64(M * N)), b.mul(r0, c64(N)))
                 pa = b.gep(A, [ao], source_etype=et)
                 pb = b.gep(B, [bo], source_etype=et)
                 pc = b.gep(C, [co], source_etype=et)
-                task = b.udiv(b.sub(item, c64(0)), c64(per))
+                task = b.udiv(item, c64(per))
                 pw = b.gep(W, [b.mul(task, c64(wsb))], source_etype=I8)
-                b.call(gemm, [pa, pb, pc, rows, c64(N), c64(K), c64(K), c64(1), c64(N), c64(1),
+                b.call(gemm, [pa, pb, pc, rows, c64(N), c64(K), c64(sam), c64(sak), c64(sbk), c64(sbn),
                               c64(N), pw])
         b.ret_void()
-        return _finish_custom(kb, bfn, names, items, tasks, per, "matmul")
+        k = _finish_custom(kb, bfn, names, items, tasks, per, "matmul",
+                           fname=kb.name + ".main" if stages else None)
+        if stages:
+            k = _chain(kb, stages, k)
+        return k
 
 
-def _finish_custom(kb, bfn, names, n0, tasks, per, strategy) -> Kernel:
+def _chain(kb, stages, last: Kernel) -> Kernel:
+    """Run ``stages`` then ``last`` (emitted as ``<name>.main``) under the kernel's name."""
+    m = kb.module
+    kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=kb.name)
+    b = ir.IRBuilder(kfn.append_basic_block("entry"))
+    for st in stages + [last]:
+        rc = b.call(m.get_global(st.name if st is not last else kb.name + ".main"), [kfn.args[0]])
+        with b.if_then(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), likely=False):
+            b.ret(rc)
+    b.ret(ir.Constant(I32, 0))
+    last.buffers = tuple(last.buffers) + tuple(getattr(kb, "materialized", ()))
+    last.workspace_bytes = max([last.workspace_bytes] + [s.workspace_bytes for s in stages])
+    last.checks = [c for s in stages for c in s.checks] + list(last.checks)
+    return last
+
+
+def _finish_custom(kb, bfn, names, n0, tasks, per, strategy, fname=None) -> Kernel:
     """The task and kernel functions around a custom body(ptr..., lo, hi)."""
     m = kb.module
     tfn = None
@@ -613,7 +679,7 @@ def _finish_custom(kb, bfn, names, n0, tasks, per, strategy) -> Kernel:
         hi = tb.select(tb.icmp_signed("<", hi, c64(n0)), hi, c64(n0))
         tb.call(bfn, [kb._load_ptr(tb, tfn.args[0], n) for n in names] + [lo, hi])
         tb.ret_void()
-    kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=kb.name)
+    kfn = ir.Function(m, ir.FunctionType(I32, [PTR]), name=fname or kb.name)
     b = open_function(kfn)
     kb._emit_checks(kfn, b, kfn.args[0])
     if kb.root.type.size:
@@ -625,7 +691,7 @@ def _finish_custom(kb, bfn, names, n0, tasks, per, strategy) -> Kernel:
     b.ret(ir.Constant(I32, 0))
     close_function(kfn)
     return Kernel(kb.name, kb.nodes, tuple(kb.external_inputs()), (kb.root.name,), strategy, tasks,
-                  [c for c, _ in kb.checks], {}, getattr(kb, "workspace_bytes", 0))
+                  [c for c, _ in kb.checks], {}, kb.workspace_bytes)
 
 
 # ============================================================================ scatter_add
