@@ -72,6 +72,7 @@ class CompiledFunction:
         self._arg_inputs = self.graph.inputs[:n_args]
         self._bound_inputs = self.graph.inputs[n_args:]  # params / captured tensors
         self._bindings = [traced.bindings[i.name] for i in self._bound_inputs]
+        self._want = [(tuple(i.type.shape), np.dtype(i.type.dtype)) for i in self.graph.inputs]
         self.program = None
         if backend == "llvm":
             from neural_arch.runtime.program import Program
@@ -116,10 +117,19 @@ class CompiledFunction:
             names = ", ".join(i.name for i in self._arg_inputs)
             raise TypeError(f"{self.graph.name}() takes {len(self._arg_inputs)} arguments ({names}), "
                             f"got {len(args)}")
-        arrays = [_as_array(a, gi.name, gi.type) for a, gi in zip(args, self._arg_inputs)]
-        for gi, t in zip(self._bound_inputs, self._bindings):
+        arrays = []
+        for a, gi, (shape, dt) in zip(args, self._arg_inputs, self._want):
+            if isinstance(a, Tensor):
+                a = a._data if a._data is not None else a
+            if type(a) is np.ndarray and a.dtype is dt and a.shape == shape and a.flags.c_contiguous:
+                arrays.append(a)  # the fast path: exactly the traced type already
+            else:
+                arrays.append(_as_array(a, gi.name, gi.type))
+        for gi, t, (shape, dt) in zip(self._bound_inputs, self._bindings, self._want[len(self._arg_inputs):]):
             arr = t.data if isinstance(t, Tensor) else np.asarray(t)
-            arrays.append(_as_array(arr, gi.name, gi.type))
+            if not (arr.dtype is dt and arr.shape == shape and arr.flags.c_contiguous):
+                arr = _as_array(arr, gi.name, gi.type)
+            arrays.append(arr)
         return arrays
 
     def run_arrays(self, *args) -> list[np.ndarray]:
