@@ -211,20 +211,28 @@ class M:
 # ----------------------------------------------------------------------------- functions
 
 
-def _exp(m: M, x):
+def _exp(m: M, x, bounded=None):
+    """e^x.  ``bounded=(lo, hi)``: an internal use whose argument is known to be finite
+    and in a range where 2^n is a normal number: one scaling step, no NaN fix-up."""
     f32 = m.dt == "float32"
-    lo, hi = (-104.0, 88.8) if f32 else (-746.0, 710.0)
-    xc = m.minnum(m.maxnum(x, m.c(lo)), m.c(hi))  # NaN -> a bound (fixed up below)
+    lo, hi = bounded or ((-104.0, 88.8) if f32 else (-746.0, 710.0))
+    xc = x
+    if lo is not None:
+        xc = m.maxnum(xc, m.c(lo))
+    if hi is not None:
+        xc = m.minnum(xc, m.c(hi))  # NaN -> a bound (fixed up below)
     n = m.rint(m.mul(xc, m.c(LOG2E)))
     r = m.fma(n, m.c(-LN2_HI[m.dt]), xc)
     r = m.fma(n, m.c(-LN2_LO[m.dt]), r)
     p = m.poly(r, EXP_F32 if f32 else EXP_F64)
     e = m.add(m.fma(m.mul(r, r), p, r), m.c(1.0))
     b = m.b
+    mant, bias = (23, 127) if f32 else (52, 1023)
     ni = b.fptosi(n, m.it)
+    if bounded is not None:
+        return b.fmul(e, m.from_bits(b.shl(b.add(ni, m.ci(bias)), m.ci(mant))))
     n1 = b.ashr(ni, m.ci(1))
     n2 = b.sub(ni, n1)
-    mant, bias = (23, 127) if f32 else (52, 1023)
     s1 = m.from_bits(b.shl(b.add(n1, m.ci(bias)), m.ci(mant)))
     s2 = m.from_bits(b.shl(b.add(n2, m.ci(bias)), m.ci(mant)))
     res = b.fmul(b.fmul(e, s1), s2)
@@ -269,10 +277,12 @@ def _tanh(m: M, x):
     ax = m.abs(x)
     z = m.mul(x, x)
     small = m.fma(m.mul(x, z), m.poly(z, TANH_F32 if m.dt == "float32" else TANH_F64), x)
-    e = m.call("exp", m.add(ax, ax))
+    # e^(2|x|), |x| clamped where tanh is 1 (NaN goes through minnum to 40: fixed below)
+    e = _exp(m, m.minnum(m.add(ax, ax), m.c(40.0)), bounded=(None, None))
     big = m.sub(m.c(1.0), m.div(m.c(2.0), m.add(e, m.c(1.0))))
     big = m.copysign(big, x)
-    return m.select(m.lt(ax, m.c(TANH_SMALL)), small, big)
+    res = m.select(m.lt(ax, m.c(TANH_SMALL)), small, big)
+    return m.select(m.isnan(x), x, res)
 
 
 def _erf(m: M, x):
@@ -298,7 +308,7 @@ def _erf(m: M, x):
     # erfc(a) = exp(L - a^2); a^2 = hi + lo exactly (fma), exp(L - hi - lo)
     a2 = m.mul(a, a)
     a2lo = m.fma(a, a, m.neg(a2))
-    erfc = m.call("exp", m.sub(m.sub(L, a2), a2lo))
+    erfc = _exp(m, m.sub(m.sub(L, a2), a2lo), bounded=(None, None))  # argument in [-37, -0.8]
     large = m.copysign(m.sub(m.c(1.0), erfc), x)
     res = m.select(m.lt(ax, m.c(1.0)), small, large)
     return m.select(m.isnan(x), x, res)
