@@ -67,7 +67,8 @@ class CompiledFunction:
         traced = trace_with_info(fn, *example_args, params=find_params(fn), name=name)
         self.trace_seconds = time.perf_counter() - t0
         self.traced = traced
-        self.graph: Graph = traced.graph
+        self.traced_graph: Graph = traced.graph
+        self.graph: Graph = traced.graph  # the graph that runs (after the passes, with llvm)
         n_args = len(example_args)
         self._arg_inputs = self.graph.inputs[:n_args]
         self._bound_inputs = self.graph.inputs[n_args:]  # params / captured tensors
@@ -78,6 +79,7 @@ class CompiledFunction:
             from neural_arch.runtime.program import Program
             t0 = time.perf_counter()
             self.program = Program(self.graph, options=self.options)
+            self.graph = self.program.graph
             self.compile_seconds = time.perf_counter() - t0
         else:
             self.compile_seconds = 0.0

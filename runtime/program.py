@@ -72,10 +72,36 @@ def fused_groups(graph: Graph) -> list[GroupSpec]:
         order = {n.name: k for k, n in enumerate(graph.nodes)}
         return tuple(sorted(out, key=lambda n: order[n.name]))
     specs = [GroupSpec("guard", (prod[g],), upstream(g)) for g in plan.guards]
-    for g in plan.groups:
-        specs.append(GroupSpec(g.kind, tuple(prod[n] for n in g.nodes), tuple(prod[n] for n in g.inlined),
-                               tuple(g.outputs), tuple(g.domain), tuple(g.axes)))
-    return specs
+    groups = [GroupSpec(g.kind, tuple(prod[n] for n in g.nodes), tuple(prod[n] for n in g.inlined),
+                        tuple(g.outputs), tuple(g.domain), tuple(g.axes)) for g in plan.groups]
+    return specs + _topological(groups, {g.name for g in plan.graph.inputs})
+
+
+def _topological(groups: list, graph_inputs: set) -> list:
+    """Kernels in an order where every kernel runs after the kernels whose outputs it reads
+    (the plan's numbering need not be one)."""
+    writer = {o: k for k, g in enumerate(groups) for o in g.outputs}
+
+    def reads(g):
+        inside = {n.name for n in g.members} | {n.name for n in g.inlined}
+        return {i for n in tuple(g.members) + tuple(g.inlined) for i in n.inputs if i not in inside}
+    deps = [{writer[v] for v in reads(g) if v in writer and writer[v] != k} for k, g in enumerate(groups)]
+    order, done, visiting = [], set(), set()
+
+    def visit(k):
+        if k in done:
+            return
+        if k in visiting:
+            raise AssertionError("internal error: the fusion plan's kernels depend on each other cyclically")
+        visiting.add(k)
+        for d in sorted(deps[k]):
+            visit(d)
+        visiting.discard(k)
+        done.add(k)
+        order.append(groups[k])
+    for k in range(len(groups)):
+        visit(k)
+    return order
 
 
 def materialized(node: Node) -> bool:
@@ -184,6 +210,9 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
 
     written = set(graph.input_names) | big
     for kern in kernels:
+        early = [v for v in kern.inputs if v not in written and v not in kern.buffers and v not in kern.outputs]
+        if early:
+            raise AssertionError(f"internal error: kernel {kern.name} reads {early} before any kernel writes them")
         written |= set(kern.outputs) | set(kern.buffers)
     unwritten = [n for n in slots if n not in (None, "__workspace__") and n not in written]
     if unwritten:
@@ -313,8 +342,15 @@ class Program:
     of ``graph.inputs``).  Calls are serialised by a lock (buffers are shared)."""
 
     def __init__(self, graph: Graph, groups=None, options: dict | None = None):
-        self.graph = graph
+        """``options``: ``passes`` (default True: run the simplification pipeline first,
+        ignored when ``groups`` are given), ``fuse`` (default True: kernels from the fusion
+        plan), ``serial`` (no parallel kernels)."""
+        self.source_graph = graph
         self.options = dict(options or {})
+        if groups is None and self.options.get("passes", True):
+            from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
+            graph = run_pipeline(graph, DEFAULT_PIPELINE).graph
+        self.graph = graph
         self.module = build(graph, groups, self.options)
         self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(self.module.groups)),
                                   self.options)
@@ -343,6 +379,7 @@ class Program:
                 self._keep.append(arr)
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
         self._in_slots = [lay.slots[i.name] for i in graph.inputs]
+        self._want = [(tuple(i.type.shape), np.dtype(i.type.dtype)) for i in graph.inputs]
         self._outputs = list(graph.outputs)
         self._inputs = inputs
         self._lock = threading.Lock()
@@ -367,6 +404,14 @@ class Program:
                         or not o.flags.writeable:
                     raise TypeError(f"out= array for %{name} must be a writeable C-contiguous "
                                     f"{dtype}{list(shape)} array")
+        arrays = list(arrays)
+        for k, (a, gi, (shape, dt)) in enumerate(zip(arrays, self.graph.inputs, self._want)):
+            if not (isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dt and a.flags.c_contiguous):
+                if isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous and a.size == gi.type.size:
+                    arrays[k] = a.reshape(shape)  # e.g. np.ascontiguousarray made a 0-d array 1-d
+                    continue
+                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise TypeError(f"{self.graph.name}: input %{gi.name} expects a C-contiguous {gi.type}, got {got}")
         with self._lock:
             ptrs = self._ptrs
             for slot, a in zip(self._in_slots, arrays):

@@ -238,7 +238,7 @@ def _param_grads_equal(fn, *args, rtol=1e-4, atol=2e-5):
     dg = autodiff(g, wrt)
     inputs = [np.asarray(a) for a in args] + [np.asarray(traced.bindings[i.name].data) for i in g.inputs[len(args):]]
     want = interpret(dg, inputs)
-    got = Program(dg)(*[np.ascontiguousarray(a) for a in inputs])
+    got = Program(dg)(*[np.require(a, requirements="C") for a in inputs])
     assert len(got) == 1 + len(wrt)
     for name, a, b in zip(["loss"] + wrt, got, want):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
