@@ -397,3 +397,41 @@ def test_pow_special_cases_match_numpy():
             rel = np.abs(got - ref) / np.abs(ref)
         ok = same | (rel < (3e-7 if dtype == "float32" else 1e-14))
         assert ok.all(), list(zip(x[~ok][:5], y[~ok][:5], got[~ok][:5], ref[~ok][:5]))
+
+
+# ----------------------------------------------------------------------------- fused kernels
+
+
+def test_fusion_plan_kernels_equal_unfused_and_interpreter():
+    from neural_arch.compiler.passes.fusion import fuse
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 33)).astype(np.float32)
+    w = rng.standard_normal((33, 20)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    cases = {
+        "softmax": (lambda x: F.softmax(x, axis=-1), (x,), 1),
+        "layer_norm": (lambda x: F.layer_norm(x), (x,), 1),
+        "gelu(x @ W + b)": (lambda x, w, b: F.gelu(x @ w + b), (x, w, b), 1),
+        "column softmax": (lambda x: F.softmax(x, axis=0), (x,), 1),
+        "mixed": (lambda x, w: (F.exp(x).sum(axis=0), F.log_softmax(x @ w, axis=-1), x.T @ x, (x * 2.0).max()),
+                  (x, w), None),
+    }
+    for name, (fn, args, n_kernels) in cases.items():
+        fused = compile(fn, *args)
+        plain = compile(fn, *args, options={"fuse": False, "passes": False})
+        want = interpret(plain.graph, list(args))
+        for a, b_, c in zip(fused.run_arrays(*args), plain.run_arrays(*args), want):
+            np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5, err_msg=name)
+            np.testing.assert_allclose(b_, c, rtol=2e-5, atol=2e-5, err_msg=name)
+        plan = fuse(fused.graph)
+        assert len(fused.kernels) == plan.kernel_count + len(plan.guards), name
+        if n_kernels is not None:
+            assert len(fused.kernels) == n_kernels, (name, fused.kernels)
+        assert len(plain.kernels) == len(plain.graph.nodes)
+
+
+def test_only_values_crossing_kernels_get_buffers():
+    x = np.ones((8, 16), np.float32)
+    cf = compile(lambda x: F.softmax(F.exp(x) * 2.0 + 1.0, axis=-1), x)
+    inner = {n.name for n in cf.graph.nodes} - set(cf.graph.outputs)
+    assert not inner & set(cf.program.module.layout.slots)
