@@ -363,7 +363,9 @@ def bind(op: str, *inputs: Tensor, **attrs) -> Tensor:
     res = Tensor._wrap(np.asarray(out, dtype=out_type.dtype))
     if res.shape != out_type.shape:
         raise AssertionError(f"internal error: {op} reference gave shape {res.shape}, rule says {out_type.shape}")
-    if _state.grad_enabled and prim.vjp is not NONDIFF and any(t.requires_grad for t in inputs):
+    # only floating-point results carry gradients (an int result of cast has a zero VJP anyway)
+    if (_state.grad_enabled and prim.vjp is not NONDIFF and is_float(out_type.dtype)
+            and any(t.requires_grad for t in inputs)):
         res.requires_grad = True
         res._node = (prim, inputs, attrs)
     return res

@@ -58,11 +58,6 @@ class HypothesisSampler(Sampler):
         return _apply_avoid(x, avoid).astype(dtype)
 
 
-@pytest.fixture
-def sampler_from():
-    return HypothesisSampler
-
-
 # ----------------------------------------------------------------------------- torch
 
 try:  # torch is the oracle where installed

@@ -4,19 +4,18 @@ grad of a 2-layer transformer-style function matches float64 finite differences.
 from __future__ import annotations
 
 import inspect
-import math
 
 import numpy as np
 import pytest
 
-from neural_arch.compiler import Tensor, grad, gradcheck, parse, tensor, trace, value_and_grad, verify
+from neural_arch.compiler import grad, gradcheck, parse, tensor, trace, value_and_grad, verify
 from neural_arch.compiler import functional as F
 from neural_arch.compiler.autodiff import AutodiffError, autodiff
 from neural_arch.compiler.gradcheck import GradcheckError
 from neural_arch.compiler.ir import TensorType
 from neural_arch.runtime.interpreter import interpret
 
-from conftest import HAVE_TORCH, needs_torch
+from conftest import needs_torch
 
 
 def _loss(w, x):

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 
-from neural_arch.compiler import Tensor, grad, tensor, trace
+from neural_arch.compiler import grad, tensor, trace
 from neural_arch.compiler import functional as F
 from neural_arch.compiler.ir import TensorType
 from neural_arch.compiler.ops.registry import DTypeError, OpError, OpIndexError, ShapeError
