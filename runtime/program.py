@@ -109,6 +109,32 @@ def materialized(node: Node) -> bool:
     return node.op == "constant" and node.type.size > MATERIALIZE_CONSTANT
 
 
+def _split_row_group(graph: Graph, spec: GroupSpec, options: dict):
+    """(row kernel without the outputs it cannot compute in-row, loop kernel for those), or
+    None.  The loop kernel reads the row kernel's members from buffers."""
+    def row_ok(outputs) -> bool:
+        trial = GroupSpec("reduce", spec.members, spec.inlined, outputs, spec.domain, spec.axes)
+        kb = KernelBuilder(ir.Module(), graph, trial, "trial", options=options)
+        kb.slot = lambda name: 0
+        try:
+            kb.build()
+            return True
+        except NotImplementedError:
+            return False
+    bad = [o for o in spec.outputs if not row_ok((o,))]
+    if not bad or len(bad) == len(spec.outputs):
+        return None
+    prod = graph.producer()
+    members = {n.name for n in spec.members}
+    needed = [i for o in bad for i in prod[o].inputs if i in members and i not in bad]
+    keep = tuple(o for o in spec.outputs if o not in bad) + tuple(dict.fromkeys(
+        i for i in needed if i not in spec.outputs))
+    first = GroupSpec("reduce", spec.members, spec.inlined, keep, spec.domain, spec.axes)
+    second = GroupSpec("loop", tuple(prod[o] for o in bad), spec.inlined, tuple(bad),
+                       tuple(prod[bad[0]].type.shape))
+    return [first, second]
+
+
 def _as_specs(graph: Graph, groups) -> list[GroupSpec]:
     specs = []
     for g in groups:
@@ -188,24 +214,37 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
 
     kernels: list[Kernel] = []
     final_specs = []
-    for k, spec in enumerate(specs):
-        name = f"k{k}.{spec.members[-1].op}"
+
+    def emit(spec, name):
         kb = KernelBuilder(module, graph, spec, name, add_check=register, options=options)
         kb.slot = slot
+        kernels.append(kb.build())
+        final_specs.append(spec)
+
+    for k, spec in enumerate(specs):
+        name = f"k{k}.{spec.members[-1].op}"
         try:
-            kernels.append(kb.build())
-            final_specs.append(spec)
+            emit(spec, name)
+            continue
         except NotImplementedError as e:
-            # a group this codegen cannot run as one kernel (e.g. a row kernel member that
-            # reads another row): its members run as single-node kernels instead
-            for j, n in enumerate(spec.members):
-                one = GroupSpec("node", (n,), spec.inlined, (n.name,), tuple(n.type.shape))
-                kb = KernelBuilder(module, graph, one, f"k{k}u{j}.{n.op}", add_check=register, options=options)
-                kb.slot = slot
-                kern = kb.build()
-                kern.note = f"unfused: {e}"
-                kernels.append(kern)
-                final_specs.append(one)
+            error = e
+        # a group this codegen cannot run as one kernel: a row kernel whose outputs include
+        # one computed from another row (e.g. the transpose of a softmax) keeps the other
+        # outputs, and those run as a loop kernel after it; anything else runs as
+        # single-node kernels
+        split = _split_row_group(graph, spec, options) if spec.kind == "reduce" else None
+        if split is not None:
+            try:
+                for j, part in enumerate(split):
+                    emit(part, f"k{k}s{j}.{part.members[-1].op}")
+                kernels[-1].note = f"split from a row kernel: {error}"
+                continue
+            except NotImplementedError:
+                pass
+        for j, n in enumerate(spec.members):
+            one = GroupSpec("node", (n,), spec.inlined, (n.name,), tuple(n.type.shape))
+            emit(one, f"k{k}u{j}.{n.op}")
+            kernels[-1].note = f"unfused: {error}"
     specs = final_specs
 
     written = set(graph.input_names) | big
