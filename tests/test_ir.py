@@ -46,7 +46,7 @@ def _apply_random_op(data, vals: list[Tensor]) -> Tensor:
         return data.draw(st.sampled_from([F.add, F.sub, F.mul, F.maximum, F.minimum]))(a, b)
     if kind in ("sum", "max"):
         axes = tuple(i for i in range(nd) if data.draw(st.booleans()))
-        if kind == "max" and any(a.shape[i] == 0 for i in axes):
+        if kind == "max" and any(a.shape[i] == 0 for i in (axes or range(nd))):  # () means all axes
             kind = "sum"
         f = F.sum if kind == "sum" else F.max
         return f(a, axes if axes else None, keepdims=data.draw(st.booleans()))
