@@ -342,6 +342,8 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
         return hit
     from . import threadpool
     threadpool.install()  # kernels (and cached objects) may call narch_parallel_for
+    for sym, dtype, threads in sorted({e for k in mod.kernels for e in k.externals}):
+        install_gemm(sym, dtype, threads)
     t0 = time.perf_counter()
     cache = _disk_cache() if use_disk_cache else None
     parts = cache_key_parts(key_text, options)
@@ -365,6 +367,35 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     with _native_lock:
         _native_cache.setdefault(key, nat)
         return _native_cache[key]
+
+
+_shared: dict = {}
+_shared_lock = threading.Lock()
+
+
+def install_gemm(symbol: str, dtype: str, threads: int) -> None:
+    """Compile (or load from the disk cache) the GEMM once per process under ``symbol`` and
+    make it resolvable by every module loaded afterwards (programs call it by name)."""
+    with _shared_lock:
+        if symbol in _shared:
+            return
+        import llvmlite.binding as llvm
+        from neural_arch.compiler.codegen.gemm import emit_gemm
+        mod = ir.Module(name=symbol)
+        emit_gemm(mod, symbol, dtype, parallel=threads if threads > 1 else False)
+        text = str(mod)
+        cache = _disk_cache()
+        parts = {"ir": f"shared gemm {symbol}", "version": codegen_version(), "toolchain": jit.toolchain_id(),
+                 "options": {"threads": threads}}
+        obj = cache.get(parts) if cache is not None else None
+        if obj is None:
+            obj = jit.emit_object(jit.optimize(text, symbol))
+            if cache is not None:
+                cache.put(parts, obj)
+        loaded = jit.load(None, obj)
+        addr = loaded.address(symbol)
+        llvm.add_symbol(symbol, addr)
+        _shared[symbol] = loaded  # kept for the life of the process
 
 
 def clear_memory_cache() -> None:

@@ -183,6 +183,7 @@ class Kernel:
     workspace_bytes: int = 0   # scratch the kernel needs in the program's workspace buffer
     buffers: tuple = ()        # values computed and read back inside the kernel (need buffers)
     note: str = ""             # why the kernel looks the way it does (e.g. an unfused group)
+    externals: tuple = ()      # (symbol, dtype, threads) of shared functions it calls (the GEMM)
 
     def __str__(self):
         ops = ", ".join(f"%{n.name}={n.op}" for n in self.nodes)
@@ -783,7 +784,7 @@ class KernelBuilder:
         return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs, "matmul",
                       max(st.tasks for st in stages), [c for st in stages for c in st.checks],
                       {k: v for st in stages for k, v in st.loops.items()}, self.workspace_bytes,
-                      buffers=extra)
+                      buffers=extra, externals=tuple(sorted(set().union(*[st.externals for st in stages]))))
 
     def _reduction_body(self):
         root = self.root

@@ -479,6 +479,10 @@ def gemm_provider():
         return (lambda m, n, dt, **kw: emit_simple_gemm(m, n, dt)), (lambda dtype="float32", threads=1: 64), 1
 
 
+def shared_gemm_symbol(dtype: str, threads: int) -> str:
+    return f"narch_gemm_{dtype}_t{threads}"
+
+
 def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
     """A plain correct loop nest with the GEMM contract's signature (a fallback)."""
     et = reg_type(dtype)
@@ -595,11 +599,19 @@ class Matmul(Lowering):
         flops = nb * M * N * max(K, 1)
         emit_gemm, ws_bytes, threads = gemm_provider()
         big_single = nb == 1 and threads > 1 and flops >= GEMM_PARALLEL_MIN_FLOPS and not kb.options.get("serial")
-        gname = f"narch.gemm.{dt}" + (".par" if big_single else "")
-        try:
-            gemm = m.get_global(gname)
-        except KeyError:
-            gemm = emit_gemm(m, gname, dt, parallel=threads) if big_single else emit_gemm(m, gname, dt)
+        gthreads = threads if big_single else 1
+        if kb.options.get("shared_gemm", True):
+            # one GEMM per (dtype, threads) for the whole process, linked by symbol: programs
+            # do not recompile it (runtime/program.py installs it before loading)
+            gname = shared_gemm_symbol(dt, gthreads)
+            gemm = declare(m, gname, VOID, [PTR, PTR, PTR] + [I64] * 8 + [PTR])
+            kb.externals = tuple(sorted(set(getattr(kb, "externals", ())) | {(gname, dt, gthreads)}))
+        else:
+            gname = f"narch.gemm.{dt}" + (".par" if big_single else "")
+            try:
+                gemm = m.get_global(gname)
+            except KeyError:
+                gemm = emit_gemm(m, gname, dt, parallel=threads) if big_single else emit_gemm(m, gname, dt)
         tasks = 1
         if not big_single and flops >= MATMUL_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
             tasks = MATMUL_MAX_TASKS
@@ -663,6 +675,7 @@ def _chain(kb, stages, last: Kernel) -> Kernel:
     last.buffers = tuple(last.buffers) + tuple(getattr(kb, "materialized", ()))
     last.workspace_bytes = max([last.workspace_bytes] + [s.workspace_bytes for s in stages])
     last.checks = [c for s in stages for c in s.checks] + list(last.checks)
+    last.externals = tuple(sorted(set(last.externals).union(*[s.externals for s in stages])))
     return last
 
 
@@ -691,7 +704,8 @@ def _finish_custom(kb, bfn, names, n0, tasks, per, strategy, fname=None) -> Kern
     b.ret(ir.Constant(I32, 0))
     close_function(kfn)
     return Kernel(kb.name, kb.nodes, tuple(kb.external_inputs()), (kb.root.name,), strategy, tasks,
-                  [c for c, _ in kb.checks], {}, kb.workspace_bytes)
+                  [c for c, _ in kb.checks], {}, kb.workspace_bytes,
+                  externals=tuple(getattr(kb, "externals", ())))
 
 
 # ============================================================================ scatter_add
