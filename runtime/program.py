@@ -199,8 +199,10 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         return code
 
     slots = {None: 0}
+    loads: set = set()  # the buffers the kernel being built loads pointers to
 
     def slot(name):
+        loads.add(name)
         if name not in slots:
             slots[name] = len(slots)
         return slots[name]
@@ -218,7 +220,13 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
     def emit(spec, name):
         kb = KernelBuilder(module, graph, spec, name, add_check=register, options=options)
         kb.slot = slot
-        kernels.append(kb.build())
+        loads.clear()
+        kern = kb.build()
+        # the memory plan trusts inputs/outputs/buffers: they must cover every pointer loaded
+        undeclared = loads - set(kern.inputs) - set(kern.outputs) - set(kern.buffers) - {None, "__workspace__"}
+        if undeclared:
+            raise AssertionError(f"internal error: kernel {name} reads {sorted(undeclared)} undeclared")
+        kernels.append(kern)
         final_specs.append(spec)
 
     for k, spec in enumerate(specs):
@@ -435,6 +443,7 @@ class Program:
         outputs = set(graph.outputs)
         inputs = set(graph.input_names)
         self._out_alloc = []  # (slot, name, shape, dtype) allocated per call
+        intermediates = []
         for n in graph.nodes:
             if n.name not in lay.slots:
                 continue  # computed inside a kernel: no buffer
@@ -445,6 +454,27 @@ class Program:
             elif n.name in outputs:
                 self._out_alloc.append((lay.slots[n.name], n.name, n.type.shape, n.type.dtype))
             else:
+                intermediates.append(n)
+        self.memory_plan = None
+        # a value several kernels write (an operand each matmul kernel materialises for
+        # itself) gets its own buffer: the arena plans one lifetime per value
+        writers: dict = {}
+        for k in self.module.kernels:
+            for w in set(k.outputs) | set(k.buffers):
+                writers[w] = writers.get(w, 0) + 1
+        shared = [n for n in intermediates if writers.get(n.name, 0) > 1]
+        for n in shared:
+            arr = np.empty(n.type.shape, dtype=n.type.dtype)
+            self._keep.append(arr)
+            self._ptrs[lay.slots[n.name]] = arr.ctypes.data
+        intermediates = [n for n in intermediates if writers.get(n.name, 0) <= 1]
+        if self.options.get("arena", True) and intermediates:
+            self.memory_plan = self._plan_arena(intermediates)
+            base = -(-self._arena.ctypes.data // 64) * 64
+            for n in intermediates:
+                self._ptrs[lay.slots[n.name]] = base + self.memory_plan.buffers[n.name].offset
+        else:
+            for n in intermediates:
                 arr = np.empty(n.type.shape, dtype=n.type.dtype)
                 self._keep.append(arr)
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
@@ -454,6 +484,32 @@ class Program:
         self._inputs = inputs
         self._lock = threading.Lock()
         self._entry = self.native.entry
+
+    def _plan_arena(self, intermediates):
+        """Intermediates share one arena by lifetime (``compiler/passes/memory.py``): a kernel
+        is a run of steps, one per value it writes, each reading the kernel's inputs and the
+        values it wrote before, so everything a kernel touches is alive at once (no two
+        buffers of one kernel overlap; kernel arguments stay ``noalias``)."""
+        from neural_arch.compiler.passes.memory import Step, check_plan, plan_memory
+        steps = []
+        planned = {n.name for n in intermediates}
+        for k in self.module.kernels:
+            writes = [w for w in dict.fromkeys(tuple(k.outputs) + tuple(k.buffers)) if w in planned]
+            if not writes:  # it still reads: keep its inputs alive until it ran
+                steps.append(Step("__none__", tuple(k.inputs)))
+                continue
+            for j, w in enumerate(writes):
+                reads = tuple(k.inputs) + tuple(writes[:j]) + (tuple(writes) if j == len(writes) - 1 else ())
+                steps.append(Step(w, reads))
+        types = self.graph.types
+        plan = plan_memory(steps, {v: types[v].nbytes for v in types}, outputs=self.graph.outputs,
+                           external=[v for v in types if v not in planned] + ["__none__"])
+        check_plan(plan)
+        missing = [n.name for n in intermediates if n.name not in plan.buffers]
+        if missing:
+            raise AssertionError(f"internal error: no arena place for {missing}")
+        self._arena = np.empty(plan.arena_bytes + 64, np.uint8)
+        return plan
 
     @property
     def kernels(self) -> list[Kernel]:

@@ -458,6 +458,19 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- builder
 
 
+def merged_inputs(stages) -> tuple:
+    """What a kernel made of ``stages`` (run in order) reads from outside: every stage's
+    inputs except values an earlier stage wrote."""
+    written: set = set()
+    out: list = []
+    for st in stages:
+        for v in st.inputs:
+            if v not in written and v not in out:
+                out.append(v)
+        written |= set(st.outputs) | set(st.buffers)
+    return tuple(out)
+
+
 @dataclass
 class GroupSpec:
     """What one kernel computes (the contract with the fusion pass).
@@ -781,7 +794,7 @@ class KernelBuilder:
         self.workspace_bytes = max(st.workspace_bytes for st in stages)
         self.buffered = set(first.buffered) | {mm.name}
         extra = tuple(sorted(({mm.name} - set(self.outputs)) | set(k1.buffers)))
-        return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs, "matmul",
+        return Kernel(self.name, self.nodes, merged_inputs(stages), self.outputs, "matmul",
                       max(st.tasks for st in stages), [c for st in stages for c in st.checks],
                       {k: v for st in stages for k, v in st.loops.items()}, self.workspace_bytes,
                       buffers=extra, externals=tuple(sorted(set().union(*[st.externals for st in stages]))))

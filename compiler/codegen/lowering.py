@@ -672,7 +672,9 @@ def _chain(kb, stages, last: Kernel) -> Kernel:
         with b.if_then(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), likely=False):
             b.ret(rc)
     b.ret(ir.Constant(I32, 0))
+    from .kernel import merged_inputs
     last.buffers = tuple(last.buffers) + tuple(getattr(kb, "materialized", ()))
+    last.inputs = merged_inputs(list(stages) + [last])
     last.workspace_bytes = max([last.workspace_bytes] + [s.workspace_bytes for s in stages])
     last.checks = [c for s in stages for c in s.checks] + list(last.checks)
     last.externals = tuple(sorted(set(last.externals).union(*[s.externals for s in stages])))
