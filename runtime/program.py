@@ -37,7 +37,7 @@ from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the l
 from neural_arch.compiler.codegen.kernel import I32, PTR, GroupSpec, Kernel, KernelBuilder
 from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
 from neural_arch.compiler.ir import Graph, Node, format_graph
-from neural_arch.compiler.ops.registry import OpIndexError
+from neural_arch.compiler.ops.registry import PRIMITIVES, OpIndexError
 
 from . import jit
 
@@ -125,13 +125,31 @@ def _split_row_group(graph: Graph, spec: GroupSpec, options: dict):
     if not bad or len(bad) == len(spec.outputs):
         return None
     prod = graph.producer()
-    members = {n.name for n in spec.members}
-    needed = [i for o in bad for i in prod[o].inputs if i in members and i not in bad]
-    keep = tuple(o for o in spec.outputs if o not in bad) + tuple(dict.fromkeys(
-        i for i in needed if i not in spec.outputs))
+    members = {n.name: n for n in spec.members}
+    inlined = {n.name for n in spec.inlined}
+    # the split-off outputs recompute the elementwise members they need; the row values
+    # (reductions) they need come from the row kernel's buffers
+    extra, rows, seen = [], [], set()
+    stack = [i for o in bad for i in prod[o].inputs]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in members and v not in bad:
+            if getattr(PRIMITIVES[members[v].op].lowering, "is_reduction", False):
+                rows.append(v)
+                continue
+            extra.append(v)
+            stack.extend(members[v].inputs)
+        elif v in inlined:
+            stack.extend(prod[v].inputs)
+    keep = tuple(o for o in spec.outputs if o not in bad) + tuple(r for r in dict.fromkeys(rows)
+                                                                   if r not in spec.outputs)
     first = GroupSpec("reduce", spec.members, spec.inlined, keep, spec.domain, spec.axes)
-    second = GroupSpec("loop", tuple(prod[o] for o in bad), spec.inlined, tuple(bad),
-                       tuple(prod[bad[0]].type.shape))
+    order = {n.name: k for k, n in enumerate(graph.nodes)}
+    loop_members = sorted([prod[v] for v in set(extra)] + [prod[o] for o in bad], key=lambda n: order[n.name])
+    second = GroupSpec("loop", tuple(loop_members), spec.inlined, tuple(bad), tuple(prod[bad[0]].type.shape))
     return [first, second]
 
 

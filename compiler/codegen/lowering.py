@@ -505,6 +505,7 @@ def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir
     return fn
 
 
+REMAP_OPS = ("reshape", "transpose", "broadcast_to", "slice", "stop_gradient")
 MATMUL_MIN_FLOPS_PARALLEL = 1 << 18   # batched products split over tasks above this
 MATMUL_MAX_TASKS = 2
 GEMM_PARALLEL_MIN_FLOPS = 1 << 22     # one product: the GEMM's own parallel mode above this
@@ -548,6 +549,12 @@ class Matmul(Lowering):
         t = kb.graph.types[name]
         if not kb.is_inline(name):
             return name, 0, list(contiguous_strides(t.shape))
+        v = name
+        while kb.is_inline(v):  # only a chain of pure index remaps can become strides
+            n = kb.inline[v]
+            if n.op not in REMAP_OPS:
+                return None
+            v = n.inputs[0]
         actx = Ctx(kb, analysis=True)
         vs = [Ix.var(f"mm#{d}", n) if n > 1 else Ix.of(0) for d, n in enumerate(t.shape)]
         actx.load(name, vs)
