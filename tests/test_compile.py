@@ -306,74 +306,86 @@ def test_arena_planned_buffers_equal_separate_buffers():
 
 
 def _random_program(data):
-    """A random straight-line program over a pool of values of a few shapes: elementwise
-    ops with broadcasting, reductions, softmax/layer_norm, transposes, reshapes, slices,
-    matmuls, concats, gathers; several outputs."""
+    """A random straight-line program over a pool of (B, R, C) values: elementwise ops with
+    broadcasting, reductions, softmax/layer_norm, transposes, reshapes, slices, pads,
+    matmuls, concats, gathers, casts, dropout; several outputs."""
     draw = data.draw
     B, R, C = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 17))
-    ops = draw(st.lists(st.sampled_from(
+    ops = draw(st.lists(st.tuples(st.sampled_from(
         ["add", "mul", "sub_row", "exp", "tanh", "sum_rows", "sum_cols", "max_rows", "softmax", "layer_norm",
-         "transpose", "reshape", "slice", "matmul", "concat", "gather", "where", "gelu", "mean_all"]),
+         "transpose", "reshape", "slice", "matmul", "matmul_y", "concat", "gather", "where", "gelu", "mean_all",
+         "pad", "cast", "dropout", "row_vec", "col_sum_keep"]), st.integers(0, 99), st.integers(0, 99)),
         min_size=3, max_size=10))
     outs = draw(st.lists(st.integers(0, 100), min_size=1, max_size=3))
     idx = np.array(draw(st.lists(st.integers(0, R - 1), min_size=1, max_size=4)))
 
-    def prog(x, y):
+    def prog(x, y, v):
         pool = [x, y]
-        for op in ops:
-            a = pool[-1]
-            full = [v for v in pool if v.shape == (B, R, C)]
-            a = full[-1] if full else x
+        for op, i, j in ops:
+            a, b = pool[i % len(pool)], pool[j % len(pool)]
             if op == "add":
-                v = a + (full[0] if full else x)
+                r = a + b
             elif op == "mul":
-                v = a * 0.5 + 1.0
+                r = a * b * 0.5 + 1.0
             elif op == "sub_row":
-                v = a - a.max(axis=-1, keepdims=True)
+                r = a - a.max(axis=-1, keepdims=True)
             elif op == "exp":
-                v = F.exp(F.tanh(a))
+                r = F.exp(F.tanh(a))
             elif op == "tanh":
-                v = F.tanh(a)
+                r = F.tanh(a)
             elif op == "sum_rows":
-                v = F.broadcast_to(a.sum(axis=-1, keepdims=True), (B, R, C)) * 0.1
+                r = F.broadcast_to(a.sum(axis=-1, keepdims=True), (B, R, C)) * 0.1 + b
             elif op == "sum_cols":
-                v = a + a.sum(axis=1, keepdims=True)
+                r = a + a.sum(axis=1, keepdims=True)
+            elif op == "col_sum_keep":
+                r = b * F.broadcast_to(a.sum(axis=(0, 1)), (B, R, C))
             elif op == "max_rows":
-                v = a - F.broadcast_to(a.max(axis=(0, 1), keepdims=True), (B, R, C))
+                r = a - F.broadcast_to(a.max(axis=(0, 1), keepdims=True), (B, R, C))
             elif op == "softmax":
-                v = F.softmax(a, axis=-1)
+                r = F.softmax(a, axis=-1) + F.softmax(b, axis=1)
             elif op == "layer_norm":
-                v = F.layer_norm(a)
+                r = F.layer_norm(a)
             elif op == "transpose":
-                v = F.transpose(F.transpose(a, 0, 2, 1) * 2.0, 0, 2, 1)
+                r = F.transpose(F.transpose(a, 0, 2, 1) * 2.0, 0, 2, 1)
             elif op == "reshape":
-                v = (a.reshape(B * R, C) + 1.0).reshape(B, R, C)
+                r = (a.reshape(B * R, C) + 1.0).reshape(B, R, C)
             elif op == "slice":
-                v = F.concat([a[:, :, :1] * 3.0, a[:, :, 1:]], axis=2)
+                r = F.concat([a[:, :, :1] * 3.0, b[:, :, 1:]], axis=2)
             elif op == "matmul":
-                v = (a @ F.transpose(a, 0, 2, 1)) @ a * 0.01
+                r = (a @ F.transpose(b, 0, 2, 1)) @ a * 0.01
+            elif op == "matmul_y":
+                r = F.tanh(a @ F.broadcast_to(F.transpose(v, 1, 0) @ v, (B, C, C)) * 0.1)
             elif op == "concat":
-                v = F.concat([a, a * 2.0], axis=1)[:, ::2, :]
+                r = F.concat([a, b * 2.0], axis=1)[:, ::2, :]
             elif op == "gather":
-                v = a + F.gather(a, idx, axis=1).sum(axis=1, keepdims=True)
+                r = a + F.gather(b, idx, axis=1).sum(axis=1, keepdims=True)
             elif op == "where":
-                v = F.where(a > 0, a, y)
+                r = F.where(a > b, a, y)
             elif op == "gelu":
-                v = F.gelu(a)
+                r = F.gelu(a)
+            elif op == "pad":
+                r = F.pad(a, ((0, 0), (1, 0), (0, 1)), value=0.5)[:, :R, 1:]
+            elif op == "cast":
+                r = F.cast(F.cast(a * 3.0, "int32"), "float32") + b
+            elif op == "dropout":
+                r = F.dropout(a, p=0.25, seed=3)
+            elif op == "row_vec":
+                r = a * F.broadcast_to(v.sum(axis=0), (B, R, C))
             else:
-                v = F.broadcast_to(a.mean(), (B, R, C)) + a
-            pool.append(v)
+                r = F.broadcast_to(a.mean(), (B, R, C)) + b
+            pool.append(r)
         return tuple(pool[2 + o % (len(pool) - 2)] for o in outs)
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     x = rng.standard_normal((B, R, C)).astype(np.float32)
     y = rng.standard_normal((B, R, C)).astype(np.float32)
-    return prog, x, y
+    v = rng.standard_normal((R, C)).astype(np.float32)
+    return prog, x, y, v
 
 
 @settings(max_examples=N_EXAMPLES * 3)
 @given(data=st.data())
 def test_random_programs_compiled_equal_interpreter(data):
-    prog, x, y = _random_program(data)
-    both(prog, x, y, rtol=1e-4, atol=1e-5)
-    both(value_and_grad(lambda x, y: sum((o * o).sum() for o in prog(x, y)), argnums=(0, 1)), x, y,
-         rtol=1e-3, atol=1e-4)
+    prog, x, y, v = _random_program(data)
+    both(prog, x, y, v, rtol=1e-4, atol=1e-5)
+    both(value_and_grad(lambda x, y, v: sum((o * o).sum() for o in prog(x, y, v)), argnums=(0, 1, 2)),
+         x, y, v, rtol=1e-3, atol=1e-4)
