@@ -34,7 +34,7 @@ import llvmlite.ir as ir
 import numpy as np
 
 from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
-from neural_arch.compiler.codegen.kernel import I32, PTR, GroupSpec, Kernel, KernelBuilder
+from neural_arch.compiler.codegen.kernel import I32, I64, PTR, GroupSpec, Kernel, KernelBuilder, c64, declare
 from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
 from neural_arch.compiler.ir import Graph, Node, format_graph
 from neural_arch.compiler.ops.registry import PRIMITIVES, OpIndexError
@@ -284,9 +284,27 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         raise AssertionError(f"internal error: buffers read but written by no kernel: {unwritten}")
     entry = ir.Function(module, ir.FunctionType(I32, [PTR]), name=ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
-    for kern in kernels:
+    profile = bool(options.get("profile"))
+    if profile:  # per-kernel wall time (ns) accumulated into bufs[__profile__]
+        slot("__profile__")
+        prof = b.load(b.gep(entry.args[0], [c64(slots["__profile__"])], source_etype=PTR, inbounds=True),
+                      typ=PTR)
+        clock = declare(module, "clock_gettime", I32, [I32, PTR])
+        ts = b.alloca(ir.ArrayType(I64, 2))
+
+        def now():
+            b.call(clock, [ir.Constant(I32, 1), ts])
+            sec = b.load(b.gep(ts, [c64(0), c64(0)], source_etype=ir.ArrayType(I64, 2)), typ=I64)
+            ns = b.load(b.gep(ts, [c64(0), c64(1)], source_etype=ir.ArrayType(I64, 2)), typ=I64)
+            return b.add(b.mul(sec, c64(1_000_000_000)), ns)
+    for k, kern in enumerate(kernels):
         fn = module.get_global(kern.name)
+        if profile:
+            t_start = now()
         rc = b.call(fn, [entry.args[0]])
+        if profile:
+            p = b.gep(prof, [c64(k)], source_etype=I64)
+            b.store(b.add(b.load(p, typ=I64), b.sub(now(), t_start)), p)
         fail = entry.append_basic_block(kern.name + ".fail")
         ok = entry.append_basic_block(kern.name + ".ok")
         b.cbranch(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), fail, ok)
@@ -295,7 +313,7 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         b.position_at_end(ok)
     b.ret(ir.Constant(I32, 0))
     ws = max([k.workspace_bytes for k in kernels] + [0])
-    buffered = tuple(n for n in slots if n not in (None, "__workspace__"))
+    buffered = tuple(n for n in slots if n not in (None, "__workspace__", "__profile__"))
     return Module(str(module), kernels, Layout(dict(slots), len(slots), slots["__workspace__"], ws), checks,
                   time.perf_counter() - t0, specs, buffered)
 
@@ -458,6 +476,11 @@ class Program:
         self._ptrs[0] = self._err.ctypes.data
         self._ws = np.zeros(max(lay.workspace_bytes, 64) + 64, np.uint8)
         self._ptrs[lay.workspace_slot] = self._ws.ctypes.data
+        self._prof = None
+        if "__profile__" in lay.slots:
+            self._prof = np.zeros(len(self.module.kernels), np.int64)
+            self._ptrs[lay.slots["__profile__"]] = self._prof.ctypes.data
+            self.calls = 0
         outputs = set(graph.outputs)
         inputs = set(graph.input_names)
         self._out_alloc = []  # (slot, name, shape, dtype) allocated per call
@@ -502,6 +525,19 @@ class Program:
         self._inputs = inputs
         self._lock = threading.Lock()
         self._entry = self.native.entry
+
+    def profile(self, top: int | None = None) -> str:
+        """Per-kernel wall time over the calls so far (build with ``options={"profile": True}``)."""
+        if self._prof is None:
+            return "profiling is off: Program(graph, options={'profile': True})"
+        total = int(self._prof.sum()) or 1
+        rows = sorted(zip(self._prof.tolist(), self.module.kernels), key=lambda r: -r[0])
+        lines = [f"{self.calls} calls, {total / max(self.calls, 1) / 1e6:.3f} ms per call in kernels"]
+        for ns, k in rows[:top]:
+            ops = " ".join(n.op for n in k.nodes)
+            lines.append(f"{ns / max(self.calls, 1) / 1e3:10.1f} us {100 * ns / total:5.1f}%  {k.name:<24} "
+                         f"[{k.strategy}{', %d tasks' % k.tasks if k.tasks > 1 else ''}] {ops[:70]}")
+        return "\n".join(lines)
 
     def _plan_arena(self, intermediates):
         """Intermediates share one arena by lifetime (``compiler/passes/memory.py``): a kernel
@@ -566,6 +602,8 @@ class Program:
                 fresh[name] = arr
                 ptrs[slot] = arr.ctypes.data
             rc = self._entry(ptrs)
+            if self._prof is not None:
+                self.calls += 1
             if rc:
                 raise self._error(rc)
             results, seen = [], set()

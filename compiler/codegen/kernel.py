@@ -654,6 +654,52 @@ class KernelBuilder:
                 and not self.options.get("no_column_kernels")):
             return self._column_row_kernel(domain, axes, kept, trail, row_reds, outs, row_index)
 
+        members = {n.name: n for n in self.nodes}
+
+        def cone(names):
+            """Members (and totals) the values ``names`` depend on within this kernel."""
+            seen, stack = set(), list(names)
+            while stack:
+                v = stack.pop()
+                if v in seen:
+                    continue
+                seen.add(v)
+                if v in self.inline:
+                    stack.extend(self.inline[v].inputs)
+            return seen
+        total_names = {t.name for t in totals}
+        for_totals = cone(total_names) - total_names
+        needs_totals = bool(cone(o for o in self.outputs if level(o) != "total") & total_names) or \
+            any(cone(r.inputs) & total_names for r in row_reds)
+        if needs_totals and any(cone(t.inputs) & total_names for t in totals):
+            raise NotImplementedError(f"{self.name}: a grand total depends on another grand total")
+
+        def row_pass(ctx, key, ridx, reds, do_outputs, do_totals, tot_acc):
+            for r in reds:
+                ri = row_index(r.name, ridx)
+                v = self.lowering(r).element(ctx, r, ri)
+                self.row_values[r.name] = (v, flat_index(ri, types[r.name].shape))
+            if do_totals:
+                for t in totals:
+                    (x,) = t.inputs
+                    v = ctx.load(x, row_index(x, ridx))
+                    if not ctx.analysis:
+                        a = ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
+                        ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
+            if not do_outputs:
+                return
+            for o in outs["row"]:
+                ri = row_index(o, ridx)
+                ctx.store_flat(o, flat_index(ri, types[o].shape), self._row_or_element(ctx, o, ri))
+            if outs["full"] and math.prod(domain[d] for d in axes):
+                with ctx.loops(f"{key}.full", [domain[d] for d in axes]) as fidx:
+                    full = [None] * len(domain)
+                    it_r, it_f = iter(ridx), iter(fidx)
+                    for d in range(len(domain)):
+                        full[d] = next(it_f) if d in axes else next(it_r)
+                    for o in outs["full"]:
+                        ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
+
         def body(ctx, lohi=None):
             tot_acc = {}
             for t in totals:
@@ -662,34 +708,33 @@ class KernelBuilder:
                     ctx.b.store(self.lowering(t).init(ctx, t), tot_acc[t.name])
             self.row_values.clear()
             row_ext = [domain[d] for d in kept]
-            if math.prod(row_ext):
-              with ctx.loops("row", row_ext, lohi) as ridx:
-                  for r in row_reds:
-                      ri = row_index(r.name, ridx)
-                      v = self.lowering(r).element(ctx, r, ri)
-                      self.row_values[r.name] = (v, flat_index(ri, types[r.name].shape))
-                  for o in outs["row"]:
-                      ri = row_index(o, ridx)
-                      ctx.store_flat(o, flat_index(ri, types[o].shape), self._row_or_element(ctx, o, ri))
-                  for t in totals:
-                      (x,) = t.inputs
-                      v = ctx.load(x, row_index(x, ridx))
-                      if not ctx.analysis:
-                          a = ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
-                          ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
-                  if outs["full"] and math.prod(domain[d] for d in axes):
-                      with ctx.loops("full", [domain[d] for d in axes]) as fidx:
-                          full = [None] * len(domain)
-                          it_r, it_f = iter(ridx), iter(fidx)
-                          for d in range(len(domain)):
-                              full[d] = next(it_f) if d in axes else next(it_r)
-                          for o in outs["full"]:
-                              ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
-            self.row_values.clear()
-            for t in totals:
-                v = None if ctx.analysis else ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
-                zero = [Ix.of(0)] * len(types[t.name].shape)
-                self.row_values[t.name] = (v, Ix.of(0))
+            nrows = math.prod(row_ext)
+
+            def load_totals():
+                for t in totals:
+                    v = None if ctx.analysis else ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
+                    self.row_values[t.name] = (v, Ix.of(0))
+            if needs_totals:
+                # pass 1: the grand totals (over the rows they need); pass 2: everything else,
+                # with the totals known (a value that reads a total is not recomputed per row)
+                if nrows:
+                    with ctx.loops("rowA", row_ext) as ridx:
+                        row_pass(ctx, "rowA", ridx, [r for r in row_reds if r.name in for_totals], False, True,
+                                 tot_acc)
+                self.row_values.clear()
+                load_totals()
+                if nrows:
+                    with ctx.loops("row", row_ext, lohi) as ridx:
+                        row_pass(ctx, "row", ridx, row_reds, True, False, tot_acc)
+                        for r in row_reds:
+                            self.row_values.pop(r.name, None)
+            elif nrows:
+                with ctx.loops("row", row_ext, lohi) as ridx:
+                    row_pass(ctx, "row", ridx, row_reds, True, True, tot_acc)
+                self.row_values.clear()
+                load_totals()
+            else:
+                load_totals()
             for o in outs["total"]:
                 zero = [Ix.of(0)] * len(types[o].shape)
                 ctx.store_flat(o, Ix.of(0), self._row_or_element(ctx, o, zero))
