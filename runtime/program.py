@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import llvmlite.ir as ir
@@ -340,7 +341,9 @@ class Native:
         return self.llvm_module
 
 
-_native_cache: dict = {}
+# equal programs share native code while any of them is alive (then the code is freed; a
+# later compile of the same graph loads it from the disk cache)
+_native_cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _native_lock = threading.Lock()
 
 
