@@ -173,7 +173,7 @@ def index_keys(draw):
             parts.append(slice(None))
     # drop trailing parts (implicit full slices), maybe swap a run for an Ellipsis, add Nones
     parts = parts[:draw(st.integers(0, len(parts)))]
-    if parts and draw(st.booleans()):
+    if parts and len(parts) == len(shape) and draw(st.booleans()):  # the Ellipsis then stands for one axis
         i = draw(st.integers(0, len(parts) - 1))
         parts = parts[:i] + [Ellipsis] + [p for p in parts[i + 1:]]
     for _ in range(draw(st.integers(0, 2))):

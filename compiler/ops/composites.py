@@ -339,7 +339,7 @@ def _gen_masked_fill(s):
     shape = s.shape()
     mshape = tuple(1 if s.bool() else d for d in shape)
     mshape = mshape[s.int(0, len(mshape)):]
-    return Case((s.array(shape), s.array(mshape, "bool")), {"value": s.choice([0.0, -1e4, 2.5])})
+    return Case((s.array(shape), s.array(mshape, "bool")), {"value": s.choice([0.0, -100.0, 2.5])})
 
 
 composite("masked_fill", lambda x, m, value: _F().masked_fill(x, m, value),
