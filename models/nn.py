@@ -526,25 +526,21 @@ class Conv2d(Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-class MaxPool2d(Module):
+class _Pool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride) if stride is not None else self.kernel_size
         self.padding = _pair(padding)
 
+
+class MaxPool2d(_Pool2d):
     def forward(self, x):
         cols, _, _ = _windows(x, self.kernel_size, self.stride, self.padding, -math.inf)
         return F.max(cols, 2)
 
 
-class AvgPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride) if stride is not None else self.kernel_size
-        self.padding = _pair(padding)
-
+class AvgPool2d(_Pool2d):
     def forward(self, x):
         cols, _, _ = _windows(x, self.kernel_size, self.stride, self.padding, 0.0)
         return F.mean(cols, 2)
