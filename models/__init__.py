@@ -4,6 +4,8 @@
 """
 from . import nn, optim
 from .gpt2 import GPT2, GPT2Config
+from .bert import BERTConfig, BERTModel, BERTForMaskedLM, BERTForSequenceClassification
 from .train import compile_train_step
 
 __all__ = ["nn", "optim", "GPT2", "GPT2Config", "compile_train_step"]
+__all__ += ["BERTConfig", "BERTModel", "BERTForMaskedLM", "BERTForSequenceClassification"]
