@@ -800,7 +800,7 @@ class KernelBuilder:
         size = max([types[o].size for o in self.outputs] + [0])
         work = math.prod(domain) * len(row_reds)
         k = self.finish(body, "row-columns", work, "P" if outer else f"T0.{row_reds[0].name}", size=size,
-                        min_chunk=1 if outer else 1024)
+                        min_chunk=1 if outer else 64)
         k.buffers = tuple(k.buffers) + extra
         return k
 

@@ -25,12 +25,15 @@ a group.  Every decision, taken or refused, is recorded with its reason.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..ir import Graph, Node
 from ..ops.registry import PRIMITIVES
 
 LOOP_KINDS = ("elementwise", "broadcast", "injective")
+# index remaps a matmul reads through with strides (codegen/lowering.py Matmul.operand)
+AFFINE_REMAPS = ("reshape", "transpose", "broadcast_to", "slice")
 
 
 @dataclass
@@ -98,6 +101,7 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
     groups: list[Group] = []
     group_of: dict[str, int] = {}
     inlined: set[str] = set()
+    input_only: set[str] = set()  # inlined values computed from graph inputs and sources alone
     guards: list[str] = []
     decisions: list[Decision] = []
     deps: dict[int, set[int]] = {}  # kernel-level dependencies (kept acyclic)
@@ -157,8 +161,10 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
         decisions.append(Decision(into.nodes[-1], True, f"kernel {other.id} merged into kernel {into.id}: {why}"))
 
     def level(g: Group, shape) -> str | None:
-        if g.kind in ("loop", "matmul"):
+        if g.kind == "loop":
             return "full" if shape == g.domain else None
+        if g.kind == "matmul":  # an epilogue may run over a reshape of the product (a linear layer's view)
+            return "full" if shape == g.domain or math.prod(shape) == math.prod(g.domain) else None
         if g.kind == "reduce":
             if shape == g.domain:
                 return "full"
@@ -181,16 +187,23 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
         return None
 
     order = {n.name: i for i, n in enumerate(graph.nodes)}
+    users: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            users.setdefault(i, []).append(n.name)
     for n in graph.nodes:
         kind = kind_of[n.name]
         if not enabled:
             new_group(n, "loop" if kind in LOOP_KINDS + ("source",) else kind if kind in ("matmul",) else "opaque",
                       n.type.shape, reason="fusion disabled: one kernel per node")
             continue
-        ext = all(i not in prod or i in inlined for i in n.inputs)
+        # computed from graph inputs alone (an index remap of a kernel's output is inlined too,
+        # but what reads it depends on that kernel)
+        ext = all(i not in prod or i in input_only for i in n.inputs)
         if n.op == "check_index" and ext and n.name not in outputs:
             guards.append(n.name)
             inlined.add(n.name)
+            input_only.add(n.name)
             decisions.append(Decision(n.name, True, "check_index of graph inputs is a guard: the program checks "
                                                     "the indices before any kernel runs; the value passes through"))
             continue
@@ -199,6 +212,7 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
                 (kind in ("broadcast", "injective") and ext) or
                 (kind == "elementwise" and ext and n.inputs)):
             inlined.add(n.name)
+            input_only.add(n.name)
             what = "a source" if kind == "source" else "computed from graph inputs only"
             decisions.append(Decision(n.name, True, f"{n.op} is {what}: inlined into each kernel that reads it"))
             continue
@@ -244,6 +258,12 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
                 new_group(n, "reduce", domain, axes, reason=f"{n.op} starts a row kernel: {reason}")
             continue
         if kind in LOOP_KINDS:
+            if n.op in AFFINE_REMAPS and n.name not in outputs and users.get(n.name) and \
+                    all(kind_of[u] == "matmul" for u in users[n.name]):
+                inlined.add(n.name)
+                decisions.append(Decision(n.name, True, f"{n.op} is read only by matmuls, which read through it "
+                                                        f"with strides: inlined, not materialised"))
+                continue
             best, refusals = None, []
             for gid in producers:
                 w = why_not(groups[gid], n, kind)
