@@ -2,35 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-
-
-def _load_user_function(target: str):
-    path, _, fname = target.rpartition(":")
-    if not path or not fname:
-        raise SystemExit(f"narch: expected path/to/file.py:function, got {target!r}")
-    spec = importlib.util.spec_from_file_location("narch_user_module", path)
-    if spec is None:
-        raise SystemExit(f"narch: cannot load {path}")
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except FileNotFoundError:
-        raise SystemExit(f"narch: no such file: {path}") from None
-    try:
-        return getattr(mod, fname)
-    except AttributeError:
-        raise SystemExit(f"narch: {path} has no function {fname!r}") from None
-
-
-def _parse_shape(text: str):
-    from neural_arch.compiler.ir import TensorType
-    dtype = "float32"
-    if ":" in text:
-        text, dtype = text.split(":", 1)
-    dims = tuple(int(d) for d in text.split("x") if d) if text not in ("", "scalar") else ()
-    return TensorType(dims, dtype)
 
 
 def cmd_demo(args) -> int:
@@ -69,17 +41,23 @@ def cmd_bench(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from neural_arch.compiler import trace, grad
-    fn = _load_user_function(args.target)
-    types = [_parse_shape(s) for s in args.shape]
-    if args.grad:
-        fn = grad(fn, argnums=tuple(range(len(types))))
-    g = trace(fn, *types)
-    text = g.to_text()
+    from neural_arch.tools import dump
+    try:
+        stages = dump.expand_stages(args.stage)
+        if args.format == "svg" and not dump.have_dot():
+            raise dump.DumpError(dump.DOT_MISSING)
+        d = dump.collect(args.target, train=args.train, shapes=args.shape, grad=args.grad)
+        kernel = d.select_kernel(args.kernel) if args.kernel is not None else None
+        text = dump.render(d, stages, args.format, kernel=kernel, layout=args.layout)
+    except dump.DumpError as e:
+        if args.debug:
+            raise
+        print(f"narch dump: {e}", file=sys.stderr)
+        return 2
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} ({len(text):,} bytes)")
     else:
         sys.stdout.write(text)
     return 0
@@ -113,12 +91,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", help="kernels")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see narch bench SUITE --help)")
     b.set_defaults(func=cmd_bench)
-    u = sub.add_parser("dump", help="print the IR of a traced function",
-                       description="example: narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
-    u.add_argument("target", help="path/to/file.py:function")
+    u = sub.add_parser("dump", help="every stage of compiling a program: IR, passes, kernels, memory, LLVM",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Dump a zoo model or your own function at any compilation stage.",
+                       epilog="stages: trace, passes, pass:NAME, final, backward, fusion, kernels, memory, llvm,\n"
+                              "        llvm-opt, asm, all (repeat --stage or separate with commas)\n"
+                              "examples:\n"
+                              "  narch dump gpt2-tiny                              # the traced IR (parses back)\n"
+                              "  narch dump mlp --train --stage passes            # the IR after each pass, timed\n"
+                              "  narch dump gpt2-tiny --stage fusion,memory       # kernels, decisions, buffers\n"
+                              "  narch dump mlp --stage asm --kernel 1            # one kernel's assembly\n"
+                              "  narch dump gpt2-tiny --format html -o gpt2.html  # the whole report, offline\n"
+                              "  narch dump mlp --format svg -o mlp.svg           # needs graphviz\n"
+                              "  narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
+    u.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...; see `narch difftest models --help`) "
+                                  "or path/to/file.py:function")
+    u.add_argument("--train", action="store_true",
+                   help="a zoo model's whole training step (forward, loss, backward, SGD update)")
+    u.add_argument("--stage", action="append", default=None,
+                   help="what to dump (default: trace); repeatable, comma separated; see the list below")
+    u.add_argument("--format", choices=["text", "json", "dot", "svg", "html"], default="text",
+                   help="text: the IR's own parseable form (default); json: complete and machine-readable; "
+                        "dot/svg: the graph with fused kernels as clusters; html: one self-contained report")
+    u.add_argument("--kernel", help="for llvm/llvm-opt/asm (and the HTML report's initial choice): "
+                                    "a kernel index or name, e.g. 3 or k3.add")
+    u.add_argument("--layout", choices=["auto", "dot", "builtin"], default="auto",
+                   help="how the HTML report lays out the graph (auto: Graphviz when installed)")
     u.add_argument("--shape", action="append", default=[],
-                   help="an example argument's shape, e.g. 4x8 or 4x8:int64 or scalar (repeat per argument)")
-    u.add_argument("--grad", action="store_true", help="dump the gradient graph (w.r.t. every argument)")
+                   help="for file.py:function: an example argument's shape, e.g. 4x8, 4x8:int64 or scalar "
+                        "(repeat per argument)")
+    u.add_argument("--grad", action="store_true",
+                   help="for file.py:function: dump its gradient graph (w.r.t. every argument)")
     u.add_argument("-o", "--output", help="write to this file instead of stdout")
     u.set_defaults(func=cmd_dump)
     return p
