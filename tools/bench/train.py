@@ -1,0 +1,415 @@
+"""Training and generation benchmarks (``narch bench train``), printed as ratios against
+peers measured in the same run:
+
+* a GPT-2 training step (forward, cross-entropy, backward, AdamW update) at two sizes:
+  ``small`` (n_embd 384, 6 layers, 6 heads, context 128, batch 8, vocab 256) and ``tiny``
+  (n_embd 128, 2 layers, 4 heads, context 64, batch 16, vocab 256): our compiled step vs
+  PyTorch eager (the same model from ``transformers``), torch.compile (``--torch-compile``:
+  it compiles for about a minute), and our NumPy interpreter running the same graph;
+* an MLP 64-256-256-10 on scikit-learn's handwritten digits, batch 64, AdamW;
+* generation with the small config, batch 1, a 16-token prompt and 64 new tokens (greedy):
+  our prefill + compiled decode over a KV cache vs PyTorch eager with its KV cache.
+
+Every measurement runs in its own subprocess (``--worker``), so peak memory is the growth of
+that process's resident set while it steps (the kernel's high-water mark, reset with
+/proc/self/clear_refs after setup) and one framework's allocator cannot hide another's.
+Step times are medians over the timed steps; the compile time of our step is measured cold
+(an empty kernel cache) and cached (a fresh process reading the disk cache).
+
+    narch bench train [--only small,tiny,mlp,generate] [--steps 10] [--torch-compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+GPT_CONFIGS = {  # n_embd, n_layer, n_head, context, batch, vocab
+    "small": (384, 6, 6, 128, 8, 256),
+    "tiny": (128, 2, 4, 64, 16, 256),
+}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class PeakMeter:
+    """Growth of the resident set above its level at ``start()`` (its high-water mark)."""
+
+    def start(self):
+        import gc
+        gc.collect()
+        self.ok = _reset_peak()
+        self.base = _rss_bytes()
+
+    def stop(self) -> float | None:
+        return (_peak_bytes() - self.base) / 2**20 if self.ok else None
+
+
+def _time_steps(step, n: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        step()
+    meter = PeakMeter()
+    meter.start()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t)
+    return {"median_s": float(np.median(ts)), "min_s": float(min(ts)), "peak_mb": meter.stop(), "steps": n}
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _gpt_batch(cfg):
+    E, L, H, T, B, V = cfg
+    rng = np.random.default_rng(0)
+    return rng.integers(0, V, (B, T)).astype(np.int64), rng.integers(0, V, (B, T)).astype(np.int64)
+
+
+def _ours_gpt(cfg, backend: str):
+    from neural_arch.compiler import functional as F
+    from neural_arch.models import GPT2, GPT2Config, compile_train_step, nn, optim
+    E, L, H, T, B, V = cfg
+    nn.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H, dropout=0.0))
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+
+    def loss_fn(m, x, y):
+        return F.cross_entropy(m(x).reshape((-1, V)), y.reshape((-1,)))
+    x, y = _gpt_batch(cfg)
+    t = time.perf_counter()
+    step = compile_train_step(model, loss_fn, opt, x, y, backend=backend)
+    compile_s = time.perf_counter() - t
+    info = {"compile_s": compile_s, "nodes": len(step.graph.nodes)}
+    return (lambda: step(x, y)), info, step
+
+
+def worker_gpt_ours(cfg, backend: str, steps: int) -> dict:
+    run, info, step = _ours_gpt(cfg, backend)
+    res = _time_steps(run, steps, warmup=1 if backend == "interpreter" else 2)
+    res.update(info)
+    if backend == "llvm":
+        prog = step.runtime_program
+        res["kernels"] = len(prog.kernels)
+        if prog.memory_plan is not None:
+            res["arena_mb"] = prog.memory_plan.arena_bytes / 2**20
+            res["intermediates_mb"] = prog.memory_plan.naive_bytes / 2**20
+    return res
+
+
+def worker_gpt_torch(cfg, steps: int, compiled: bool) -> dict:
+    import torch
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("NARCH_BENCH_THREADS", "2")))
+    E, L, H, T, B, V = cfg
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(HFConfig(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0))
+    model.config._attn_implementation = "eager"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = (torch.from_numpy(a) for a in _gpt_batch(cfg))
+
+    def loss_fn():
+        return torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, V), y.reshape(-1))
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        opt.step()
+    t = time.perf_counter()
+    if compiled:
+        step()
+    compile_s = time.perf_counter() - t
+    res = _time_steps(step, steps)
+    if compiled:
+        res["compile_s"] = compile_s
+    return res
+
+
+def _mlp_data():
+    try:
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x = (d.data / 16.0).astype(np.float32)
+        y = d.target.astype(np.int64)
+        source = "scikit-learn digits"
+    except ImportError:  # the shape is what the benchmark measures
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 1, (1797, 64)).astype(np.float32)
+        y = rng.integers(0, 10, 1797).astype(np.int64)
+        source = "random digits-shaped data (scikit-learn not installed)"
+    return x[:64], y[:64], source
+
+
+def worker_mlp_ours(steps: int) -> dict:
+    from neural_arch.compiler import functional as F
+    from neural_arch.models import compile_train_step, nn, optim
+    x, y, source = _mlp_data()
+    nn.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    t = time.perf_counter()
+    step = compile_train_step(model, lambda m, a, b: F.cross_entropy(m(a), b), opt, x, y)
+    compile_s = time.perf_counter() - t
+    res = _time_steps(lambda: step(x, y), steps, warmup=20)
+    res.update(compile_s=compile_s, data=source, kernels=len(step.runtime_program.kernels))
+    return res
+
+
+def worker_mlp_torch(steps: int) -> dict:
+    import torch
+    torch.set_num_threads(int(os.environ.get("NARCH_BENCH_THREADS", "2")))
+    x, y, source = _mlp_data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(xt), yt).backward()
+        opt.step()
+    res = _time_steps(step, steps, warmup=20)
+    res["data"] = source
+    return res
+
+
+def worker_generate_ours(new_tokens: int, prompt: int) -> dict:
+    from neural_arch.models import GPT2, GPT2Config, nn
+    from neural_arch.models.generate import Decoder, sample_next
+    E, L, H, T, B, V = GPT_CONFIGS["small"]
+    nn.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H, dropout=0.0))
+    model.eval()
+    idx = np.random.default_rng(0).integers(0, V, (1, prompt)).astype(np.int64)
+    t = time.perf_counter()
+    dec = Decoder(model, 1, prompt)
+    compile_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+
+    def run():
+        logits, caches = dec.prefill(idx)
+        out = idx
+        for i in range(new_tokens):
+            nxt = sample_next(logits, rng, 0.0)[:, None]
+            out = np.concatenate([out, nxt], 1)
+            if i + 1 < new_tokens:
+                logits, caches = dec.decode(nxt, out.shape[1] - 1, caches)
+        return out
+    res = _time_steps(run, 3, warmup=1)
+    res.update(compile_s=compile_s, tokens_per_s=new_tokens / res["median_s"])
+    return res
+
+
+def worker_generate_torch(new_tokens: int, prompt: int) -> dict:
+    import torch
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("NARCH_BENCH_THREADS", "2")))
+    E, L, H, T, B, V = GPT_CONFIGS["small"]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(HFConfig(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H,
+                                     bos_token_id=0, eos_token_id=0)).eval()
+    idx = torch.from_numpy(np.random.default_rng(0).integers(0, V, (1, prompt)).astype(np.int64))
+
+    def run():
+        with torch.no_grad():  # greedy with the KV cache, one token at a time
+            out = model(idx, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(new_tokens - 1):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    res = _time_steps(run, 3, warmup=1)
+    res["tokens_per_s"] = new_tokens / res["median_s"]
+    return res
+
+
+def run_worker(spec: list[str]) -> dict:
+    kind = spec[0]
+    if kind == "gpt":
+        cfg, who, steps = GPT_CONFIGS[spec[1]], spec[2], int(spec[3])
+        if who in ("llvm", "interpreter"):
+            return worker_gpt_ours(cfg, who, steps)
+        return worker_gpt_torch(cfg, steps, compiled=(who == "torch.compile"))
+    if kind == "mlp":
+        return worker_mlp_ours(int(spec[2])) if spec[1] == "ours" else worker_mlp_torch(int(spec[2]))
+    if kind == "generate":
+        n, p = int(spec[2]), int(spec[3])
+        return worker_generate_ours(n, p) if spec[1] == "ours" else worker_generate_torch(n, p)
+    raise SystemExit(f"unknown worker {spec}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    cmd = [sys.executable, "-m", "neural_arch.tools.bench.train", "--worker", *spec]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not last:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit status {p.returncode}"}
+    return json.loads(last[-1])
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _fmt_mb(v):
+    return "-" if v is None else f"{v:8.1f}"
+
+
+def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print) -> dict:
+    cache = tempfile.mkdtemp(prefix="narch-bench-cache-")
+    env = {"NEURAL_ARCH_CACHE_DIR": cache}
+    log(f"[{name}] our step, cold kernel cache ...")
+    cold = _spawn(["gpt", name, "llvm", "1"], env)
+    log(f"[{name}] our step, cached ...")
+    ours = _spawn(["gpt", name, "llvm", str(steps)], env)
+    rows = {"ours": ours, "ours_cold": cold}
+    if _have("torch"):
+        log(f"[{name}] PyTorch eager ...")
+        rows["torch"] = _spawn(["gpt", name, "torch", str(steps)])
+        if torch_compile:
+            log(f"[{name}] torch.compile ...")
+            rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
+    if interpreter:
+        log(f"[{name}] our interpreter ...")
+        rows["interpreter"] = _spawn(["gpt", name, "interpreter", "2" if name == "small" else "3"])
+    return rows
+
+
+def format_gpt(name: str, rows: dict) -> str:
+    E, L, H, T, B, V = GPT_CONFIGS[name]
+    ours = rows["ours"]
+    lines = [f"GPT-2 training step '{name}': n_embd {E}, {L} layers, {H} heads, context {T}, batch {B}, vocab {V}",
+             f"  {'':16} {'step ms':>9} {'min ms':>8} {'ours faster by':>15} {'peak MB':>8}"]
+    for key in ("ours", "torch", "torch.compile", "interpreter"):
+        r = rows.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"  {key:16} failed: {r['error']}")
+            continue
+        ratio = "" if key == "ours" or "error" in ours else f"{r['median_s'] / ours['median_s']:14.2f}x"
+        lines.append(f"  {key:16} {r['median_s'] * 1e3:9.1f} {r['min_s'] * 1e3:8.1f} {ratio:>15} "
+                     f"{_fmt_mb(r.get('peak_mb'))}")
+    if "error" not in ours:
+        cold = rows.get("ours_cold", {})
+        lines.append(f"  ours: {ours.get('kernels', '?')} kernels for {ours['nodes']} IR nodes; arena "
+                     f"{ours.get('arena_mb', 0):.1f} MB planned for {ours.get('intermediates_mb', 0):.1f} MB of "
+                     f"intermediates; compile cold {cold.get('compile_s', float('nan')):.2f} s, cached "
+                     f"{ours['compile_s']:.2f} s (trace + passes + codegen lookup)")
+        tc = rows.get("torch.compile")
+        if tc and "compile_s" in tc:
+            lines.append(f"  torch.compile: first call (compile) {tc['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="narch bench train", description=__doc__.splitlines()[0],
+                                 epilog="example: narch bench train --only tiny,mlp --steps 20")
+    ap.add_argument("--only", default="small,tiny,mlp,generate",
+                    help="comma-separated cases: small, tiny, mlp, generate (default: all)")
+    ap.add_argument("--steps", type=int, default=10, help="timed GPT-2 steps per framework (default 10)")
+    ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile (compiles ~1 min)")
+    ap.add_argument("--no-interpreter", action="store_true", help="skip our NumPy interpreter (slow)")
+    ap.add_argument("--json", help="also write the raw measurements to this file")
+    ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args.worker)))
+        return 0
+    cases = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in ("small", "tiny", "mlp", "generate")]
+    if unknown:
+        raise SystemExit(f"narch bench train: unknown case(s) {', '.join(unknown)}")
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    out, report = {}, []
+    if not _have("torch"):
+        report.append("PyTorch is not installed: only our own numbers are printed "
+                      "(pip install torch==2.13.0 for the comparisons)")
+    for name in ("small", "tiny"):
+        if name in cases:
+            out[name] = bench_gpt(name, args.steps, args.torch_compile, not args.no_interpreter, log)
+            report.append(format_gpt(name, out[name]))
+    if "mlp" in cases:
+        log("[mlp] ours, PyTorch eager ...")
+        ours = _spawn(["mlp", "ours", "300"])
+        rows = {"ours": ours}
+        if _have("torch"):
+            rows["torch"] = _spawn(["mlp", "torch", "300"])
+        out["mlp"] = rows
+        lines = [f"MLP 64-256-256-10, batch 64, AdamW ({ours.get('data', '?')}), 300 steps"]
+        for k, r in rows.items():
+            if "error" in r:
+                lines.append(f"  {k:8} failed: {r['error']}")
+                continue
+            ratio = "" if k == "ours" or "error" in ours else f"  ours faster by {r['median_s'] / ours['median_s']:.2f}x"
+            lines.append(f"  {k:8} {r['median_s'] * 1e3:8.3f} ms/step (min {r['min_s'] * 1e3:.3f}){ratio}")
+        report.append("\n".join(lines))
+    if "generate" in cases:
+        log("[generate] ours, PyTorch eager ...")
+        rows = {"ours": _spawn(["generate", "ours", "64", "16"])}
+        if _have("torch"):
+            rows["torch"] = _spawn(["generate", "torch", "64", "16"])
+        out["generate"] = rows
+        ours = rows["ours"]
+        lines = ["Generation, GPT-2 'small', batch 1, 16-token prompt, 64 new tokens, greedy, KV cache"]
+        for k, r in rows.items():
+            if "error" in r:
+                lines.append(f"  {k:8} failed: {r['error']}")
+                continue
+            ratio = "" if k == "ours" or "error" in ours else \
+                f"  ours faster by {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+            lines.append(f"  {k:8} {r['tokens_per_s']:8.1f} tokens/s{ratio}")
+        report.append("\n".join(lines))
+    print("\n\n".join(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
