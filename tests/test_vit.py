@@ -189,7 +189,8 @@ def test_compiled_backward_equals_interpreter():
     want = interpret(dg, inputs)
     got = Program(dg)(*[np.ascontiguousarray(a) for a in inputs])
     for name, a, b in zip(["loss"] + wrt, got, want):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+        # float32 sums cancel: absolute error relative to the gradient's own scale
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1e-2, float(np.abs(b).max())), err_msg=name)
     out = model(Tensor(x), Tensor(y))[1]
     out.backward()
     cls = model.vit.embeddings.cls_token
@@ -197,6 +198,7 @@ def test_compiled_backward_equals_interpreter():
     np.testing.assert_allclose(got[1 + k], cls.grad.data, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_train_step_equals_interpreted_and_learns():
     """A fixed batch: the compiled step and the interpreted step give the same losses (with
     dropout drawn from the step seed), and the loss falls."""
