@@ -286,7 +286,8 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
     entry = ir.Function(module, ir.FunctionType(I32, [PTR]), name=ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
     profile = bool(options.get("profile"))
-    if profile:  # per-kernel wall time (ns) accumulated into bufs[__profile__]
+    if profile:  # per-kernel wall time (ns) accumulated into bufs[__profile__][k]; the start
+        # (CLOCK_MONOTONIC ns, Python's time.monotonic_ns clock) of its last run in [K + k]
         slot("__profile__")
         prof = b.load(b.gep(entry.args[0], [c64(slots["__profile__"])], source_etype=PTR, inbounds=True),
                       typ=PTR)
@@ -306,6 +307,7 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         if profile:
             p = b.gep(prof, [c64(k)], source_etype=I64)
             b.store(b.add(b.load(p, typ=I64), b.sub(now(), t_start)), p)
+            b.store(t_start, b.gep(prof, [c64(len(kernels) + k)], source_etype=I64))
         fail = entry.append_basic_block(kern.name + ".fail")
         ok = entry.append_basic_block(kern.name + ".ok")
         b.cbranch(b.icmp_signed("!=", rc, ir.Constant(I32, 0)), fail, ok)
@@ -481,8 +483,10 @@ class Program:
         self._ptrs[lay.workspace_slot] = self._ws.ctypes.data
         self._prof = None
         if "__profile__" in lay.slots:
-            self._prof = np.zeros(len(self.module.kernels), np.int64)
-            self._ptrs[lay.slots["__profile__"]] = self._prof.ctypes.data
+            self._prof_all = np.zeros(2 * len(self.module.kernels), np.int64)
+            self._prof = self._prof_all[:len(self.module.kernels)]          # accumulated ns per kernel
+            self.kernel_starts = self._prof_all[len(self.module.kernels):]  # last call's start per kernel
+            self._ptrs[lay.slots["__profile__"]] = self._prof_all.ctypes.data
             self.calls = 0
         outputs = set(graph.outputs)
         inputs = set(graph.input_names)
