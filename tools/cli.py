@@ -1,4 +1,4 @@
-"""The `narch` command: demo, dump (and, as they land, difftest, bench, profile)."""
+"""The `narch` command: demo, train, bench, dump, difftest, profile."""
 from __future__ import annotations
 
 import argparse
@@ -63,10 +63,46 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def cmd_difftest(args) -> int:
+    from neural_arch.tools import difftest
+    if args.replay:
+        return difftest.replay(args.replay)
+    suites = difftest.SUITES if args.suite == "all" else (args.suite,)
+    only = [p for o in args.only for p in o.split(",") if p] if args.only else None
+    rc, _ = difftest.run(suites, seed=args.seed, count=args.count, only=only, tolerance=args.tolerance,
+                         out_dir=args.out, minimize_failures=not args.no_minimize, quiet=args.quiet,
+                         use_torch=not args.no_torch)
+    return rc
+
+
+def cmd_profile(args) -> int:
+    from neural_arch.tools import dump, profile
+    try:
+        t = dump.resolve_target(args.target, train=args.train, shapes=args.shape)
+    except dump.DumpError as e:
+        if args.debug:
+            raise
+        print(f"narch profile: {e}", file=sys.stderr)
+        return 2
+    if args.iters < 1:
+        print("narch profile: --iters must be at least 1", file=sys.stderr)
+        return 2
+    prof = profile.profile_program(t.graph, t.inputs, t.label, iters=args.iters, warmup=args.warmup)
+    print(prof.table(top=args.top))
+    if args.trace:
+        profile.write_trace(prof, args.trace)
+        print(f"wrote {args.trace}: a Chrome trace ({len(prof.events)} events); open it in https://ui.perfetto.dev "
+              f"or chrome://tracing")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="narch", description="neural_arch: a small deep-learning compiler.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="examples:\n  narch demo\n  narch dump model.py:loss --shape 4x8 --shape 8x3\n")
+                                epilog="examples:\n  narch demo\n  narch dump gpt2-tiny --format html -o gpt2.html\n"
+                                       "  narch difftest all\n  narch profile gpt2-tiny --train --trace t.json\n"
+                                       "  narch dump model.py:loss --shape 4x8 --shape 8x3\n"
+                                       "(narch COMMAND --help lists every option with examples)\n")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="trace, differentiate and train a small MLP, printing its IR",
@@ -124,6 +160,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for file.py:function: dump its gradient graph (w.r.t. every argument)")
     u.add_argument("-o", "--output", help="write to this file instead of stdout")
     u.set_defaults(func=cmd_dump)
+    f = sub.add_parser("difftest", help="differential tests: compiled vs interpreter (and torch), as a table",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compare compiled results against the NumPy interpreter (and torch) and print a "
+                                   "table: max abs/rel error, tolerance, pass/fail. Exit status 1 on any failure; "
+                                   "each failure writes a reproducer directory and a replay command.",
+                       epilog="suites:\n"
+                              "  ops     every op in the registry, forward and backward (+ torch where installed)\n"
+                              "  models  each zoo model, forward and training step\n"
+                              "  random  random valid graphs, forward and gradients (failures are minimized)\n"
+                              "  passes  random subsets and orders of the optional passes vs the unoptimized graph\n"
+                              "examples:\n"
+                              "  narch difftest all\n"
+                              "  narch difftest ops --only 'exp*,matmul*' --count 5\n"
+                              "  narch difftest random --seed 7 --count 1000 --quiet\n"
+                              "  narch difftest random --count 1 --tolerance 0     # fails: shows reproducer + minimizer\n"
+                              "  narch difftest --replay narch_difftest/random-graph0-compiled")
+    f.add_argument("suite", nargs="?", default="all", choices=["ops", "models", "random", "passes", "all"],
+                   help="which suite (default: all)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default 0)")
+    f.add_argument("--count", type=int, default=None,
+                   help="cases per op (ops, default 3) or graphs (random/passes, default 20); models: ignored")
+    f.add_argument("--only", action="append", default=None,
+                   help="only cases whose name matches one of these globs/substrings, e.g. 'tanh*' or gpt2 "
+                        "(repeatable, comma separated)")
+    f.add_argument("--tolerance", type=float, default=None,
+                   help="use this rtol and atol for every case instead of the per-op/suite tolerances")
+    f.add_argument("--out", default="narch_difftest", help="where reproducers go (default ./narch_difftest)")
+    f.add_argument("--replay", metavar="DIR", help="re-run one reproducer directory; exit 1 if it still fails")
+    f.add_argument("--no-minimize", action="store_true", help="do not shrink failing random graphs")
+    f.add_argument("--no-torch", action="store_true", help="skip the comparisons against torch")
+    f.add_argument("--quiet", action="store_true", help="print only failures and the summary (long runs)")
+    f.set_defaults(func=cmd_difftest)
+    r = sub.add_parser("profile", help="run a compiled program: per-kernel time, share, GFLOP/s or GB/s, overhead",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a zoo model (or your function) compiled with per-kernel timers and print "
+                                   "where the time goes; optionally write a Chrome trace Perfetto opens.",
+                       epilog="examples:\n"
+                              "  narch profile gpt2-tiny\n"
+                              "  narch profile gpt2-tiny --train --iters 100 --trace gpt2-train.json\n"
+                              "  narch profile model.py:loss --shape 64x256 --shape 256x256 --top 5")
+    r.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...) or path/to/file.py:function")
+    r.add_argument("--train", action="store_true", help="a zoo model's whole training step")
+    r.add_argument("--iters", type=int, default=50, help="timed calls (default 50)")
+    r.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    r.add_argument("--top", type=int, default=None, help="show only the N slowest kernels")
+    r.add_argument("--trace", metavar="OUT.json", help="write a Chrome trace (traceEvents, ph X) of every call")
+    r.add_argument("--shape", action="append", default=[],
+                   help="for file.py:function: an example argument's shape, e.g. 4x8 or 4x8:int64")
+    r.set_defaults(func=cmd_profile)
     return p
 
 
