@@ -20,6 +20,8 @@ TRAINERS = {
             "narch train vit --steps 1500 --out runs/vit-digits"),
     "clip": ("neural_arch.tools.train_clip", "a tiny CLIP on the digits and captions; zero-shot accuracy",
              "narch train clip --steps 1500 --out runs/clip-digits"),
+    "bert": ("neural_arch.tools.train_bert", "masked-LM pretraining of a small character-level BERT on the stdlib",
+             "narch train bert --steps 1200 --out runs/bert-mlm"),
 }
 
 
@@ -30,6 +32,12 @@ def cmd_train(args) -> int:
     res = importlib.import_module(TRAINERS[args.model][0]).run(args)
     ok = res["passed"] if "passed" in res else res["val"] < res["baseline"]
     return 0 if ok else 1
+
+
+def cmd_embed(args) -> int:
+    from neural_arch.tools.embed import run
+    run(args.sentences, values=args.values, model_dir=args.model_dir, backend=args.backend)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -121,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         importlib.import_module(module).add_arguments(m)
     t.set_defaults(func=cmd_train, model=None)
+    e = sub.add_parser("embed", help="sentence embeddings and cosine similarities with the pretrained all-MiniLM-L6-v2",
+                       description='example: narch embed "A man is eating food." "A man eats bread."')
+    from neural_arch.tools.embed import add_arguments as embed_arguments
+    embed_arguments(e)
+    e.set_defaults(func=cmd_embed)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against peers measured in the same run",
                        description="example: narch bench kernels --sizes 512 1024 --threads 2\n"
                                    "(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for a fair NumPy)")
