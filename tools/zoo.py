@@ -177,3 +177,23 @@ def _gpt2_tiny() -> ZooModel:
     targets = np.roll(idx, -1, axis=1)
     return ZooModel(model, (idx, targets), lambda m, idx: m(idx), lambda m, idx, t: m(idx, t)[1],
                     forward_inputs=1)
+
+
+@register("bert-tiny", "BERT masked LM (models/bert.py): 2 post-LN layers, 4 heads, hidden 32, vocab 64, "
+                       "batch 2x12 tokens with padding and 3 masked targets per row")
+def _bert_tiny() -> ZooModel:
+    from neural_arch.models import nn
+    from neural_arch.models.bert import BERTConfig, BERTForMaskedLM
+    nn.manual_seed(0)
+    cfg = BERTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BERTForMaskedLM(cfg)
+    ids = _rng(3).integers(1, 64, (2, 12)).astype(np.int64)
+    types = np.zeros_like(ids)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    ids[mask == 0] = 0
+    labels = np.full_like(ids, -100)
+    labels[:, [1, 4, 7]] = ids[:, [1, 4, 7]]
+    return ZooModel(model, (ids, types, mask, labels), lambda m, i, t, a: m(i, t, a)["logits"],
+                    lambda m, i, t, a, y: m(i, t, a, labels=y)["loss"], forward_inputs=3)
