@@ -41,7 +41,8 @@ def cmd_embed(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    suites = {"kernels": "neural_arch.tools.bench.kernels"}
+    suites = {"kernels": "neural_arch.tools.bench.kernels", "ops": "neural_arch.tools.bench.ops",
+              "train": "neural_arch.tools.bench.train"}
     if args.suite not in suites:
         raise SystemExit(f"narch bench: unknown suite {args.suite!r} (available: {', '.join(suites)})")
     import importlib
@@ -135,9 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     embed_arguments(e)
     e.set_defaults(func=cmd_embed)
     b = sub.add_parser("bench", help="benchmarks printed as ratios against peers measured in the same run",
-                       description="example: narch bench kernels --sizes 512 1024 --threads 2\n"
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="suites:\n"
+                                   "  kernels  matmul and fused-epilogue GEMM vs NumPy and the FMA peak\n"
+                                   "  ops      gelu(x*w+b), softmax, layer_norm, reductions vs NumPy and a copy;\n"
+                                   "           compile times; a GPT-2-style training step vs the interpreter\n"
+                                   "  train    GPT-2 training steps, an MLP and generation vs PyTorch\n"
+                                   "examples:\n"
+                                   "  narch bench kernels --sizes 512 1024 --threads 2\n"
+                                   "  narch bench ops --quick\n"
+                                   "  narch bench train --only tiny,mlp --steps 20\n"
                                    "(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for a fair NumPy)")
-    b.add_argument("suite", help="kernels")
+    b.add_argument("suite", help="kernels, ops or train")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see narch bench SUITE --help)")
     b.set_defaults(func=cmd_bench)
     u = sub.add_parser("dump", help="every stage of compiling a program: IR, passes, kernels, memory, LLVM",
