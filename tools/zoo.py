@@ -197,3 +197,44 @@ def _bert_tiny() -> ZooModel:
     labels[:, [1, 4, 7]] = ids[:, [1, 4, 7]]
     return ZooModel(model, (ids, types, mask, labels), lambda m, i, t, a: m(i, t, a)["logits"],
                     lambda m, i, t, a, y: m(i, t, a, labels=y)["loss"], forward_inputs=3)
+
+
+@register("vit-tiny", "ViT image classifier (models/vit.py): 8x8 images in 2 channels, 4x4 patches, "
+                      "2 pre-LN layers, 4 heads, hidden 32, 10 classes, batch 4")
+def _vit_tiny() -> ZooModel:
+    from neural_arch.models import nn
+    from neural_arch.models.vit import ViTConfig, ViTForImageClassification
+    nn.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=2, num_classes=10, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64)
+    model = ViTForImageClassification(cfg)
+    x = _rng(4).standard_normal((4, 2, 8, 8)).astype(np.float32)
+    y = _rng(5).integers(0, 10, 4).astype(np.int64)
+    return ZooModel(model, (x, y), lambda m, x: m(x), lambda m, x, y: m(x, y)[1], forward_inputs=1)
+
+
+@register("clip-tiny", "CLIP (models/clip.py): ViT tower on 8x8 images (4x4 patches) and causal text tower "
+                       "(vocab 24, 6 tokens, eos pooling), 2 layers each, hidden 32, projection 16, batch 4 "
+                       "pairs, symmetric contrastive loss")
+def _clip_tiny() -> ZooModel:
+    from neural_arch.models import nn
+    from neural_arch.models.clip import CLIPConfig, CLIPModel
+    nn.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=6, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=23),
+                     vision_config=dict(image_size=8, patch_size=4, num_channels=1, hidden_size=32,
+                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+                     projection_dim=16)
+    model = CLIPModel(cfg)
+    ids = _rng(6).integers(2, 23, (4, 6)).astype(np.int64)
+    ids[:, 0] = 1
+    for r, end in enumerate([5, 3, 4, 2]):
+        ids[r, end] = 23
+        ids[r, end + 1:] = 0
+    x = _rng(7).standard_normal((4, 1, 8, 8)).astype(np.float32)
+
+    def forward(m, ids, px):
+        out = m(ids, px)
+        return out["logits_per_image"], out["image_embeds"], out["text_embeds"]
+    return ZooModel(model, (ids, x), forward, lambda m, ids, px: m(ids, px, return_loss=True)["loss"])
