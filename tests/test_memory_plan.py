@@ -1,5 +1,6 @@
 """Memory planning: no two live buffers overlap; reuse brings the peak below the naive sum."""
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from neural_arch.compiler import functional as F, grad, trace
@@ -58,3 +59,43 @@ def test_plans_of_real_graphs_are_valid_and_no_worse_than_naive(n, d):
         assert set(plan.buffers) == {nd.name for nd in graph.nodes} - set(graph.outputs)
     assert plan.arena_bytes < plan.naive_bytes  # the backward graph always has reuse
     assert "planned peak" in plan.report()
+
+
+def _block_training_program(B, T, D, H):
+    from neural_arch.compiler.autodiff import autodiff
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.compiler.trace import trace_with_info
+    from neural_arch.models import nn
+    from neural_arch.runtime.program import Program
+    nn.manual_seed(0)
+    block = nn.TransformerBlock(D, H, causal=True)
+    tr = trace_with_info(lambda x: (block(x) ** 2).mean(), TensorType((B, T, D)),
+                         params=dict(block.named_parameters()))
+    wrt = [i.name for i in tr.graph.inputs if i.kind == "param"]
+    return Program(autodiff(tr.graph, wrt, with_value=True))
+
+
+@pytest.mark.parametrize("B,T,D,H", [(4, 64, 128, 4), (2, 128, 64, 4)])
+def test_transformer_block_training_step_peak_memory_bound(B, T, D, H):
+    """The planned arena of a pre-LN block's forward+backward stays within the bound derived
+    in docs/passes.md ("A bound for a transformer block's training step"):
+
+        saved    <= 4 * (9*B*T*D + B*T*F + B*H*T*T + B*H*T + 2*B*T)      (F = 4*D)
+        arena    <= saved + 4 * 3 * max(B*T*F, B*H*T*T)
+
+    Saved for backward: 9 model-width values per token (the two layer-norm outputs and
+    their centred inputs, q, k, v, the attention output, the projection's input and the
+    residual stream), the MLP's hidden pre-activation (GELU is recomputed from it), the
+    attention weights, and the row statistics of the softmax and the layer norms.  On top,
+    backward holds at most three tensors of the largest per-token width at once: in the MLP
+    the incoming gradient, a recomputed activation and a weight-gradient operand (F wide);
+    in the attention the score gradient, the softmax-gradient factor and its product (T wide
+    per head)."""
+    F_ = 4 * D
+    prog = _block_training_program(B, T, D, H)
+    plan = prog.memory_plan
+    saved = 4 * (9 * B * T * D + B * T * F_ + B * H * T * T + B * H * T + 2 * B * T)
+    bound = saved + 4 * 3 * max(B * T * F_, B * H * T * T)
+    assert plan.arena_bytes <= bound, (plan.arena_bytes, bound)
+    # and lifetimes really share memory: well under half of all intermediates side by side
+    assert plan.arena_bytes < 0.4 * plan.naive_bytes, (plan.arena_bytes, plan.naive_bytes)

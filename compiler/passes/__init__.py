@@ -14,6 +14,7 @@ DEFAULT_PIPELINE = (
     "fold_constants",
     "algebraic",
     "dce",
+    "remat",
 )
 
 __all__ = ["PASSES", "Pass", "PassError", "PipelineResult", "register_pass", "run_pipeline", "DEFAULT_PIPELINE"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from ..ir import Graph, Node
 from ..ops.registry import PRIMITIVES
+from .remat import is_recomputed
 
 LOOP_KINDS = ("elementwise", "broadcast", "injective")
 # index remaps a matmul reads through with strides (codegen/lowering.py Matmul.operand)
@@ -206,6 +207,11 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
             input_only.add(n.name)
             decisions.append(Decision(n.name, True, "check_index of graph inputs is a guard: the program checks "
                                                     "the indices before any kernel runs; the value passes through"))
+            continue
+        if n.name not in outputs and kind in LOOP_KINDS + ("source",) and is_recomputed(n.name):
+            inlined.add(n.name)
+            decisions.append(Decision(n.name, True, f"{n.op} is recomputed for backward (remat): computed inside "
+                                                    f"each backward kernel that reads it, never stored"))
             continue
         if n.name not in outputs and (
                 (kind == "source" and not n.inputs) or

@@ -43,6 +43,7 @@ class SavedTensor:
 class RematReport:
     saved: list[SavedTensor] = field(default_factory=list)
     recomputed: list[str] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # backward nodes of forward values alone
     naive_saved_bytes: int = 0  # bytes kept alive if every forward value backward reads were saved
 
     @property
@@ -52,10 +53,21 @@ class RematReport:
     def __str__(self) -> str:
         lines = [f"saved for backward: {len(self.saved)} tensors, {self.saved_bytes:,} bytes "
                  f"(saving everything backward reads: {self.naive_saved_bytes:,} bytes); "
-                 f"recomputed: {len(self.recomputed)} nodes"]
+                 f"recomputed: {len(self.recomputed)} nodes; deferred to backward kernels: "
+                 f"{len(self.deferred)} nodes"]
         for s in sorted(self.saved, key=lambda s: -s.nbytes):
             lines.append(f"  %{s.name:<10} {str(s.type):<20} {s.nbytes:>12,} B  {s.loc or ''}")
         return "\n".join(lines)
+
+
+RECOMPUTED_SUFFIX = "_rc"
+
+
+def is_recomputed(name: str) -> bool:
+    """Whether a value is a forward value's copy that ``rematerialize`` made for backward
+    (fusion computes those inside each backward kernel that reads them)."""
+    base, sep, tail = name.rpartition(RECOMPUTED_SUFFIX)
+    return bool(sep) and bool(base) and (tail == "" or tail.isdigit())
 
 
 def _forward_set(graph: Graph) -> set[str]:
@@ -125,17 +137,29 @@ def rematerialize(graph: Graph) -> tuple[Graph, RematReport]:
     if len(graph.outputs) < 2 or graph.types[graph.outputs[0]].shape != ():
         return graph, RematReport()
     saved, recompute, report = partition(graph)
-    if not recompute:
-        return graph, report
     fwd = _forward_set(graph)
     prod = graph.producer()
-    copy_name = {v: f"{v}_rc" for v in recompute}
+    # backward nodes computed from forward values alone (a derivative factor such as gelu's
+    # exp(-x^2/2)) are deferred the same way: fusion computes them inside the backward
+    # kernels that read them instead of in the forward kernel of their inputs, where their
+    # results would stay alive until backward
+    deferred: set[str] = set()
+    outputs = set(graph.outputs)
+    for n in graph.nodes:
+        if n.name not in fwd and n.name not in outputs and n.inputs and \
+                PRIMITIVES[n.op].kind in RECOMPUTABLE_KINDS and \
+                all(i in fwd or i not in prod or i in deferred or not prod[i].inputs for i in n.inputs):
+            deferred.add(n.name)
+    report.deferred = sorted(deferred, key=_order(graph))
+    if not recompute and not deferred:
+        return graph, report
+    copy_name = {v: f"{v}{RECOMPUTED_SUFFIX}" for v in list(recompute) + sorted(deferred)}
     taken = set(graph.types)
     for v, c in list(copy_name.items()):
         k = 0
         while c in taken:
             k += 1
-            c = f"{v}_rc{k}"
+            c = f"{v}{RECOMPUTED_SUFFIX}{k}"
         copy_name[v] = c
         taken.add(c)
     emitted: set[str] = set()
@@ -159,7 +183,8 @@ def rematerialize(graph: Graph) -> tuple[Graph, RematReport]:
         for i in n.inputs:
             if i in recompute:
                 emit_copy(i)
-        out.append(Node(n.name, n.op, tuple(copy_name[i] if i in recompute else i for i in n.inputs),
+        out.append(Node(copy_name[n.name] if n.name in deferred else n.name, n.op,
+                        tuple(copy_name[i] if i in recompute or i in deferred else i for i in n.inputs),
                         n.type, n.attrs, n.loc))
     outputs = tuple(o if o in fwd or o not in recompute else copy_name[o] for o in graph.outputs)
     return graph.replace(nodes=tuple(out), outputs=outputs), report
