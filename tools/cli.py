@@ -80,7 +80,7 @@ def cmd_difftest(args) -> int:
     only = [p for o in args.only for p in o.split(",") if p] if args.only else None
     rc, _ = difftest.run(suites, seed=args.seed, count=args.count, only=only, tolerance=args.tolerance,
                          out_dir=args.out, minimize_failures=not args.no_minimize, quiet=args.quiet,
-                         use_torch=not args.no_torch)
+                         use_torch=not args.no_torch, batch=args.batch)
     return rc
 
 
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "examples:\n"
                               "  narch difftest all\n"
                               "  narch difftest ops --only 'exp*,matmul*' --count 5\n"
-                              "  narch difftest random --seed 7 --count 1000 --quiet\n"
+                              "  narch difftest random --seed 7 --count 10000 --quiet --batch 500\n"
                               "  narch difftest random --count 1 --tolerance 0     # fails: shows reproducer + minimizer\n"
                               "  narch difftest --replay narch_difftest/random-graph0-compiled")
     f.add_argument("suite", nargs="?", default="all", choices=["ops", "models", "random", "passes", "all"],
@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-minimize", action="store_true", help="do not shrink failing random graphs")
     f.add_argument("--no-torch", action="store_true", help="skip the comparisons against torch")
     f.add_argument("--quiet", action="store_true", help="print only failures and the summary (long runs)")
+    f.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="run the cases in worker processes of N cases each: a case that crashes the process is "
+                        "reported (CRASH, with its reproducer) and the run goes on (long runs: --batch 500)")
     f.set_defaults(func=cmd_difftest)
     r = sub.add_parser("profile", help="run a compiled program: per-kernel time, share, GFLOP/s or GB/s, overhead",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

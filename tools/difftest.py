@@ -539,49 +539,172 @@ def _matches(name: str, only) -> bool:
     return any(fnmatch.fnmatch(name, pat) or pat in name for pat in only)
 
 
-def run(suites, seed: int = 0, count: int | None = None, only=None, tolerance: float | None = None,
-        out_dir: str = "narch_difftest", minimize_failures: bool = True, quiet: bool = False,
-        use_torch: bool = True, stream=None, minimize_seconds: float = 300.0) -> tuple[int, list[Result]]:
-    """Run the suites, print the table; returns (exit status, results)."""
-    stream = stream or sys.stdout
-    defaults = {"ops": 3, "models": 1, "random": 20, "passes": 20}
-    results = []
-    t_all = time.perf_counter()
-    print(HEADER, file=stream)
+DEFAULT_COUNTS = {"ops": 3, "models": 1, "random": 20, "passes": 20}
+
+
+def iter_cases(suites, seed: int, count: int | None, only, tolerance, use_torch: bool = True, start: int = 0):
+    """(index, case) over every selected case of the suites, from index ``start`` (random and
+    passes cases are built one seed at a time, so a long run starts at once and a worker
+    process can resume in the middle)."""
+    k = 0
     for suite in suites:
-        n = defaults[suite] if count is None else count
-        if suite == "random" or suite == "passes":  # build graphs one at a time (long runs)
-            gen = (c for k in range(n) for c in cases_for(suite, seed + k, 1, tolerance))
+        n = DEFAULT_COUNTS[suite] if count is None else count
+        if suite in ("random", "passes"):
+            per = 1 if suite == "random" else 2
+            if k + n * per <= start:
+                k += n * per
+                continue
+            first = max(0, (start - k) // per)
+            k += first * per
+            gen = (c for j in range(first, n) for c in cases_for(suite, seed + j, 1, tolerance))
         else:
             gen = iter(cases_for(suite, seed, n, tolerance, use_torch))
         for case in gen:
             if not _matches(case.name, only):
                 continue
-            res = run_case(case)
-            results.append(res)
-            if not res.ok:
-                res.repro = write_reproducer(res, out_dir)
-                if minimize_failures and case.suite == "random" and case.check == "compiled":
-                    small = minimize(case, max_seconds=minimize_seconds,
-                                     log=lambda m: print("  " + m, file=stream))
-                    sres = run_case(small)
-                    if not sres.ok:
-                        sres.repro = write_reproducer(sres, out_dir)
-                        res.minimized = f"{len(case.graph.nodes)} -> {len(small.graph.nodes)} nodes: {sres.repro}"
-            if not quiet or not res.ok:
-                print(row(res), file=stream, flush=True)
-                if res.repro:
-                    print(f"  reproducer: narch difftest --replay {res.repro}", file=stream)
-                if res.minimized:
-                    print(f"  minimized ({res.minimized.split(':')[0]}): narch difftest --replay "
-                          f"{res.minimized.split(': ', 1)[1]}", file=stream)
-            elif len(results) % 100 == 0:
-                print(f"  ... {len(results)} cases, {sum(not r.ok for r in results)} failed", file=stream, flush=True)
+            if k >= start:
+                yield k, case
+            k += 1
+
+
+def _report(res: Result, stream, quiet: bool, n_done: int, n_failed: int) -> None:
+    if not quiet or not res.ok:
+        print(row(res), file=stream, flush=True)
+        if res.repro:
+            print(f"  reproducer: narch difftest --replay {res.repro}", file=stream)
+        if res.minimized:
+            print(f"  minimized ({res.minimized.split(':')[0]}): narch difftest --replay "
+                  f"{res.minimized.split(': ', 1)[1]}", file=stream, flush=True)
+    elif n_done % 100 == 0:
+        print(f"  ... {n_done} cases, {n_failed} failed", file=stream, flush=True)
+
+
+def check(case: Case, out_dir: str, minimize_failures: bool, minimize_seconds: float, stream) -> Result:
+    """Run one case; on failure write its reproducer and (random graphs) a minimized one."""
+    res = run_case(case)
+    if not res.ok:
+        res.repro = write_reproducer(res, out_dir)
+        if minimize_failures and case.suite == "random" and case.check == "compiled":
+            small = minimize(case, max_seconds=minimize_seconds, log=lambda m: print("  " + m, file=stream))
+            sres = run_case(small)
+            if not sres.ok:
+                sres.repro = write_reproducer(sres, out_dir)
+                res.minimized = f"{len(case.graph.nodes)} -> {len(small.graph.nodes)} nodes: {sres.repro}"
+    return res
+
+
+def run(suites, seed: int = 0, count: int | None = None, only=None, tolerance: float | None = None,
+        out_dir: str = "narch_difftest", minimize_failures: bool = True, quiet: bool = False,
+        use_torch: bool = True, stream=None, minimize_seconds: float = 300.0,
+        batch: int = 0) -> tuple[int, list]:
+    """Run the suites, print the table; returns (exit status, results).  ``batch`` > 0 runs
+    the cases in worker processes of ``batch`` cases each, so a case that crashes the
+    process (a signal in native code) is reported as a failure and the run goes on."""
+    stream = stream or sys.stdout
+    if batch > 0:
+        return _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failures, quiet, use_torch,
+                            stream, minimize_seconds, batch)
+    results = []
+    t_all = time.perf_counter()
+    print(HEADER, file=stream)
+    for _, case in iter_cases(suites, seed, count, only, tolerance, use_torch):
+        res = check(case, out_dir, minimize_failures, minimize_seconds, stream)
+        results.append(res)
+        _report(res, stream, quiet, len(results), sum(not r.ok for r in results))
     failed = [r for r in results if not r.ok]
     print(f"{len(results)} cases, {len(results) - len(failed)} passed, {len(failed)} failed "
           f"in {time.perf_counter() - t_all:.1f} s" + (f"; reproducers in {out_dir}/" if failed else ""),
           file=stream)
     return (1 if failed else 0), results
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _worker(spec: dict) -> int:
+    """A worker: cases [start, start + batch); before each, its reproducer goes to
+    out_dir/_pending (so a crash leaves it behind); protocol lines start with @@."""
+    import shutil
+    out = sys.stdout
+    n = 0
+    for k, case in iter_cases(spec["suites"], spec["seed"], spec["count"], spec["only"], spec["tolerance"],
+                              spec["use_torch"], spec["start"]):
+        if n >= spec["batch"]:
+            break
+        pending = os.path.join(spec["out_dir"], "_pending")
+        shutil.rmtree(pending, ignore_errors=True)
+        os.makedirs(spec["out_dir"], exist_ok=True)
+        placeholder = Result(case, math.nan, math.nan, False, error="the process died while running this case")
+        tmp = write_reproducer(placeholder, os.path.join(spec["out_dir"], "_pending_tmp"))
+        os.replace(tmp, pending)
+        shutil.rmtree(os.path.join(spec["out_dir"], "_pending_tmp"), ignore_errors=True)
+        print(f"@@pending {k} {row(placeholder)[:60]}", file=out, flush=True)
+        res = check(case, spec["out_dir"], spec["minimize"], spec["minimize_seconds"], out)
+        shutil.rmtree(pending, ignore_errors=True)
+        print(f"@@done {k} {1 if res.ok else 0}", file=out, flush=True)
+        if not spec["quiet"] or not res.ok:
+            _report(res, out, False, 0, 0)
+        n += 1
+    print(f"@@end {n}", file=out, flush=True)
+    return 0
+
+
+def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failures, quiet, use_torch, stream,
+                 minimize_seconds, batch) -> tuple[int, list]:
+    import signal
+    import shutil
+    import subprocess
+    t_all = time.perf_counter()
+    print(HEADER, file=stream, flush=True)
+    start, done, failed, crashes = 0, 0, 0, []
+    while True:
+        spec = dict(suites=list(suites), seed=seed, count=count, only=only, tolerance=tolerance, out_dir=out_dir,
+                    minimize=minimize_failures, quiet=quiet, use_torch=use_torch, start=start, batch=batch,
+                    minimize_seconds=minimize_seconds)
+        proc = subprocess.Popen([sys.executable, "-m", "neural_arch.tools.difftest", "--worker", json.dumps(spec)],
+                                stdout=subprocess.PIPE, text=True, bufsize=1)
+        pending, ran, ended = None, 0, False
+        for line in proc.stdout:
+            if line.startswith("@@pending "):
+                pending = int(line.split()[1])
+            elif line.startswith("@@done "):
+                _, k, ok = line.split()
+                pending, ran, done = None, ran + 1, done + 1
+                failed += ok == "0"
+                if quiet and done % 100 == 0:
+                    print(f"  ... {done} cases, {failed} failed", file=stream, flush=True)
+            elif line.startswith("@@end"):
+                ended = True
+            else:
+                stream.write(line)
+                stream.flush()
+        rc = proc.wait()
+        if pending is not None:  # the worker died inside a case: a crash
+            sig = -rc if rc < 0 else None
+            why = f"signal {sig} ({signal.Signals(sig).name})" if sig else f"exit status {rc}"
+            name = f"crash-{pending:06d}"
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path, ignore_errors=True)
+            src = os.path.join(out_dir, "_pending")
+            if os.path.isdir(src):
+                os.replace(src, path)
+                with open(os.path.join(path, "README.txt"), "a") as f:
+                    f.write(f"the worker process died with {why} while running this case (after {ran} other "
+                            f"cases in the same process)\n")
+            print(f"CRASH   case #{pending}: the worker died with {why} after {ran} cases in that process; "
+                  f"reproducer: narch difftest --replay {path}", file=stream, flush=True)
+            crashes.append(path)
+            done, failed, start = done + 1, failed + 1, pending + 1
+            continue
+        if rc != 0:
+            raise RuntimeError(f"difftest worker failed with exit status {rc}")
+        start += ran
+        if ended and ran < batch:
+            break
+    print(f"{done} cases, {done - failed} passed, {failed} failed ({len(crashes)} crashes) "
+          f"in {time.perf_counter() - t_all:.1f} s" + (f"; reproducers in {out_dir}/" if failed else ""),
+          file=stream)
+    return (1 if failed else 0), crashes
 
 
 def replay(path: str, stream=None) -> int:
@@ -592,3 +715,10 @@ def replay(path: str, stream=None) -> int:
     print(row(res), file=stream)
     print(f"replayed {path}: {'still fails' if not res.ok else 'passes now'}", file=stream)
     return 0 if res.ok else 1
+
+
+if __name__ == "__main__":  # the worker process of run(batch=N)
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        sys.exit(_worker(json.loads(sys.argv[2])))
+    print("usage: narch difftest ... (this module's main is the worker of --batch runs)", file=sys.stderr)
+    sys.exit(2)
