@@ -175,6 +175,7 @@ def test_compiled_forward_equals_interpreter_and_eager():
         np.testing.assert_allclose(a.data, c.data, rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_compiled_backward_equals_interpreter():
     """The contrastive loss and the gradient of every parameter (logit scale, class embedding,
     both towers, both projections): the compiled program == the interpreter == eager."""
@@ -262,3 +263,17 @@ def test_digits_demo_loop_learns_zero_shot_at_reduced_size():
     res = train_clip.train(args, log=lambda *_: None)
     assert res["history"]["loss"][-1] < 0.8 * res["history"]["loss"][0]
     assert res["zero_shot"] > 0.6, res["zero_shot"]
+
+
+@pytest.mark.slow
+def test_narch_train_clip_writes_similarity_plot_and_checkpoint(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (a main dependency)")
+    from neural_arch.tools.cli import main
+    out = tmp_path / "run"
+    code = main(["train", "clip", "--steps", "20", "--hidden", "32", "--vision-layers", "2", "--text-layers", "1",
+                 "--heads", "2", "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "zero-shot accuracy per caption template: 'a handwritten …'" in text
+    acc = float(text.split("alone: ")[1].split("%")[0]) / 100
+    assert code == (0 if acc >= 0.8 else 1)
+    assert (out / "zero_shot.png").stat().st_size > 10_000 and (out / "clip.safetensors").stat().st_size > 10_000

@@ -250,3 +250,22 @@ def test_digits_demo_loop_learns_at_reduced_size():
     assert res["history"]["loss"][-1] < 0.6 * res["history"]["loss"][0]
     assert res["accuracy"] > 0.8, res["accuracy"]  # chance is ~10%
     assert res["confusion"].sum() == 359 and np.trace(res["confusion"]) == round(res["accuracy"] * 359)
+
+
+@pytest.mark.slow
+def test_narch_train_vit_writes_confusion_matrix_and_checkpoint(tmp_path, capsys):
+    """The command end to end (a few steps): the exit status says whether 95% was reached."""
+    pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (a main dependency)")
+    from neural_arch.models import checkpoint
+    from neural_arch.tools.cli import main
+    out = tmp_path / "run"
+    code = main(["train", "vit", "--steps", "20", "--hidden", "32", "--layers", "2", "--heads", "2",
+                 "--no-progress", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1 and "target 95%: NOT reached" in text  # 20 steps are far too few
+    assert (out / "confusion.png").stat().st_size > 10_000
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, num_classes=10,
+                                                hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                mlp_ratio=2.0, layer_norm_eps=1e-6))
+    meta = checkpoint.load(str(out / "vit.safetensors"), model)
+    assert meta["step"] == 20 and len(meta["extra"]["history"]["loss"]) == 20
