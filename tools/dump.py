@@ -565,6 +565,7 @@ def graph_for_drawing(d: Dump, stages) -> tuple[Graph, object, object]:
 
 
 def render(d: Dump, stages, fmt: str, kernel: str | None = None, layout: str = "auto") -> str:
+    stages = expand_stages(stages)
     if fmt == "text":
         return to_text(d, stages, kernel)
     if fmt == "json":
