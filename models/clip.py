@@ -140,8 +140,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(cfg, (2 * d) ** -0.5 * f, in_std)
         self.layer_norm2 = nn.LayerNorm(d, cfg.layer_norm_eps)
 
-    def forward(self, x, key_padding_mask=None, is_causal=False):
-        x = x + self.self_attn(self.layer_norm1(x), key_padding_mask=key_padding_mask, is_causal=is_causal)
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.self_attn(self.layer_norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -150,9 +150,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x, key_padding_mask=None, is_causal=False):
+    def forward(self, x, attn_mask=None, is_causal=False):
         for layer in self.layers:
-            x = layer(x, key_padding_mask, is_causal)
+            x = layer(x, attn_mask, is_causal)
         return x
 
 
@@ -168,6 +168,9 @@ class CLIPTextEmbeddings(nn.Module):
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding(F.arange(ids.shape[1]))
+
+
+_MASKED = float(np.finfo(np.float32).min)
 
 
 def eos_positions(input_ids, eos_token_id: int):
@@ -200,13 +203,15 @@ class CLIPTextTransformer(nn.Module):
         if t > cfg.max_position_embeddings:
             raise ValueError(f"CLIPTextTransformer: sequence length {t} exceeds max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
-        pad = None
+        bias = None
         if attention_mask is not None:
             am = attention_mask if isinstance(attention_mask, Tensor) else Tensor(np.asarray(attention_mask))
             if am.shape != (b, t):
                 raise ValueError(f"CLIPTextTransformer: attention_mask has shape {am.shape}, expected {(b, t)}")
-            pad = F.eq(am, 0)
-        h = self.final_layer_norm(self.encoder(self.embeddings(ids), key_padding_mask=pad, is_causal=True))
+            # padding keys get the most negative finite float added, as in Hugging Face: a query
+            # whose every visible key is padding (left padding) then stays finite instead of NaN
+            bias = F.where(F.eq(am, 0), _MASKED, 0.0).reshape(b, 1, 1, t)
+        h = self.final_layer_norm(self.encoder(self.embeddings(ids), attn_mask=bias, is_causal=True))
         pick = F.one_hot(eos_positions(ids, cfg.eos_token_id), t, h.dtype)  # (B, T)
         pooled = F.sum(h * F.expand_dims(pick, -1), 1)
         return {"last_hidden_state": h, "pooler_output": pooled}

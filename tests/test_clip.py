@@ -127,6 +127,23 @@ def test_features_and_pooled_states_match_hf(tmp_path):
     np.testing.assert_allclose(mine["pooler_output"].data, tout.pooler_output.numpy(), rtol=1e-5, atol=2e-5)
 
 
+def test_left_padding_stays_finite_and_matches_hf(tmp_path):
+    """Padding keys get the most negative finite float, as in HF: a left-padded position sees
+    only padding and must not turn into NaN (which -inf would, poisoning every later position
+    through its value vector); eager and compiled."""
+    cfg, hcfg = configs()
+    hf = hf_model(hcfg)
+    ours = loaded(cfg, hf, tmp_path)
+    ids = np.array([[1, 1, 5, 6, EOS, 7, 8], [3, 4, 5, 6, 7, EOS, 9], [1, 1, 1, 3, EOS, 2, 2]])
+    mask = np.array([[0, 0, 1, 1, 1, 0, 0], [1] * 7, [0, 0, 0, 1, 1, 0, 0]])
+    with torch.no_grad():
+        want = hf.get_text_features(torch.tensor(ids), torch.tensor(mask)).pooler_output.numpy()
+    got = ours.get_text_features(ids, mask).data
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    native = compile(lambda i, m: ours.get_text_features(i, m), ids, mask)
+    np.testing.assert_allclose(native(ids, mask).data, want, rtol=1e-5, atol=2e-5)
+
+
 def test_clip_loss_is_the_symmetric_cross_entropy():
     logits = np.random.default_rng(2).standard_normal((5, 5)).astype(np.float32)
     t = torch.tensor(logits)
