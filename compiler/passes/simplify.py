@@ -152,16 +152,38 @@ def _is_pow2(v) -> bool:
 @register_pass("algebraic")
 def algebraic_simplify(graph: Graph) -> Graph:
     """Algebra: x*1, x+0, x-0, x/1, double neg, neg/sub canonical forms, division by a power
-    of two, chains of transpose / reshape / broadcast_to, no-op casts and selects."""
+    of two, chains of transpose / reshape / broadcast_to, a transposed product computed
+    transposed ((A @ B)^T = B^T @ A^T), no-op casts and selects."""
     counter = [0]
+    uses: dict[str, int] = {}
+    for m in graph.nodes:
+        for i in m.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.outputs:
+        uses[o] = uses.get(o, 0) + 1
 
     def fresh(n):
         counter[0] += 1
         return f"{n.name}_a{counter[0]}"
 
+    def swap_last(name, prod):
+        t = graph_type(prod, graph, name)
+        perm = tuple(range(t.ndim - 2)) + (t.ndim - 1, t.ndim - 2)
+        shape = t.shape[:-2] + (t.shape[-1], t.shape[-2])
+        return perm, TensorType(shape, t.dtype)
+
     def rule(n, prod):
         op, ins = n.op, n.inputs
         p = [prod.get(i) for i in ins]
+        if op == "transpose" and p[0] is not None and p[0].op == "matmul" and uses.get(ins[0]) == 1 and \
+                n.attr["perm"] == swap_last(ins[0], prod)[0]:
+            # (A @ B)^T = B^T @ A^T: the product is computed transposed; the operands' transposes
+            # are strides the GEMM reads through (a weight gradient lands in the weight's layout)
+            a, b = p[0].inputs
+            (pa, ta), (pb, tb) = swap_last(a, prod), swap_last(b, prod)
+            bt = Node.make(fresh(n), "transpose", (b,), tb, {"perm": pb}, n.loc)
+            at = Node.make(fresh(n), "transpose", (a,), ta, {"perm": pa}, n.loc)
+            return [bt, at, Node.make(n.name, "matmul", (bt.name, at.name), n.type, {}, p[0].loc)]
         if op == "add":
             if _is_full(prod, ins[1], 0):
                 return ins[0]
