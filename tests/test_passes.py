@@ -132,6 +132,30 @@ def test_algebra_movement_chains():
         }""")
 
 
+def test_algebra_transposed_product_is_computed_transposed():
+    # a weight gradient (x^T @ dy)^T: the product is computed as dy^T @ x; a product with
+    # another use keeps its transpose
+    same(dead_code_elimination(algebraic_simplify(algebraic_simplify(g("""
+        graph f(%x: f32[8, 3], %dy: f32[8, 5]) {
+          %0: f32[3, 8] = transpose(%x) {perm=[1, 0]}
+          %1: f32[3, 5] = matmul(%0, %dy)
+          %2: f32[5, 3] = transpose(%1) {perm=[1, 0]}
+          %3: f32[3, 5] = matmul(%0, %dy)
+          %4: f32[5, 3] = transpose(%3) {perm=[1, 0]}
+          %5: f32[3, 5] = exp(%3)
+          return (%2, %4, %5)
+        }""")))), """
+        graph f(%x: f32[8, 3], %dy: f32[8, 5]) {
+          %0: f32[3, 8] = transpose(%x) {perm=[1, 0]}
+          %2_a1: f32[5, 8] = transpose(%dy) {perm=[1, 0]}
+          %2: f32[5, 3] = matmul(%2_a1, %x)
+          %3: f32[3, 5] = matmul(%0, %dy)
+          %4: f32[5, 3] = transpose(%3) {perm=[1, 0]}
+          %5: f32[3, 5] = exp(%3)
+          return (%2, %4, %5)
+        }""")
+
+
 def test_pass_manager_dumps_prints_and_times(tmp_path, capsys):
     x = tensor(np.ones((2, 3), np.float32))
     graph = trace(lambda x: (x * 1.0 + 0.0).sum(), x)
