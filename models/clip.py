@@ -28,7 +28,7 @@ from neural_arch.compiler import functional as F
 from neural_arch.compiler.tensor import Tensor
 
 from . import nn
-from .vit import ACTIVATIONS, _as_pixels, activation, patch_conv
+from .vit import ACTIVATIONS, _as_pixels, activation, config_fields, patch_conv, read_hf_checkpoint
 
 
 def _check_common(cfg, who):
@@ -108,6 +108,16 @@ class CLIPConfig:
     def __post_init__(self):
         object.__setattr__(self, "text_config", _sub_config(CLIPTextConfig, self.text_config, "text_config"))
         object.__setattr__(self, "vision_config", _sub_config(CLIPVisionConfig, self.vision_config, "vision_config"))
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "CLIPConfig":
+        """From a Hugging Face CLIP ``config.json`` dict (fields we do not use are ignored)."""
+        return cls(text_config=CLIPTextConfig(**config_fields(CLIPTextConfig, d.get("text_config") or {},
+                                                              "CLIPConfig.from_hf_config text_config")),
+                   vision_config=CLIPVisionConfig(**config_fields(CLIPVisionConfig, d.get("vision_config") or {},
+                                                                  "CLIPConfig.from_hf_config vision_config")),
+                   **{k: v for k, v in config_fields(cls, d, "CLIPConfig.from_hf_config").items()
+                      if k not in ("text_config", "vision_config")})
 
 
 # ----------------------------------------------------------------------------- shared encoder
@@ -315,4 +325,12 @@ class CLIPModel(nn.Module):
     def from_hf_state_dict(cls, cfg: CLIPConfig, state: dict) -> "CLIPModel":
         model = cls(cfg)
         model.load_state_dict({k: np.asarray(v) for k, v in state.items()})
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "CLIPModel":
+        """A Hugging Face CLIPModel directory (config.json + safetensors)."""
+        config, state = read_hf_checkpoint(directory)
+        model = cls(CLIPConfig.from_hf_config(config))
+        model.load_state_dict(state)
         return model

@@ -18,8 +18,10 @@ a final LayerNorm, and (for classification) a linear head on the [CLS] token.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -78,6 +80,39 @@ def _as_pixels(pixel_values, image_size: int, num_channels: int, who: str) -> Te
     return x
 
 
+def read_hf_checkpoint(directory: str) -> tuple[dict, dict]:
+    """(config.json as a dict, name -> NumPy array) of a Hugging Face model directory as
+    ``save_pretrained`` writes it: ``model.safetensors``, or shards listed in
+    ``model.safetensors.index.json``."""
+    from safetensors.numpy import load_file
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model directory)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return config, load_file(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard)))
+        return config, state
+    raise FileNotFoundError(f"{directory}: no model.safetensors (or index); only safetensors checkpoints load "
+                            f"(convert a pytorch_model.bin with transformers' save_pretrained)")
+
+
+def config_fields(cls, d: dict, who: str) -> dict:
+    """The entries of a Hugging Face config dict that ``cls`` (a dataclass) has."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{who}: expected a dict, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Hugging Face's ViTConfig fields (``num_classes`` is its ``num_labels``).
@@ -108,6 +143,18 @@ class ViTConfig:
             raise ValueError(f"ViTConfig: patch_size {self.patch_size} exceeds image_size {self.image_size}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"ViTConfig: unknown hidden_act {self.hidden_act!r} (available: {', '.join(ACTIVATIONS)})")
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "ViTConfig":
+        """From a Hugging Face ViT ``config.json`` dict (``num_labels``/``id2label`` give
+        ``num_classes``); fields we do not model must keep the values we implement."""
+        if d.get("pooler_act", "tanh") != "tanh" or d.get("pooler_output_size", d.get("hidden_size")) != \
+                d.get("hidden_size"):
+            raise ValueError("ViTConfig.from_hf_config: only a tanh pooler of hidden_size outputs is supported")
+        kw = config_fields(cls, d, "ViTConfig.from_hf_config")
+        kw.pop("num_classes", None)
+        n = d.get("num_labels", len(d.get("id2label") or {}) or 2)  # HF's default: 2 labels
+        return cls(num_classes=int(n), **kw)
 
     # the names the timm / original-paper world uses
     @property
@@ -257,6 +304,17 @@ class ViTModel(nn.Module):
         h = self.layernorm(self.encoder(self.embeddings(x)))
         return {"last_hidden_state": h, "pooler_output": self.pooler(h) if self.pooler is not None else None}
 
+    @classmethod
+    def from_pretrained(cls, directory: str, add_pooling_layer: bool | None = None) -> "ViTModel":
+        """A Hugging Face ViTModel directory (config.json + safetensors); the pooling layer is
+        built when the checkpoint has one (unless ``add_pooling_layer`` says otherwise)."""
+        config, state = read_hf_checkpoint(directory)
+        if add_pooling_layer is None:
+            add_pooling_layer = "pooler.dense.weight" in state
+        model = cls(ViTConfig.from_hf_config(config), add_pooling_layer)
+        model.load_state_dict(state)
+        return model
+
 
 class ViTForImageClassification(nn.Module):
     """ViT with a linear head on the final [CLS] state.  ``model(pixel_values)`` -> logits
@@ -279,4 +337,12 @@ class ViTForImageClassification(nn.Module):
     def from_hf_state_dict(cls, cfg: ViTConfig, state: dict) -> "ViTForImageClassification":
         model = cls(cfg)
         model.load_state_dict({k: np.asarray(v) for k, v in state.items()})
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "ViTForImageClassification":
+        """A Hugging Face ViTForImageClassification directory (config.json + safetensors)."""
+        config, state = read_hf_checkpoint(directory)
+        model = cls(ViTConfig.from_hf_config(config))
+        model.load_state_dict(state)
         return model

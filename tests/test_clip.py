@@ -144,6 +144,24 @@ def test_left_padding_stays_finite_and_matches_hf(tmp_path):
     np.testing.assert_allclose(native(ids, mask).data, want, rtol=1e-5, atol=2e-5)
 
 
+def test_from_pretrained_reads_hf_model_directories_including_shards(tmp_path):
+    cfg, hcfg = configs(text=dict(eos_token_id=2, hidden_act="gelu"))
+    hf = hf_model(hcfg)
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ids, mask, x = batch(seed=8)
+    ids[:, 3] = 19
+    want = hf_outputs(hf, ids, mask, x)
+    for sub in ("one", "sharded"):
+        ours = CLIPModel.from_pretrained(str(tmp_path / sub))
+        assert ours.config == cfg
+        got = ours(ids, x, mask, return_loss=True)
+        for k in OUT_KEYS:
+            np.testing.assert_allclose(got[k].data, getattr(want, k).detach().numpy(), rtol=1e-5, atol=5e-5,
+                                       err_msg=f"{sub}: {k}")
+
+
 def test_clip_loss_is_the_symmetric_cross_entropy():
     logits = np.random.default_rng(2).standard_normal((5, 5)).astype(np.float32)
     t = torch.tensor(logits)

@@ -269,3 +269,24 @@ def test_narch_train_vit_writes_confusion_matrix_and_checkpoint(tmp_path, capsys
                                                 mlp_ratio=2.0, layer_norm_eps=1e-6))
     meta = checkpoint.load(str(out / "vit.safetensors"), model)
     assert meta["step"] == 20 and len(meta["extra"]["history"]["loss"]) == 20
+
+
+def test_from_pretrained_reads_hf_model_directories(tmp_path):
+    """config.json + model.safetensors as save_pretrained writes them, for both heads."""
+    hf = hf_model(transformers.ViTForImageClassification, hidden_act="gelu_new")
+    hf.save_pretrained(tmp_path / "cls")
+    ours = ViTForImageClassification.from_pretrained(str(tmp_path / "cls"))
+    assert ours.config.num_classes == CFG.num_classes and ours.config.hidden_act == "gelu_new"
+    assert ours.config.layer_norm_eps == 1e-12 and ours.config.intermediate_size == CFG.intermediate_size
+    x = pixels(2, seed=7)
+    np.testing.assert_allclose(ours(x).data, hf(torch.tensor(x)).logits.detach().numpy(), rtol=1e-5, atol=2e-5)
+    base = hf_model(transformers.ViTModel)
+    base.save_pretrained(tmp_path / "base")
+    mine = ViTModel.from_pretrained(str(tmp_path / "base"))
+    assert mine.pooler is not None
+    np.testing.assert_allclose(mine(x)["pooler_output"].data, base(torch.tensor(x)).pooler_output.detach().numpy(),
+                               rtol=1e-5, atol=2e-5)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ViTModel.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="only a tanh pooler"):
+        ViTConfig.from_hf_config({"hidden_size": 16, "num_attention_heads": 4, "pooler_act": "relu"})
