@@ -453,8 +453,29 @@ def only_outputs(graph: Graph, inputs: list, outputs) -> tuple[Graph, list]:
     return g.replace(inputs=[g.inputs[k] for k in keep]), [inputs[k] for k in keep]
 
 
-def minimize(case: Case, max_seconds: float = 300.0, log=None) -> Case:
-    """Shrink a failing case to the fewest nodes that still fail (ddmin over nodes)."""
+def fails_in_subprocess(c: Case, timeout: float = 120.0) -> bool:
+    """Does the case fail (or crash) when replayed in a fresh process?  For cases that take
+    the process down with them (a signal in native code)."""
+    import shutil
+    import subprocess
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="narch-difftest-trial-")
+    try:
+        path = write_reproducer(Result(c, math.nan, math.nan, False), tmp)
+        try:
+            r = subprocess.run([sys.executable, "-m", "neural_arch.tools.cli", "difftest", "--replay", path],
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return True
+        return r.returncode != 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def minimize(case: Case, max_seconds: float = 300.0, log=None, predicate=None) -> Case:
+    """Shrink a failing case to the fewest nodes that still fail (ddmin over nodes).
+    ``predicate(case) -> bool`` says whether a trial still fails (default: run it here;
+    ``fails_in_subprocess`` for cases that crash the process)."""
     from dataclasses import replace
     from neural_arch.runtime.interpreter import interpret
     deadline = time.perf_counter() + max_seconds
@@ -465,7 +486,7 @@ def minimize(case: Case, max_seconds: float = 300.0, log=None) -> Case:
         tries += 1
         if not c.graph.nodes:
             return False
-        return not run_case(c).ok
+        return predicate(c) if predicate is not None else not run_case(c).ok
 
     cur = case
     # 1. a single failing output
@@ -694,6 +715,19 @@ def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failure
             print(f"CRASH   case #{pending}: the worker died with {why} after {ran} cases in that process; "
                   f"reproducer: narch difftest --replay {path}", file=stream, flush=True)
             crashes.append(path)
+            if minimize_failures and os.path.isdir(path):
+                case = load_reproducer(path)
+                if fails_in_subprocess(case):
+                    small = minimize(case, max_seconds=minimize_seconds, predicate=fails_in_subprocess,
+                                     log=lambda m: print("  " + m + " (each trial in a fresh process)", file=stream))
+                    mpath = write_reproducer(Result(small, math.nan, math.nan, False,
+                                                    error=f"crash or failure in a fresh process ({why} in the run)"),
+                                             out_dir)
+                    print(f"  minimized ({len(case.graph.nodes)} -> {len(small.graph.nodes)} nodes): "
+                          f"narch difftest --replay {mpath}", file=stream, flush=True)
+                else:
+                    print("  (replayed alone in a fresh process it passes: the crash depends on what ran before it "
+                          "in the same process)", file=stream, flush=True)
             done, failed, start = done + 1, failed + 1, pending + 1
             continue
         if rc != 0:
