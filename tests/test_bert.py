@@ -134,6 +134,36 @@ def test_sequence_classification_logits_loss_and_gradients_match_hf():
         np.testing.assert_allclose(named[name].grad.data, p.grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=name)
 
 
+def test_regression_head_matches_hf_mse():
+    """num_labels == 1: HF's regression problem type, MSE against float labels."""
+    torch.manual_seed(1)
+    theirs = transformers.BertForSequenceClassification(transformers.BertConfig(**dict(HF_CFG, num_labels=1))).eval()
+    ours = BERTForSequenceClassification(BERTConfig(**KW, num_labels=1))
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    ids, types, mask = batch()
+    y = np.array([0.5, -1.0, 2.0], np.float32)
+    want = theirs(*T(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types), labels=torch.tensor(y))
+    got = ours(ids, types, mask, labels=y)
+    assert got["logits"].shape == (3, 1)
+    assert abs(float(got["loss"].item()) - want.loss.item()) < 1e-5
+
+
+def test_mlm_masking_follows_80_10_10():
+    from neural_arch.tools.train_bert import mask_tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, (400, 64))
+    inputs, labels = mask_tokens(ids, rng, vocab_size=51, mask_id=50, prob=0.15, n_random=50)
+    chosen = labels != -100
+    assert chosen.any(axis=1).all()  # every row has a target
+    np.testing.assert_array_equal(labels[chosen], ids[chosen])
+    assert (inputs[~chosen] == ids[~chosen]).all()
+    assert abs(chosen.mean() - 0.15) < 0.01
+    masked = (inputs == 50)[chosen].mean()
+    kept = (inputs == ids)[chosen].mean()  # 10% kept + random draws that hit the same token (10% / 50)
+    assert abs(masked - 0.8) < 0.02 and abs(kept - (0.1 + 0.1 / 50)) < 0.015
+    assert (inputs[chosen & (inputs != 50)] < 50).all()  # random replacements are real tokens, never [MASK]
+
+
 def test_loading_hf_checkpoint_layouts_and_clear_errors():
     theirs = hf(transformers.BertForMaskedLM)
     sd = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
@@ -244,11 +274,13 @@ def test_train_bert_core_loop_gets_below_unigram_baseline():
     """`narch train bert` at reduced size: the masked-character loss falls below the unigram
     baseline on held-out text."""
     from neural_arch.tools.train_bert import train
-    res = train(max_chars=200_000, steps=200, batch=32, block=32, hidden=64, layers=2, heads=4, lr=3e-3,
-                eval_every=100, time_limit=90, progress=False, log=lambda *a: None)
+    res = train(max_chars=200_000, steps=250, batch=64, block=32, hidden=64, layers=2, heads=4, lr=2e-3,
+                eval_every=125, time_limit=120, progress=False, log=lambda *a: None)
     h = res["history"]
     print(f"train_bert: {res['steps']} steps in {res['seconds']:.1f} s, val {h['val']} vs baseline "
           f"{res['baseline']:.3f}, masked accuracy {res['accuracy']:.1%}")
     assert np.mean(h["train"][-20:]) < np.mean(h["train"][:20])
     assert h["val"][-1] < h["val"][0]
-    assert res["passed"] and res["val"] < res["baseline"] - 0.2, res
+    # seeds 0-2 end at 2.72-2.73 vs the baseline 3.14 (a post-LN BERT first sits on a plateau
+    # near the unigram loss; batches of 32 leave it later and less reliably)
+    assert res["passed"] and res["val"] < res["baseline"] - 0.25, res
