@@ -266,7 +266,7 @@ function locStr(n){return n.loc?n.loc.file+':'+n.loc.line:'';}
 function select(name){
   if(selected){var o=document.getElementById(nid(selected));if(o)o.classList.remove('selected');
     var r=document.getElementById('row-'+nid(selected));if(r)r.classList.remove('selected');}
-  selected=name;var g=document.getElementById(nid(name));if(g){g.classList.add('selected');}
+  selected=name;var g=document.getElementById(nid(name));if(g){g.classList.add('selected');if(g.scrollIntoView)g.scrollIntoView({block:'center',inline:'center'});}
   var r2=document.getElementById('row-'+nid(name));if(r2)r2.classList.add('selected');
   var n=byName[name],dl=el('dl'),box=document.getElementById('details');box.innerHTML='';
   function add(k,v){dl.appendChild(el('dt',null,k));dl.appendChild(el('dd',null,v));}
@@ -346,6 +346,9 @@ if(!D.llvm_complete)document.getElementById('llvm-note').textContent='(only the 
 function showK(){var e=D.llvm[sel.value]||{llvm:'',opt:'',asm:''};document.getElementById('llvm-ir').textContent=e.llvm;
   document.getElementById('llvm-opt').textContent=e.opt;document.getElementById('asm').textContent=e.asm;}
 sel.addEventListener('change',showK);showK();
+// the address picks a tab and a node: report.html#memory, report.html#graph:12
+(function(){var h=decodeURIComponent(location.hash.slice(1));if(!h)return;var parts=h.split(':'),tab=parts[0],node=parts.slice(1).join(':');
+  var b=document.querySelector('#tabs button[data-tab="'+tab+'"]');if(b)b.click();if(node&&byName[node])select(node);})();
 document.body.dataset.status='rendered: '+document.querySelectorAll('#graph-wrap g.node').length+' graph nodes, '+
   D.fusion.kernel_count+' kernels, '+M.buffers.length+' buffers';
 })();
