@@ -132,19 +132,43 @@ def _interpret(graph, inputs):
     return interpret(graph, inputs)
 
 
+GUARD_BYTES = 1024
+SENTINEL = 0xA5
+
+
+def run_guarded(prog, inputs) -> list:
+    """Call a Program with every computed output written into the front of a larger buffer
+    whose tail holds a sentinel pattern: a kernel that writes past the end of an output is
+    caught here, deterministically, instead of corrupting the heap silently."""
+    outs, guards = [], []
+    for _, name, shape, dtype in prog._out_alloc:
+        t = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        raw = np.full(n * t.itemsize + GUARD_BYTES, SENTINEL, np.uint8)
+        outs.append(raw[:n * t.itemsize].view(t).reshape(shape))
+        guards.append((name, raw, n * t.itemsize))
+    results = prog(*inputs, out=outs)
+    for name, raw, used in guards:
+        tail = np.nonzero(raw[used:] != SENTINEL)[0]
+        if tail.size:
+            raise AssertionError(f"compiled code wrote past the end of output %{name}: {tail.size} of the "
+                                 f"{GUARD_BYTES} bytes after it changed (the last {tail.max() + 1} bytes past its end)")
+    return results
+
+
 def evaluate(case: Case) -> tuple[list, list]:
     """(got, want) of a case."""
     if case.check == "compiled":
-        return _program(case.graph)(*_c(case.inputs)), _interpret(case.graph, case.inputs)
+        return run_guarded(_program(case.graph), _c(case.inputs)), _interpret(case.graph, case.inputs)
     if case.check == "torch":
-        return _program(case.graph)(*_c(case.inputs)), [torch_reference(case.graph, case.inputs)]
+        return run_guarded(_program(case.graph), _c(case.inputs)), [torch_reference(case.graph, case.inputs)]
     from neural_arch.compiler.passes import run_pipeline
     optimized = run_pipeline(case.graph, list(case.pipeline or []), verify_each=True).graph
     want = _interpret(case.graph, case.inputs)
     if case.check == "passes":
         return _interpret(optimized, case.inputs), want
     if case.check == "passes-compiled":
-        return _program(optimized, passes=False)(*_c(case.inputs)), want
+        return run_guarded(_program(optimized, passes=False), _c(case.inputs)), want
     raise ValueError(f"unknown check {case.check!r}")
 
 
