@@ -189,6 +189,26 @@ def test_loading_hf_checkpoint_layouts_and_clear_errors():
         BERTForMaskedLM(CFG).load_state_dict(bad)
 
 
+def test_checkpoint_files_written_by_hf_load(tmp_path):
+    """save_pretrained's safetensors file (tied decoder omitted) loads with the safetensors library."""
+    from safetensors.numpy import load_file
+    theirs = hf(transformers.BertForMaskedLM)
+    theirs.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert "bert.embeddings.word_embeddings.weight" in state
+    ours = BERTForMaskedLM(CFG)
+    ours.load_state_dict(state)
+    ids, types, mask = batch()
+    want = theirs(*T(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)).logits
+    got = ours(ids, types, mask)["logits"].data
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    base = BERTModel(CFG, add_pooling_layer=False)  # the encoder of the same file, by its prefix
+    report = base.load_state_dict(state, strict=False)
+    assert report["missing"] == [] and set(report["unexpected"]) == {k for k in state if k.startswith("cls.")}
+    np.testing.assert_array_equal(base.embeddings.word_embeddings.weight.data,
+                                  state["bert.embeddings.word_embeddings.weight"])
+
+
 def test_bad_inputs_are_refused():
     model = BERTModel(CFG)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings 24"):
