@@ -701,7 +701,7 @@ def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failure
     import subprocess
     t_all = time.perf_counter()
     print(HEADER, file=stream, flush=True)
-    start, done, failed, crashes = 0, 0, 0, []
+    start, done, failed, crashes, late = 0, 0, 0, [], []
     while True:
         spec = dict(suites=list(suites), seed=seed, count=count, only=only, tolerance=tolerance, out_dir=out_dir,
                     minimize=minimize_failures, quiet=quiet, use_torch=use_torch, start=start, batch=batch,
@@ -754,15 +754,20 @@ def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failure
                           "in the same process)", file=stream, flush=True)
             done, failed, start = done + 1, failed + 1, pending + 1
             continue
-        if rc != 0:
-            raise RuntimeError(f"difftest worker failed with exit status {rc}")
+        if rc != 0:  # died between cases or at exit: heap damage done by an earlier case
+            sig = -rc if rc < 0 else None
+            why = f"signal {sig} ({signal.Signals(sig).name})" if sig else f"exit status {rc}"
+            print(f"CRASH   the worker died with {why} after finishing cases #{start}..#{start + ran - 1} "
+                  f"(between cases or at exit: damage done by one of them)", file=stream, flush=True)
+            late.append((start, start + ran - 1, why))
         start += ran
         if ended and ran < batch:
             break
-    print(f"{done} cases, {done - failed} passed, {failed} failed ({len(crashes)} crashes) "
+    print(f"{done} cases, {done - failed} passed, {failed} failed ({len(crashes)} crashes"
+          + (f"; {len(late)} workers died between cases" if late else "") + f") "
           f"in {time.perf_counter() - t_all:.1f} s" + (f"; reproducers in {out_dir}/" if failed else ""),
           file=stream)
-    return (1 if failed else 0), crashes
+    return (1 if failed or late else 0), crashes
 
 
 def replay(path: str, stream=None) -> int:
