@@ -466,13 +466,20 @@ class Program:
         plan), ``serial`` (no parallel kernels)."""
         self.source_graph = graph
         self.options = dict(options or {})
+        from neural_arch.compiler.passes.manager import _env_flag
+        timing = self.options.get("time_passes", _env_flag("NEURAL_ARCH_TIME_PASSES"))
         if groups is None and self.options.get("passes", True):
             from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
-            graph = run_pipeline(graph, DEFAULT_PIPELINE).graph
+            graph = run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph
         self.graph = graph
         self.module = build(graph, groups, self.options)
         self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(self.module.groups)),
                                   self.options)
+        if timing:  # the pass table above; then fusion + LLVM IR emission and LLVM's own compile
+            llvm = "      (cache)  LLVM machine code loaded from the disk cache" if self.native.from_cache else \
+                f"{self.native.compile_seconds * 1e3:9.1f} ms  LLVM optimise + machine code"
+            sys.stderr.write(f"{self.module.build_seconds * 1e3:9.1f} ms  fusion + LLVM IR for "
+                             f"{len(self.module.kernels)} kernels ({graph.name})\n{llvm}\n")
         lay = self.module.layout
         self._slots = lay.slots
         self._ptrs = (ctypes.c_void_p * lay.nslots)()

@@ -174,6 +174,20 @@ def test_pass_manager_dumps_prints_and_times(tmp_path, capsys):
     assert len(res.graph.nodes) == 1  # the sum alone survives
 
 
+def test_time_passes_env_also_times_codegen_and_llvm(tmp_path, monkeypatch, capsys):
+    from neural_arch.runtime.program import Program, clear_memory_cache
+    monkeypatch.setenv("NEURAL_ARCH_TIME_PASSES", "1")
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path / "cache"))
+    graph = trace(lambda x: F.softmax(x * 3.0), tensor(np.ones((4, 8), np.float32)))
+    clear_memory_cache()
+    Program(graph)
+    err = capsys.readouterr().err
+    assert "remat" in err and "fusion + LLVM IR for 1 kernels" in err and "LLVM optimise + machine code" in err
+    clear_memory_cache()
+    Program(graph)  # a fresh process would load the same machine code from the disk cache
+    assert "loaded from the disk cache" in capsys.readouterr().err
+
+
 def test_pass_manager_env_dump(tmp_path, monkeypatch):
     monkeypatch.setenv("NEURAL_ARCH_DUMP", str(tmp_path))
     run_pipeline(trace(lambda x: x.exp(), np.ones(3, np.float32)))
