@@ -4,6 +4,7 @@ Instruments (from the API or environment variables):
   * verify after each pass           verify=True            NEURAL_ARCH_VERIFY=1
   * print the IR after each pass     print_ir="all"|"changed" NEURAL_ARCH_PRINT_IR=all|changed
   * time each pass                   time_passes=True       NEURAL_ARCH_TIME_PASSES=1
+    (a Program also prints its fusion + LLVM IR emission time and LLVM's own compile time)
   * dump every stage to a directory  dump_dir="dir"         NEURAL_ARCH_DUMP=dir
     (000_trace.txt, 001_<pass>.txt, ...)
 On any failure inside a pass, a reproducer (the pass's input IR and the pipeline) is written
