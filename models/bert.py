@@ -81,15 +81,21 @@ class BertEmbeddings(nn.Module):
         std = cfg.initializer_range
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, std)
         if 0 <= cfg.pad_token_id < cfg.vocab_size:
-            self.word_embeddings.weight.data[cfg.pad_token_id] = 0.0  # as HF initialises padding_idx
+            self.word_embeddings.weight.data[cfg.pad_token_id] = 0.0  # as torch initialises padding_idx
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, std)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size, std)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.pad_token_id = cfg.pad_token_id if 0 <= cfg.pad_token_id < cfg.vocab_size else None
 
     def forward(self, input_ids, token_type_ids=None):
         t = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.position_embeddings(F.arange(t))
+        words = self.word_embeddings(input_ids)
+        if self.pad_token_id is not None:
+            # torch's Embedding(padding_idx=...): the padding row is looked up but never trained
+            is_pad = F.expand_dims(F.eq(input_ids, self.pad_token_id), -1)
+            words = F.where(is_pad, F.stop_gradient(words), words)
+        x = words + self.position_embeddings(F.arange(t))
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]  # every token is of type 0
         else:
