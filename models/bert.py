@@ -256,9 +256,11 @@ class BERTModel(nn.Module):
         return {"last_hidden_state": h, "pooler_output": self.pooler(h) if self.pooler is not None else None}
 
     def encode(self, input_ids, token_type_ids, attention_mask):
-        """(last_hidden_state, pooler_output) as a tuple: the form ``compile`` traces,
-        e.g. ``compile(model.encode, ids, types, mask)``."""
+        """(last_hidden_state, pooler_output) as a tuple, the form ``compile`` traces, e.g.
+        ``compile(model.encode, ids, types, mask)``; only last_hidden_state without the pooler."""
         out = self.forward(input_ids, token_type_ids, attention_mask)
+        if out["pooler_output"] is None:
+            return out["last_hidden_state"]
         return out["last_hidden_state"], out["pooler_output"]
 
     def load_state_dict(self, state: dict, strict: bool = True) -> dict:
