@@ -42,9 +42,11 @@ def layout_svg(g: Graph, plan=None) -> str:
     layer = {}
     for n in g.nodes:
         layer[n.name] = 1 + max((layer.get(p, 0) for p in preds[n.name]), default=0)
-    for i in g.inputs:  # inputs sit just above their first user
-        users = [layer[u] for u in succs[i.name]]
-        layer[i.name] = (min(users) - 1) if users else 0
+    for v in reversed(names):  # inputs and sources (fills, iotas) sit just above their first user
+        if not preds[v] and succs[v]:
+            layer[v] = min(layer[u] for u in succs[v]) - 1
+        elif not preds[v]:
+            layer[v] = 0
     nlayers = max(layer.values(), default=0) + 1
     rows = [[] for _ in range(nlayers)]
     for v in names:
@@ -266,7 +268,7 @@ function locStr(n){return n.loc?n.loc.file+':'+n.loc.line:'';}
 function select(name){
   if(selected){var o=document.getElementById(nid(selected));if(o)o.classList.remove('selected');
     var r=document.getElementById('row-'+nid(selected));if(r)r.classList.remove('selected');}
-  selected=name;var g=document.getElementById(nid(name));if(g){g.classList.add('selected');if(g.scrollIntoView)g.scrollIntoView({block:'center',inline:'center'});}
+  selected=name;var g=document.getElementById(nid(name));if(g){g.classList.add('selected');var wrap=document.getElementById('graph-wrap'),r=g.getBoundingClientRect(),w=wrap.getBoundingClientRect();if(w.height){wrap.scrollTop+=(r.top-w.top)-w.height/2+r.height/2;wrap.scrollLeft+=(r.left-w.left)-w.width/2+r.width/2;}}
   var r2=document.getElementById('row-'+nid(name));if(r2)r2.classList.add('selected');
   var n=byName[name],dl=el('dl'),box=document.getElementById('details');box.innerHTML='';
   function add(k,v){dl.appendChild(el('dt',null,k));dl.appendChild(el('dd',null,v));}
