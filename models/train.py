@@ -142,13 +142,15 @@ class TrainStep:
         loss = float(outs[0])
         k = 1
         for n in self._opt_order:
-            self._params[n].data = outs[k]
+            if outs[k] is not self._params[n].data:  # (updated in place: nothing to do)
+                self._params[n].data = outs[k]
             k += 1
         for n in self._opt_order:
             st = opt.state_for(self._params[n])
             st["step"] = step_no
             for key in self.program.state_names:
-                st[key] = Tensor(outs[k])
+                if outs[k] is not st[key].data:
+                    st[key] = Tensor(outs[k])
                 k += 1
         return loss
 
@@ -168,7 +170,17 @@ def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_
             return interpret(prog.graph, inputs)
     elif backend == "llvm":
         from neural_arch.runtime.program import Program
-        program = Program(prog.graph)
+        # parameters and optimizer state are updated in place: each new value is written
+        # over the array it replaces (outputs: loss, new params in optimizer order, states)
+        g = prog.graph
+        pos = {gi.name: k for k, gi in enumerate(g.inputs)}
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        order = [by_id[id(p)] for p in optimizer.params]
+        keys = list(optimizer.state_names)
+        pairs = {1 + k: pos[n] for k, n in enumerate(order)}
+        pairs.update({1 + len(order) + k * len(keys) + j: pos[f"{n}.{key}"]
+                      for k, n in enumerate(order) for j, key in enumerate(keys)})
+        program = Program(g, options={"inplace": pairs})
 
         def runner(inputs):
             return program(*[np.ascontiguousarray(a) for a in inputs])

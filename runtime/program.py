@@ -56,8 +56,10 @@ def default_groups(graph: Graph) -> list[GroupSpec]:
     return [GroupSpec.single(n) for n in graph.nodes]
 
 
-def fused_groups(graph: Graph) -> list[GroupSpec]:
-    """Kernels from the fusion pass's plan (``compiler/passes/fusion.py``): guards first."""
+def fused_groups(graph: Graph, inplace: dict | None = None) -> list[GroupSpec]:
+    """Kernels from the fusion pass's plan (``compiler/passes/fusion.py``): guards first.
+    ``inplace`` ({output: input}, pairs already checked by ``inplace_pairs``): the kernel
+    writing the output runs after every other kernel reading the input."""
     from neural_arch.compiler.passes.fusion import fuse
     plan = fuse(graph)
     prod = graph.producer()
@@ -75,18 +77,23 @@ def fused_groups(graph: Graph) -> list[GroupSpec]:
     specs = [GroupSpec("guard", (prod[g],), upstream(g)) for g in plan.guards]
     groups = [GroupSpec(g.kind, tuple(prod[n] for n in g.nodes), tuple(prod[n] for n in g.inlined),
                         tuple(g.outputs), tuple(g.domain), tuple(g.axes)) for g in plan.groups]
-    return specs + _topological(groups, {g.name for g in plan.graph.inputs})
+    return specs + _topological(groups, {g.name for g in plan.graph.inputs}, inplace or {})
 
 
-def _topological(groups: list, graph_inputs: set) -> list:
+def _group_reads(g) -> set:
+    inside = {n.name for n in g.members} | {n.name for n in g.inlined}
+    return {i for n in tuple(g.members) + tuple(g.inlined) for i in n.inputs if i not in inside}
+
+
+def _topological(groups: list, graph_inputs: set, inplace: dict | None = None) -> list:
     """Kernels in an order where every kernel runs after the kernels whose outputs it reads
-    (the plan's numbering need not be one)."""
+    (the plan's numbering need not be one), and a kernel that overwrites an input in place
+    after every other kernel that reads it."""
     writer = {o: k for k, g in enumerate(groups) for o in g.outputs}
-
-    def reads(g):
-        inside = {n.name for n in g.members} | {n.name for n in g.inlined}
-        return {i for n in tuple(g.members) + tuple(g.inlined) for i in n.inputs if i not in inside}
-    deps = [{writer[v] for v in reads(g) if v in writer and writer[v] != k} for k, g in enumerate(groups)]
+    deps = [{writer[v] for v in _group_reads(g) if v in writer and writer[v] != k} for k, g in enumerate(groups)]
+    for out, inp in (inplace or {}).items():
+        w = writer[out]
+        deps[w] |= {k for k, g in enumerate(groups) if k != w and inp in _group_reads(g)}
     order, done, visiting = [], set(), set()
 
     def visit(k):
@@ -103,6 +110,56 @@ def _topological(groups: list, graph_inputs: set) -> list:
     for k in range(len(groups)):
         visit(k)
     return order
+
+
+def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
+    """Which ``{output: input}`` pairs can share memory (the program writes the output over
+    the input, e.g. an optimizer's new parameters over the old): returns (accepted,
+    refused with reasons).  A pair is accepted when the output and input have one type, the
+    output is computed by a kernel, every node of that kernel reading the input is
+    elementwise at the input's own shape (each element is read at the index it is then
+    written, and kernels compute all of an element's outputs before storing any), and no
+    kernel reading the input depends on that kernel (so it can run after all of them)."""
+    from neural_arch.compiler.ops.registry import PRIMITIVES
+    specs = [s for s in fused_groups(graph) if s.kind != "guard"]
+    writer = {o: k for k, s in enumerate(specs) for o in s.outputs}
+    types = graph.types
+    deps = [{writer[v] for v in _group_reads(s) if v in writer and writer[v] != k} for k, s in enumerate(specs)]
+
+    def reaches(a, b):  # does kernel a (transitively) read what kernel b writes?
+        stack, seen = [a], set()
+        while stack:
+            k = stack.pop()
+            if k == b:
+                return True
+            if k not in seen:
+                seen.add(k)
+                stack.extend(deps[k])
+        return False
+    accepted, refused = {}, {}
+    inputs = set(graph.input_names)
+    for out, inp in wanted.items():
+        if inp not in inputs or out not in types or types[out] != types[inp]:
+            refused[out] = f"%{out} and input %{inp} differ in type (or are not output and input)"
+            continue
+        if out not in writer or list(graph.outputs).count(out) != 1 or out in inputs:
+            refused[out] = f"%{out} is not computed by a kernel (or is returned twice)"
+            continue
+        w = specs[writer[out]]
+        readers = [n for n in tuple(w.members) + tuple(w.inlined) if inp in n.inputs]
+        bad = [n for n in readers if PRIMITIVES[n.op].kind != "elementwise" or n.type.shape != types[inp].shape]
+        if bad:
+            refused[out] = f"kernel of %{out} reads %{inp} through {bad[0].op} %{bad[0].name}, not elementwise"
+            continue
+        others = [k for k, s in enumerate(specs) if k != writer[out] and inp in _group_reads(s)]
+        if any(reaches(k, writer[out]) for k in others):
+            refused[out] = f"a kernel reading %{inp} needs %{out}'s kernel first"
+            continue
+        if inp in accepted.values():
+            refused[out] = f"%{inp} is already overwritten by another output"
+            continue
+        accepted[out] = inp
+    return accepted, refused
 
 
 def materialized(node: Node) -> bool:
@@ -197,7 +254,7 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
     if groups is not None:
         specs = _as_specs(graph, groups)
     elif options.get("fuse", True):
-        specs = fused_groups(graph)
+        specs = fused_groups(graph, options.get("inplace"))
     else:
         specs = default_groups(graph)
     # big constants live in pre-filled buffers: no kernel computes them, none inlines them
@@ -463,7 +520,10 @@ class Program:
     def __init__(self, graph: Graph, groups=None, options: dict | None = None):
         """``options``: ``passes`` (default True: run the simplification pipeline first,
         ignored when ``groups`` are given), ``fuse`` (default True: kernels from the fusion
-        plan), ``serial`` (no parallel kernels)."""
+        plan), ``serial`` (no parallel kernels), ``inplace`` ({output position: input
+        position}: write that output over that input's array, e.g. an optimizer's new
+        parameters over the old ones; pairs ``inplace_pairs`` cannot prove safe are
+        refused, listed in ``self.inplace_refused``, and get fresh arrays)."""
         self.source_graph = graph
         self.options = dict(options or {})
         from neural_arch.compiler.passes.manager import _env_flag
@@ -472,7 +532,28 @@ class Program:
             from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
             graph = run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph
         self.graph = graph
+        # outputs written over inputs: {output position: input position}, checked
+        self.inplace: dict[int, int] = {}
+        self.inplace_refused: dict[str, str] = {}
+        wanted = self.options.pop("inplace", None) or {}
+        if wanted and groups is None and self.options.get("fuse", True):
+            by_name = {graph.outputs[o]: graph.inputs[i].name for o, i in wanted.items()}
+            accepted, self.inplace_refused = inplace_pairs(graph, by_name)
+            pos_in = {gi.name: k for k, gi in enumerate(graph.inputs)}
+            self.inplace = {graph.outputs.index(o): pos_in[i] for o, i in accepted.items()}
+            if accepted:
+                self.options["inplace"] = dict(sorted(accepted.items()))
+                self.options["inplace_names"] = tuple(sorted(set(accepted) | set(accepted.values())))
+        elif wanted:
+            self.inplace_refused = {"*": "in-place outputs need the fusion plan (no explicit groups, fuse on)"}
         self.module = build(graph, groups, self.options)
+        fallback = [k.name for k in self.module.kernels if k.note.startswith(("unfused", "split"))]
+        if self.inplace and fallback:  # a group split into kernels no longer computes an element at once
+            self.inplace_refused.update({graph.outputs[o]: f"kernels {fallback} were split" for o in self.inplace})
+            self.inplace = {}
+            self.options.pop("inplace", None)
+            self.options.pop("inplace_names", None)
+            self.module = build(graph, groups, self.options)
         self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(self.module.groups)),
                                   self.options)
         if timing:  # the pass table above; then fusion + LLVM IR emission and LLVM's own compile
@@ -498,6 +579,8 @@ class Program:
         outputs = set(graph.outputs)
         inputs = set(graph.input_names)
         self._out_alloc = []  # (slot, name, shape, dtype) allocated per call
+        aliased = {graph.outputs[o]: i for o, i in self.inplace.items()}
+        self._aliased = [(lay.slots[o], o, i) for o, i in aliased.items()]  # written over input i
         intermediates = []
         for n in graph.nodes:
             if n.name not in lay.slots:
@@ -506,6 +589,8 @@ class Program:
                 arr = np.array(n.attr["value"], dtype=n.type.dtype).reshape(n.type.shape)
                 self._keep.append(arr)
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
+            elif n.name in aliased:
+                continue
             elif n.name in outputs:
                 self._out_alloc.append((lay.slots[n.name], n.name, n.type.shape, n.type.dtype))
             else:
@@ -615,6 +700,12 @@ class Program:
                 arr = np.empty(shape, dtype=dtype) if out is None else out[k]
                 fresh[name] = arr
                 ptrs[slot] = arr.ctypes.data
+            for slot, name, i in self._aliased:  # the output overwrites input i
+                if not arrays[i].flags.writeable:
+                    raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
+                                    f"and must be writeable")
+                fresh[name] = arrays[i]
+                ptrs[slot] = arrays[i].ctypes.data
             rc = self._entry(ptrs)
             if self._prof is not None:
                 self.calls += 1

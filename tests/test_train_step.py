@@ -94,3 +94,49 @@ def test_compiled_train_step_equals_eager():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)
+
+
+def test_compiled_step_updates_parameters_and_state_in_place():
+    """The program writes new parameters and optimizer state over the arrays it read: the
+    model's and optimizer's arrays stay the same objects (nothing is allocated per step)."""
+    model = mlp()
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    step = compile_train_step(model, mlp_loss, opt, *BATCHES[0], clip_norm=0.5)
+    prog = step.runtime_program
+    n_params = len(model.parameters())
+    assert len(prog.inplace) == 3 * n_params and not prog.inplace_refused
+    step(*BATCHES[0])  # the first call creates the optimizer state
+    arrays = [p.data for p in model.parameters()]
+    states = [opt.state_for(p)["exp_avg"].data for p in model.parameters()]
+    before = [a.copy() for a in arrays]
+    step(*BATCHES[1])
+    assert all(p.data is a for p, a in zip(model.parameters(), arrays))
+    assert all(opt.state_for(p)["exp_avg"].data is s for p, s in zip(model.parameters(), states))
+    assert all(not np.array_equal(a, b) for a, b in zip(arrays, before))
+
+
+def test_inplace_pairs_are_checked():
+    from neural_arch.compiler import trace
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.runtime.program import Program
+    t = TensorType((16, 16))
+    # read through a transpose: element (i, j) of the output needs input (j, i): refused
+    g = trace(lambda x, y: (F.transpose(x, 1, 0) + y, y * 2.0), t, t)
+    p = Program(g, options={"inplace": {0: 0, 1: 1}})
+    assert p.inplace == {1: 1} and "transpose" in p.inplace_refused[g.outputs[0]]
+    x = np.arange(256, dtype=np.float32).reshape(16, 16)
+    y = np.ones((16, 16), np.float32)
+    a, b = p(x.copy(), y)
+    np.testing.assert_array_equal(a, x.T + 1)
+    assert b is y and np.all(y == 2.0)
+    # another kernel reads the input: the writer runs after it, so it sees the old values
+    g2 = trace(lambda x: (x * 3.0, F.exp(x).sum(axis=0)), t)
+    p2 = Program(g2, options={"inplace": {0: 0}})
+    assert p2.inplace == {0: 0}
+    x2 = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    want = np.exp(x2).sum(axis=0)
+    arr = x2.copy()
+    new, s = p2(arr)
+    assert new is arr
+    np.testing.assert_allclose(new, 3 * x2, rtol=1e-6)
+    np.testing.assert_allclose(s, want, rtol=1e-5)

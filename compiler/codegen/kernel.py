@@ -598,8 +598,10 @@ class KernelBuilder:
                 if math.prod(sh) == 0:
                     continue
                 with ctx.loops("out" if sh == main else f"out{k}", sh, lohi if sh == main else None) as idx:
-                    for o in by_shape[sh]:
-                        v = self._element(ctx, o, idx)
+                    # every output of the element first, then the stores: an output may be
+                    # written over an input in place (Program's ``inplace``)
+                    vals = [(o, self._element(ctx, o, idx)) for o in by_shape[sh]]
+                    for o, v in vals:
                         ctx.store_flat(o, flat_index(idx, sh), v)
         work = sum(math.prod(sh) for sh in shapes)
         return self.finish(body, "map" if len(self.nodes) == 1 else "loop", work, "out",
@@ -688,17 +690,21 @@ class KernelBuilder:
                         ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
             if not do_outputs:
                 return
+            vals = []
             for o in outs["row"]:
                 ri = row_index(o, ridx)
-                ctx.store_flat(o, flat_index(ri, types[o].shape), self._row_or_element(ctx, o, ri))
+                vals.append((o, flat_index(ri, types[o].shape), self._row_or_element(ctx, o, ri)))
+            for o, off, v in vals:
+                ctx.store_flat(o, off, v)
             if outs["full"] and math.prod(domain[d] for d in axes):
                 with ctx.loops(f"{key}.full", [domain[d] for d in axes]) as fidx:
                     full = [None] * len(domain)
                     it_r, it_f = iter(ridx), iter(fidx)
                     for d in range(len(domain)):
                         full[d] = next(it_f) if d in axes else next(it_r)
-                    for o in outs["full"]:
-                        ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
+                    vals = [(o, self._element(ctx, o, full)) for o in outs["full"]]
+                    for o, v in vals:
+                        ctx.store_flat(o, flat_index(full, domain), v)
 
         def body(ctx, lohi=None):
             tot_acc = {}
@@ -787,15 +793,19 @@ class KernelBuilder:
                 if rest:
                     with ctx.loops("Trow", [domain[d] for d in trail], tl) as tidx:
                         full = compose([(outer, pidx), (trail, tidx)])
+                        vals = []
                         for o in rest:
                             ri = row_index(o, [full[d] for d in kept])
-                            ctx.store_flat(o, flat_index(ri, types[o].shape), self._element(ctx, o, ri))
+                            vals.append((o, flat_index(ri, types[o].shape), self._element(ctx, o, ri)))
+                        for o, off, v in vals:
+                            ctx.store_flat(o, off, v)
                 if outs["full"] and math.prod(domain[d] for d in red):
                     with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
                         with ctx.loops("Tfull", [domain[d] for d in trail], tl) as tidx:
                             full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
-                            for o in outs["full"]:
-                                ctx.store_flat(o, flat_index(full, domain), self._element(ctx, o, full))
+                            vals = [(o, self._element(ctx, o, full)) for o in outs["full"]]
+                            for o, v in vals:
+                                ctx.store_flat(o, flat_index(full, domain), v)
 
         size = max([types[o].size for o in self.outputs] + [0])
         work = math.prod(domain) * len(row_reds)
@@ -927,8 +937,10 @@ class KernelBuilder:
             bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * len(names) + [I64, I64]),
                               name=f"{self.name}.body")
             bfn.linkage = "internal"
-            for a in bfn.args[:len(names)]:
-                a.add_attribute("noalias")
+            shared = self.options.get("inplace_names", ())  # buffers written over in place
+            for name, a in zip(names, bfn.args[:len(names)]):
+                if name not in shared:
+                    a.add_attribute("noalias")
             bb = open_function(bfn)
             ptrs = dict(zip(names, bfn.args))
             ectx = Ctx(self, analysis=False, plan=plan, builder=bb, ptrs=ptrs)
