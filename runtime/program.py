@@ -619,6 +619,7 @@ class Program:
                 self._keep.append(arr)
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
         self._in_slots = [lay.slots[i.name] for i in graph.inputs]
+        self._last_inputs = [None] * len(self._in_slots)
         self._want = [(tuple(i.type.shape), np.dtype(i.type.dtype)) for i in graph.inputs]
         self._outputs = list(graph.outputs)
         self._inputs = inputs
@@ -693,8 +694,11 @@ class Program:
                 raise TypeError(f"{self.graph.name}: input %{gi.name} expects a C-contiguous {gi.type}, got {got}")
         with self._lock:
             ptrs = self._ptrs
-            for slot, a in zip(self._in_slots, arrays):
-                ptrs[slot] = a.ctypes.data
+            last = self._last_inputs  # an array's data pointer is fixed for its lifetime (we hold it)
+            for k, (slot, a) in enumerate(zip(self._in_slots, arrays)):
+                if last[k] is not a:
+                    ptrs[slot] = a.ctypes.data
+                    last[k] = a
             fresh = {}
             for k, (slot, name, shape, dtype) in enumerate(self._out_alloc):
                 arr = np.empty(shape, dtype=dtype) if out is None else out[k]
