@@ -46,15 +46,14 @@ OPTIMIZERS = {
 
 def _gpt2():
     nn.manual_seed(3)
-    return GPT2(GPT2Config(vocab_size=23, n_positions=16, n_embd=32, n_layer=2, n_head=4, dropout=0.0))
+    return GPT2(GPT2Config(vocab_size=23, n_positions=16, n_embd=16, n_layer=1, n_head=2, dropout=0.0))
 
 
 def _loss(m, x, y):
     return F.cross_entropy(m(x).reshape((-1, 23)), y.reshape((-1,)))
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("name,clip", [("sgd", 0.5), ("adam", None), ("adamw", None), ("adamw", 0.5)])
 def test_compiled_gpt2_training_equals_eager_for_each_optimizer(name, clip):
     rng = np.random.default_rng(7)
     batches = [(rng.integers(0, 23, (4, 16)), rng.integers(0, 23, (4, 16))) for _ in range(4)]
