@@ -487,7 +487,7 @@ def fails_in_subprocess(c: Case, timeout: float = 120.0) -> bool:
     try:
         path = write_reproducer(Result(c, math.nan, math.nan, False), tmp)
         try:
-            r = subprocess.run([sys.executable, "-m", "neural_arch.tools.cli", "difftest", "--replay", path],
+            r = subprocess.run([sys.executable, "-m", "neural_arch.tools.difftest", "--replay-here", path],
                                capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return True
@@ -770,9 +770,28 @@ def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failure
     return (1 if failed or late else 0), crashes
 
 
-def replay(path: str, stream=None) -> int:
+def replay(path: str, stream=None, isolate: bool = True) -> int:
+    """Re-run a reproducer; exit status 1 while it still fails.  The case runs in a child
+    process, so a case that crashes the process is reported as such (not as our own death)."""
     stream = stream or sys.stdout
     case = load_reproducer(path)
+    if isolate:
+        import signal
+        import subprocess
+        r = subprocess.run([sys.executable, "-m", "neural_arch.tools.difftest", "--replay-here", path],
+                           capture_output=True, text=True)
+        stream.write(r.stdout)
+        if r.returncode < 0:
+            sig = signal.Signals(-r.returncode).name
+            last = (r.stderr.strip().splitlines() or [""])[-1][:200]
+            print(HEADER, file=stream)
+            print(f"{case.suite:<7} {case.name[:28]:<28} {case.what:<31} {'-':>9} {'-':>9}  "
+                  f"{'':<22} CRASH: signal {-r.returncode} ({sig}){': ' + last if last else ''}", file=stream)
+            print(f"replayed {path}: still fails (the process died)", file=stream)
+            return 1
+        if r.returncode not in (0, 1):
+            raise RuntimeError(f"replay failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        return r.returncode
     res = run_case(case)
     print(HEADER, file=stream)
     print(row(res), file=stream)
@@ -783,5 +802,7 @@ def replay(path: str, stream=None) -> int:
 if __name__ == "__main__":  # the worker process of run(batch=N)
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(_worker(json.loads(sys.argv[2])))
+    if len(sys.argv) == 3 and sys.argv[1] == "--replay-here":
+        sys.exit(replay(sys.argv[2], isolate=False))
     print("usage: narch difftest ... (this module's main is the worker of --batch runs)", file=sys.stderr)
     sys.exit(2)
