@@ -90,10 +90,11 @@ def _topological(groups: list, graph_inputs: set, inplace: dict | None = None) -
     (the plan's numbering need not be one), and a kernel that overwrites an input in place
     after every other kernel that reads it."""
     writer = {o: k for k, g in enumerate(groups) for o in g.outputs}
-    deps = [{writer[v] for v in _group_reads(g) if v in writer and writer[v] != k} for k, g in enumerate(groups)]
+    reads = [_group_reads(g) for g in groups]
+    deps = [{writer[v] for v in r if v in writer and writer[v] != k} for k, r in enumerate(reads)]
     for out, inp in (inplace or {}).items():
         w = writer[out]
-        deps[w] |= {k for k, g in enumerate(groups) if k != w and inp in _group_reads(g)}
+        deps[w] |= {k for k, r in enumerate(reads) if k != w and inp in r}
     order, done, visiting = [], set(), set()
 
     def visit(k):
@@ -124,7 +125,12 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
     specs = [s for s in fused_groups(graph) if s.kind != "guard"]
     writer = {o: k for k, s in enumerate(specs) for o in s.outputs}
     types = graph.types
-    deps = [{writer[v] for v in _group_reads(s) if v in writer and writer[v] != k} for k, s in enumerate(specs)]
+    reads = [_group_reads(s) for s in specs]
+    deps = [{writer[v] for v in r if v in writer and writer[v] != k} for k, r in enumerate(reads)]
+    readers_of: dict = {}
+    for k, r in enumerate(reads):
+        for v in r:
+            readers_of.setdefault(v, []).append(k)
 
     def reaches(a, b):  # does kernel a (transitively) read what kernel b writes?
         stack, seen = [a], set()
@@ -151,7 +157,7 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
         if bad:
             refused[out] = f"kernel of %{out} reads %{inp} through {bad[0].op} %{bad[0].name}, not elementwise"
             continue
-        others = [k for k, s in enumerate(specs) if k != writer[out] and inp in _group_reads(s)]
+        others = [k for k in readers_of.get(inp, ()) if k != writer[out]]
         if any(reaches(k, writer[out]) for k in others):
             refused[out] = f"a kernel reading %{inp} needs %{out}'s kernel first"
             continue
@@ -236,14 +242,58 @@ class Layout:
 
 @dataclass
 class Module:
-    """Everything ``build`` produces: IR text, kernel records, buffer layout."""
-    llvm_ir: str
+    """Everything ``build`` produces: IR text, kernel records, buffer layout.  A module
+    restored from the disk cache (``module_from_meta``) has no IR text until asked for it:
+    ``llvm_ir`` then rebuilds it (the build is deterministic)."""
+    ir_text: str | None
     kernels: list
     layout: Layout
     checks: dict = field(default_factory=dict)  # code -> IndexCheck
     build_seconds: float = 0.0
     groups: list = field(default_factory=list)
     buffered: tuple = ()  # values that live in buffers (inputs, kernel outputs, constants)
+    rebuild: object = None  # () -> Module, for the IR text of a restored module
+    from_meta: bool = False
+
+    @property
+    def llvm_ir(self) -> str:
+        if self.ir_text is None:
+            self.ir_text = self.rebuild().ir_text
+        return self.ir_text
+
+    def to_meta(self) -> dict:
+        """The records as JSON-able data (node references by name)."""
+        def kern(k: Kernel) -> dict:
+            return {"name": k.name, "nodes": [n.name for n in k.nodes], "inputs": list(k.inputs),
+                    "outputs": list(k.outputs), "strategy": k.strategy, "tasks": k.tasks,
+                    "checks": [c.code for c in k.checks], "loops": {a: list(b) for a, b in k.loops.items()},
+                    "workspace_bytes": k.workspace_bytes, "buffers": list(k.buffers), "note": k.note,
+                    "externals": [list(e) for e in k.externals]}
+        return {"kernels": [kern(k) for k in self.kernels],
+                "layout": {"slots": [[n, i] for n, i in self.layout.slots.items()], "nslots": self.layout.nslots,
+                           "workspace_slot": self.layout.workspace_slot,
+                           "workspace_bytes": self.layout.workspace_bytes},
+                "checks": [[c, i.node.name, i.size, i.axis, i.ignore] for c, i in self.checks.items()],
+                "groups": [[g.kind, [n.name for n in g.members], [n.name for n in g.inlined], list(g.outputs),
+                            list(g.domain), list(g.axes)] for g in self.groups],
+                "buffered": list(self.buffered)}
+
+
+def module_from_meta(meta: dict, graph: Graph, rebuild) -> Module:
+    """The inverse of ``Module.to_meta`` against the graph it was built from."""
+    from neural_arch.compiler.codegen.kernel import IndexCheck
+    prod = graph.producer()
+    checks = {int(c): IndexCheck(int(c), prod[n], size, axis, ignore) for c, n, size, axis, ignore in meta["checks"]}
+    kernels = [Kernel(k["name"], tuple(prod[n] for n in k["nodes"]), tuple(k["inputs"]), tuple(k["outputs"]),
+                      k["strategy"], k["tasks"], [checks[c] for c in k["checks"]],
+                      {a: tuple(b) for a, b in k["loops"].items()}, k["workspace_bytes"], tuple(k["buffers"]),
+                      k["note"], tuple(tuple(e) for e in k["externals"]))
+               for k in meta["kernels"]]
+    lay = meta["layout"]
+    layout = Layout({n: i for n, i in lay["slots"]}, lay["nslots"], lay["workspace_slot"], lay["workspace_bytes"])
+    groups = [GroupSpec(kind, tuple(prod[n] for n in m), tuple(prod[n] for n in inl), tuple(outs), tuple(dom),
+                        tuple(ax)) for kind, m, inl, outs, dom, ax in meta["groups"]]
+    return Module(None, kernels, layout, checks, 0.0, groups, tuple(meta["buffered"]), rebuild, True)
 
 
 def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
@@ -546,16 +596,16 @@ class Program:
                 self.options["inplace_names"] = tuple(sorted(set(accepted) | set(accepted.values())))
         elif wanted:
             self.inplace_refused = {"*": "in-place outputs need the fusion plan (no explicit groups, fuse on)"}
-        self.module = build(graph, groups, self.options)
+        text = canonical_text(graph)
+        self.module = self._build_or_restore(graph, groups, text)
         fallback = [k.name for k in self.module.kernels if k.note.startswith(("unfused", "split"))]
         if self.inplace and fallback:  # a group split into kernels no longer computes an element at once
             self.inplace_refused.update({graph.outputs[o]: f"kernels {fallback} were split" for o in self.inplace})
             self.inplace = {}
             self.options.pop("inplace", None)
             self.options.pop("inplace_names", None)
-            self.module = build(graph, groups, self.options)
-        self.native = load_native(self.module, canonical_text(graph) + repr(groups_key(self.module.groups)),
-                                  self.options)
+            self.module = self._build_or_restore(graph, groups, text)
+        self.native = load_native(self.module, text + repr(groups_key(self.module.groups)), self.options)
         if timing:  # the pass table above; then fusion + LLVM IR emission and LLVM's own compile
             llvm = "      (cache)  LLVM machine code loaded from the disk cache" if self.native.from_cache else \
                 f"{self.native.compile_seconds * 1e3:9.1f} ms  LLVM optimise + machine code"
@@ -625,6 +675,31 @@ class Program:
         self._inputs = inputs
         self._lock = threading.Lock()
         self._entry = self.native.entry
+
+    def _build_or_restore(self, graph: Graph, groups, text: str) -> Module:
+        """``build``, or its records from the disk cache (then the kernels' machine code
+        comes from the cache too, and the LLVM IR text is rebuilt only if asked for)."""
+        options = self.options
+        cache = _disk_cache() if groups is None and options.get("module_cache", True) else None
+        if cache is None:
+            return build(graph, groups, options)
+        from . import threadpool
+        parts = cache_key_parts(text, options)
+        parts.update(kind="module records", threads=threadpool.num_threads())
+        t0 = time.perf_counter()
+        raw = cache.get(parts)
+        if raw is not None:
+            try:
+                import json
+                mod = module_from_meta(json.loads(raw), graph, lambda: build(graph, groups, options))
+                mod.build_seconds = time.perf_counter() - t0
+                return mod
+            except (ValueError, KeyError, TypeError) as e:  # an old or foreign entry: rebuild
+                sys.stderr.write(f"neural_arch: ignoring unreadable module records in the cache ({e})\n")
+        mod = build(graph, groups, options)
+        import json
+        cache.put(parts, json.dumps(mod.to_meta()).encode())
+        return mod
 
     def profile(self, top: int | None = None) -> str:
         """Per-kernel wall time over the calls so far (build with ``options={"profile": True}``)."""

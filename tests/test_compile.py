@@ -145,6 +145,30 @@ def test_second_process_loads_object_code_from_disk_cache(tmp_path):
     assert abs(float(v1) - 3.0) < 1e-5 and v1 == v2
 
 
+def test_second_process_restores_kernel_records_without_building(tmp_path):
+    """A cached compile skips codegen: the kernel records come from the disk cache with the
+    machine code; the LLVM IR text is rebuilt only when asked for, and equals a fresh build."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from neural_arch.compiler import compile, functional as F
+        from neural_arch.runtime.program import build
+        x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+        w = np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32)
+        f = compile(lambda x, w: F.layer_norm(F.gelu(x @ w)).sum(axis=0), x, w)
+        m = f.program.module
+        print(m.from_meta, f.program.native.from_cache, len(m.kernels), float(f(x, w).data.sum()),
+              m.llvm_ir == build(f.program.graph, None, f.program.options).llvm_ir)
+    """)
+    env = dict(os.environ, NEURAL_ARCH_CACHE_DIR=str(tmp_path), NEURAL_ARCH_CACHE="1")
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    first, second = (r.stdout.split() for r in runs)
+    assert first[:2] == ["False", "False"] and second[:2] == ["True", "True"]
+    assert first[2:] == second[2:] and second[4] == "True"
+
+
 # ----------------------------------------------------------------------------- every differentiable primitive
 
 DIFFERENTIABLE = sorted(n for n, p in PRIMITIVES.items() if p.vjp is not NONDIFF and p.spec is not None and p.spec.grad)

@@ -495,6 +495,21 @@ class GroupSpec:
         return GroupSpec("node", (node,), (), (node.name,), tuple(node.type.shape))
 
 
+_last_order: tuple = (None, None)  # (graph, order) of the graph built last
+
+
+def _value_order(graph: Graph) -> dict:
+    """Position of every value (inputs, then nodes) in the graph, computed once per graph
+    (by identity: a Graph hashes by value, which costs a walk over all its nodes)."""
+    global _last_order
+    g, order = _last_order  # one tuple read: safe if another thread builds another graph
+    if g is not graph:
+        order = {n: k for k, n in enumerate(graph.input_names)}
+        order.update({n.name: len(order) + k for k, n in enumerate(graph.nodes)})
+        _last_order = (graph, order)
+    return order
+
+
 class KernelBuilder:
     """Emits one kernel for a group of nodes into a module."""
 
@@ -551,8 +566,7 @@ class KernelBuilder:
                 stack.extend(reversed(self.inline[i].inputs))
             elif i not in names:
                 names.append(i)
-        order = {n: k for k, n in enumerate(self.graph.input_names)}
-        order.update({n.name: len(order) + k for k, n in enumerate(self.graph.nodes)})
+        order = _value_order(self.graph)
         return sorted(names, key=lambda v: order.get(v, -1))
 
     def build(self) -> Kernel:
