@@ -773,6 +773,9 @@ class KernelBuilder:
         back from those buffers."""
         types = self.graph.types
         outer = [d for d in kept if d not in trail]
+        # every loop over the trailing kept dims is ONE loop space: one merge plan, so the
+        # parallel chunk bounds (in units of its first merged dim) mean the same in each
+        TRAIL = "T"
         red = [d for d in range(len(domain)) if d in axes]
         for r in row_reds:
             self.buffered.add(r.name)
@@ -791,12 +794,12 @@ class KernelBuilder:
                 for r in row_reds:
                     low = self.lowering(r)
                     (x,) = r.inputs
-                    with ctx.loops(f"T0.{r.name}", [domain[d] for d in trail], tl) as tidx:
+                    with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
                         ri = row_index(r.name, [f for f in compose([(outer, pidx), (trail, tidx)]) if f is not None])
                         ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), low.init(ctx, r))
                     if math.prod(domain[d] for d in red):
                         with ctx.loops(f"R.{r.name}", [domain[d] for d in red]) as ridx:
-                            with ctx.loops(f"T.{r.name}", [domain[d] for d in trail], tl) as tidx:
+                            with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
                                 full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                                 ri = row_index(r.name, [full[d] for d in kept])
                                 off = flat_index(ri, types[r.name].shape)
@@ -805,7 +808,7 @@ class KernelBuilder:
                                 ctx.store_flat(r.name, off, low.combine(ctx, r, acc, v, reduce=False))
                 rest = [o for o in outs["row"] if o not in {r.name for r in row_reds}]
                 if rest:
-                    with ctx.loops("Trow", [domain[d] for d in trail], tl) as tidx:
+                    with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
                         full = compose([(outer, pidx), (trail, tidx)])
                         vals = []
                         for o in rest:
@@ -815,7 +818,7 @@ class KernelBuilder:
                             ctx.store_flat(o, off, v)
                 if outs["full"] and math.prod(domain[d] for d in red):
                     with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
-                        with ctx.loops("Tfull", [domain[d] for d in trail], tl) as tidx:
+                        with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
                             full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                             vals = [(o, self._element(ctx, o, full)) for o in outs["full"]]
                             for o, v in vals:
@@ -823,7 +826,7 @@ class KernelBuilder:
 
         size = max([types[o].size for o in self.outputs] + [0])
         work = math.prod(domain) * len(row_reds)
-        k = self.finish(body, "row-columns", work, "P" if outer else f"T0.{row_reds[0].name}", size=size,
+        k = self.finish(body, "row-columns", work, "P" if outer else TRAIL, size=size,
                         min_chunk=1 if outer else 64)
         k.buffers = tuple(k.buffers) + extra
         return k

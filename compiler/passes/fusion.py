@@ -298,6 +298,10 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
                 g = groups[gid]
                 if g is best or g.kind != "loop" or level(best, g.domain) != "full":
                     continue
+                if best.kind == "matmul" and gid in deps[best.id]:
+                    decisions.append(Decision(n.name, False, f"kernel {gid} not merged into {best.id}: it computes "
+                                                             f"an operand of that kernel's matmul"))
+                    continue
                 if reaches(deps[best.id] - {gid}, gid) or reaches(deps[gid], best.id):
                     decisions.append(Decision(n.name, False, f"kernel {gid} not merged into {best.id}: "
                                                              f"another kernel lies between them"))
