@@ -199,3 +199,18 @@ def test_profile_training_step_and_errors(capsys):
     assert main(["profile", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert "unknown target" in err and err.strip().count("\n") == 0
+
+
+def test_a_miss_within_float32_noise_is_settled_against_float64():
+    """Two float32 evaluation orders may differ by more than the tolerance while both are as
+    close to the float64 truth as float32 allows; a result farther off still fails."""
+    g = parse("graph g(%x: f32[3], %y: f32[3]) {\n  %s: f32[3] = add(%x, %y)\n  return (%s)\n}\n")
+    x = np.array([1e8, 1.0, -3.0], np.float32)
+    y = np.array([-1e8 + 8, 2.0, 5.0], np.float32)
+    case = difftest.Case("random", "t", g, [x, y], "compiled", 1e-6, 1e-6, oracle=True)
+    truth = x.astype(np.float64) + y.astype(np.float64)
+    want = [(x + y).astype(np.float32)]                 # the float32 result: exact here
+    noisy = [want[0] + np.float32([0, 1e-5, 0])]        # off by 1e-5: beyond tolerance and noise
+    assert not difftest.within_float32_noise(case, noisy, want)
+    far_interp = [np.float32(truth + [0, 1e-3, 0])]     # an interpreter 1e-3 off allows 1e-3
+    assert difftest.within_float32_noise(case, noisy, far_interp)

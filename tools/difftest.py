@@ -55,6 +55,7 @@ class Case:
     pipeline: list | None = None    # passes run on the graph first (passes suite)
     torch_op: str | None = None     # the primitive compared against torch
     info: dict = field(default_factory=dict)
+    oracle: bool = False            # a miss may be settled against the float64 interpreter (below)
 
     @property
     def what(self) -> str:
@@ -73,6 +74,7 @@ class Result:
     seconds: float = 0.0
     repro: str | None = None
     minimized: str | None = None    # "n -> m nodes"
+    settled: bool = False           # passed only against the float64 oracle
 
 
 def compare(got, want, rtol: float, atol: float, names=None) -> tuple[float, float, bool, str]:
@@ -172,12 +174,37 @@ def evaluate(case: Case) -> tuple[list, list]:
     raise ValueError(f"unknown check {case.check!r}")
 
 
+def within_float32_noise(case: Case, got, want) -> bool:
+    """Is every element of ``got`` within tolerance of the float64 truth, after allowing for
+    the float32 interpreter's own distance from it?  (Cancellation can make two correct
+    float32 evaluation orders differ by more than any fixed tolerance.)"""
+    from neural_arch.runtime.interpreter import interpret
+    truth = interpret(case.graph, case.inputs, oracle=True)
+    for g, w, t in zip(got, want, truth):
+        g, w, t = np.asarray(g), np.asarray(w), np.asarray(t)
+        if g.dtype.kind != "f" or g.size == 0:
+            if g.dtype.kind != "f" and not np.array_equal(g, w):
+                return False
+            continue
+        g64, w64, t64 = g.astype(np.float64), w.astype(np.float64), t.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            err_c = np.where(np.isnan(g64) & np.isnan(t64), 0.0, np.abs(g64 - t64))
+            err_i = np.where(np.isnan(w64) & np.isnan(t64), 0.0, np.abs(w64 - t64))
+            bound = case.atol + case.rtol * np.abs(t64) + err_i
+            if not np.all(err_c <= bound):
+                return False
+    return True
+
+
 def run_case(case: Case) -> Result:
     t0 = time.perf_counter()
     try:
         got, want = evaluate(case)
         a, r, ok, worst = compare(got, want, case.rtol, case.atol, list(case.graph.outputs))
-        return Result(case, a, r, ok, worst=worst, seconds=time.perf_counter() - t0)
+        settled = False
+        if not ok and case.oracle and case.check in ("compiled", "passes", "passes-compiled"):
+            ok = settled = within_float32_noise(case, got, want)
+        return Result(case, a, r, ok, worst=worst, seconds=time.perf_counter() - t0, settled=settled)
     except Exception as e:  # a crash of the compiler under test is a failing case, reported
         msg = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
         return Result(case, math.nan, math.nan, False, error=(msg[-1] if msg else type(e).__name__)[:300],
@@ -263,7 +290,7 @@ def op_cases(seed: int, count: int, tolerance: float | None, use_torch: bool = T
             outs.append(f"y{k}")
             arrays += list(case.inputs)
         fwd = Graph(name, tuple(inputs), tuple(nodes), tuple(outs))
-        out.append(Case("ops", f"{name}/forward", fwd, arrays, "compiled", rtol, atol))
+        out.append(Case("ops", f"{name}/forward", fwd, arrays, "compiled", rtol, atol, oracle=tolerance is None))
         # backward: the loss sum_k sum(y_k * c_k) with random cotangents c_k
         float_out = [n for n in nodes if n.type.dtype.startswith("float")]
         if spec.grad and prim.vjp is not NONDIFF and float_out:
@@ -291,7 +318,8 @@ def op_cases(seed: int, count: int, tolerance: float | None, use_torch: bool = T
             wrt = [i.name for i in inputs if i.type.dtype.startswith("float")]
             if wrt:
                 bwd = autodiff(loss, wrt, with_value=False, name=name + "_backward")
-                out.append(Case("ops", f"{name}/backward", bwd, b_arrays, "compiled", 2 * rtol, 2 * atol))
+                out.append(Case("ops", f"{name}/backward", bwd, b_arrays, "compiled", 2 * rtol, 2 * atol,
+                                oracle=tolerance is None))
         if name in torch_fns:
             for k, case in enumerate(draws[:2]):
                 ins = [GraphInput(f"x{i}", TensorType(a.shape, a.dtype.name)) for i, a in enumerate(case.inputs)]
@@ -315,9 +343,11 @@ def model_cases(seed: int, count: int, tolerance: float | None) -> list[Case]:
             print(f"difftest models: skipping {name}: its model module is missing ({e})", file=sys.stderr)
             continue
         fwd = zoo.forward_example(zm, name)
-        out.append(Case("models", f"{name}/forward", fwd.graph, fwd.inputs, "compiled", rtol, atol))
+        out.append(Case("models", f"{name}/forward", fwd.graph, fwd.inputs, "compiled", rtol, atol,
+                        oracle=tolerance is None))
         tr = zoo.train_example(zoo.make(name), name)
-        out.append(Case("models", f"{name}/train", tr.graph, tr.inputs, "compiled", rtol, atol))
+        out.append(Case("models", f"{name}/train", tr.graph, tr.inputs, "compiled", rtol, atol,
+                        oracle=tolerance is None))
     return out
 
 
@@ -371,7 +401,8 @@ def random_cases(seed: int, count: int, tolerance: float | None) -> list[Case]:
     for k in range(count):
         s = seed + k
         g, inputs, desc = random_graph(s)
-        out.append(Case("random", f"graph{s}", g, inputs, "compiled", rtol, atol, info={"recipe": desc, "seed": s}))
+        out.append(Case("random", f"graph{s}", g, inputs, "compiled", rtol, atol, info={"recipe": desc, "seed": s},
+                        oracle=tolerance is None))
     return out
 
 
@@ -390,8 +421,10 @@ def pass_cases(seed: int, count: int, tolerance: float | None) -> list[Case]:
         rng = np.random.default_rng(_seed_for(s, "pipeline"))
         g, inputs = build(random_recipe(NumpySampler(s), max_steps=12), name=f"random_{s}")
         order = [optional[i] for i in rng.integers(0, len(optional), rng.integers(1, 13))]
-        out.append(Case("passes", f"graph{s}", g, inputs, "passes", rtol, atol, pipeline=order))
-        out.append(Case("passes", f"graph{s}", g, inputs, "passes-compiled", 2 * rtol, 2 * atol, pipeline=order))
+        out.append(Case("passes", f"graph{s}", g, inputs, "passes", rtol, atol, pipeline=order,
+                        oracle=tolerance is None))
+        out.append(Case("passes", f"graph{s}", g, inputs, "passes-compiled", 2 * rtol, 2 * atol, pipeline=order,
+                        oracle=tolerance is None))
     return out
 
 
@@ -419,6 +452,7 @@ def write_reproducer(res: Result, out_dir: str) -> str:
         f.write(c.graph.to_text())
     np.savez(os.path.join(path, "inputs.npz"), **{f"in{k:04d}": np.asarray(a) for k, a in enumerate(c.inputs)})
     meta = {"suite": c.suite, "name": c.name, "check": c.check, "what": c.what, "rtol": c.rtol, "atol": c.atol,
+            "oracle": c.oracle,
             "pipeline": c.pipeline, "torch_op": c.torch_op, "info": c.info,
             "compiled_with": "Program(graph): DEFAULT_PIPELINE, fusion, codegen" if c.check in ("compiled", "torch")
             else "run_pipeline(graph, pipeline); Program(options={'passes': False})" if c.check == "passes-compiled"
@@ -447,7 +481,8 @@ def load_reproducer(path: str) -> Case:
     with np.load(os.path.join(path, "inputs.npz")) as z:
         inputs = [z[k] for k in sorted(z.files)]
     return Case(meta["suite"], meta["name"], graph, inputs, meta["check"], meta["rtol"], meta["atol"],
-                pipeline=meta.get("pipeline"), torch_op=meta.get("torch_op"), info=meta.get("info") or {})
+                pipeline=meta.get("pipeline"), torch_op=meta.get("torch_op"), info=meta.get("info") or {},
+                oracle=bool(meta.get("oracle", False)))
 
 
 # ----------------------------------------------------------------------------- the minimizer
@@ -572,7 +607,7 @@ HEADER = f"{'suite':<7} {'case':<28} {'check':<31} {'max abs':>9} {'max rel':>9}
 def row(res: Result) -> str:
     c = res.case
     tol = f"rtol {c.rtol:.0e} atol {c.atol:.0e}"
-    verdict = "pass" if res.ok else ("ERROR " + (res.error or "")) if res.error else \
+    verdict = ("pass (vs f64)" if res.settled else "pass") if res.ok else ("ERROR " + (res.error or "")) if res.error else \
         f"FAIL (worst %{res.worst})" if res.worst else "FAIL"
     return f"{c.suite:<7} {c.name[:28]:<28} {c.what:<31} {_fmt(res.max_abs):>9} {_fmt(res.max_rel):>9}  {tol:<22} {verdict}"
 
