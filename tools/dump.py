@@ -518,16 +518,29 @@ def to_dot(g: Graph, plan=None, memory=None) -> str:
                 lines.append(f"    {_q(name)} [id={_q(node_id(name))}, label={_q(label(n))}, tooltip={_q(tip(n))}, "
                              f"color={_q(border)}];")
             lines.append("  }")
+    # a source (fill, iota, constant) read by several nodes is drawn once per reader, beside
+    # it: one shared fill would otherwise pull edges across the whole graph
+    users: dict = {}
+    for n in g.nodes:
+        for i in dict.fromkeys(n.inputs):
+            users.setdefault(i, []).append(n.name)
+    copies = {n.name for n in g.nodes if not n.inputs and n.name not in in_kernel and n.name not in g.outputs
+              and len(users.get(n.name, ())) > 1}
     for n in g.nodes:
         if n.name in in_kernel:
             continue
         style = '"rounded,dashed"' if plan is not None else '"rounded,filled"'
         extra = ' fillcolor="#fff8e1",' if n.name in guards else ""
-        lines.append(f"  {_q(n.name)} [id={_q(node_id(n.name))}, label={_q(label(n))}, tooltip={_q(tip(n))}, "
-                     f"style={style},{extra} fontcolor=\"#555555\"];")
+        ids = [(n.name, node_id(n.name))]
+        if n.name in copies:  # the first copy keeps the node's id; the others add ~k
+            ids = [(f"{n.name}~{k}", node_id(n.name) + (f"~{k}" if k else "")) for k in range(len(users[n.name]))]
+        for key, nid in ids:
+            lines.append(f"  {_q(key)} [id={_q(nid)}, label={_q(label(n))}, tooltip={_q(tip(n))}, "
+                         f"style={style},{extra} fontcolor=\"#555555\"];")
     for n in g.nodes:
         for i in dict.fromkeys(n.inputs):
-            lines.append(f"  {_q(i)} -> {_q(n.name)};")
+            src = f"{i}~{users[i].index(n.name)}" if i in copies else i
+            lines.append(f"  {_q(src)} -> {_q(n.name)};")
     for k, o in enumerate(dict.fromkeys(g.outputs)):
         lines.append(f"  {_q('out:' + o)} [label={_q(f'output {k}')}, shape=plaintext, style=\"\", "
                      f"id={_q('out_' + str(k))}];")

@@ -268,7 +268,7 @@ function locStr(n){return n.loc?n.loc.file+':'+n.loc.line:'';}
 function select(name){
   if(selected){var o=document.getElementById(nid(selected));if(o)o.classList.remove('selected');
     var r=document.getElementById('row-'+nid(selected));if(r)r.classList.remove('selected');}
-  selected=name;var g=document.getElementById(nid(name));if(g){g.classList.add('selected');var wrap=document.getElementById('graph-wrap'),r=g.getBoundingClientRect(),w=wrap.getBoundingClientRect();if(w.height){wrap.scrollTop+=(r.top-w.top)-w.height/2+r.height/2;wrap.scrollLeft+=(r.left-w.left)-w.width/2+r.width/2;}}
+  selected=name;document.querySelectorAll('#graph-wrap g.node.selected').forEach(function(x){x.classList.remove('selected');});var g=document.getElementById(nid(name));if(g){g.classList.add('selected');var wrap=document.getElementById('graph-wrap'),r=g.getBoundingClientRect(),w=wrap.getBoundingClientRect();if(w.height){wrap.scrollTop+=(r.top-w.top)-w.height/2+r.height/2;wrap.scrollLeft+=(r.left-w.left)-w.width/2+r.width/2;}}
   var r2=document.getElementById('row-'+nid(name));if(r2)r2.classList.add('selected');
   var n=byName[name],dl=el('dl'),box=document.getElementById('details');box.innerHTML='';
   function add(k,v){dl.appendChild(el('dt',null,k));dl.appendChild(el('dd',null,v));}
@@ -286,7 +286,7 @@ function select(name){
   box.appendChild(dl);
 }
 document.querySelectorAll('#graph-wrap g.node').forEach(function(g){
-  var name=null;for(var k in byName){if(nid(k)===g.id){name=k;break;}}
+  var name=null,base=g.id.replace(/~\d+$/,'');for(var k in byName){if(nid(k)===base){name=k;break;}}
   if(name!==null)g.addEventListener('click',function(){select(name);});});
 document.getElementById('fit').addEventListener('change',function(e){
   document.getElementById('graph-wrap').classList.toggle('fit',e.target.checked);});
