@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  narch difftest all\n"
                               "  narch difftest ops --only 'exp*,matmul*' --count 5\n"
                               "  narch difftest random --seed 7 --count 10000 --quiet --batch 500\n"
-                              "  narch difftest random --count 1 --tolerance 0     # fails: shows reproducer + minimizer\n"
+                              "  narch difftest random --seed 3 --count 1 --tolerance 0   # fails (FMA rounding): reproducer + minimizer\n"
                               "  narch difftest --replay narch_difftest/random-graph0-compiled")
     f.add_argument("suite", nargs="?", default="all", choices=["ops", "models", "random", "passes", "all"],
                    help="which suite (default: all)")
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only cases whose name matches one of these globs/substrings, e.g. 'tanh*' or gpt2 "
                         "(repeatable, comma separated)")
     f.add_argument("--tolerance", type=float, default=None,
-                   help="use this rtol and atol for every case instead of the per-op/suite tolerances")
+                   help="use this rtol and atol for every case instead of the per-op/suite tolerances, and "
+                        "compare strictly (no settling a miss against the float64 interpreter)")
     f.add_argument("--out", default="narch_difftest", help="where reproducers go (default ./narch_difftest)")
     f.add_argument("--replay", metavar="DIR", help="re-run one reproducer directory; exit 1 if it still fails")
     f.add_argument("--no-minimize", action="store_true", help="do not shrink failing random graphs")
