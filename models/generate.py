@@ -64,7 +64,11 @@ class Decoder:
         bound = [traced.bindings[i.name] for i in graph.inputs[n_args:]]
         if self.backend == "llvm":
             from neural_arch.runtime.program import Program
-            prog = Program(graph)
+            # the KV caches are updated in place: output 1 + j overwrites input 2 + j (the
+            # caches follow the token ids and the position), so no cache is copied per token
+            n_cache = 2 * self.n_layer
+            prog = Program(graph, options={"inplace": {1 + j: 2 + j for j in range(n_cache)}})
+            self.inplace_refused = prog.inplace_refused
             run = prog
         else:
             from neural_arch.runtime.interpreter import interpret

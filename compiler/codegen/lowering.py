@@ -26,7 +26,7 @@ import numpy as np
 from ..ops import primitives as P
 from ..ops.registry import PRIMITIVES
 from .index import Ix, Var, contiguous_strides, flat_index, unflatten
-from .kernel import (F32, F64, FM, FM_REDUCE, I1, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel,
+from .kernel import (F32, F64, FM, FM_REDUCE, I1, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel, alloca,
                      KernelBuilder, c64, close_function, const, declare, for_range, open_function, intrinsic, is_float, mem_type, reg_type)
 
 
@@ -604,6 +604,12 @@ class Matmul(Lowering):
         sbk, sbn = bst[-2], bst[-1]
         bcs = contiguous_strides(batch) if batch else ()
         flops = nb * M * N * max(K, 1)
+        if M == 1 and K > 0 and out.size and not kb.options.get("no_gemv"):
+            # a row vector times a matrix (decoding one token): no packing, no 6-row tiles;
+            # the matrix is streamed once (by rows when its columns are contiguous, else as
+            # one dot product per column)
+            return self._gemv_kernel(kb, node, stages, abuf, abase, bbuf, bbase, a_bs, b_bs, sak, sbk, sbn,
+                                     batch, N, K, nb)
         emit_gemm, ws_bytes, threads = gemm_provider()
         big_single = nb == 1 and threads > 1 and flops >= GEMM_PARALLEL_MIN_FLOPS and not kb.options.get("serial")
         gthreads = threads if big_single else 1
@@ -667,6 +673,71 @@ class Matmul(Lowering):
         if stages:
             k = _chain(kb, stages, k)
         return k
+
+
+GEMV_MIN_WORK_PARALLEL = 1 << 16   # N*K per product above which columns split over two tasks
+
+
+def _gemv_kernel(self, kb, node, stages, abuf, abase, bbuf, bbase, a_bs, b_bs, sak, sbk, sbn, batch, N, K, nb):
+    m = kb.module
+    dt = node.type.dtype
+    et = reg_type(dt)
+    tasks = 2 if nb * N * K >= GEMV_MIN_WORK_PARALLEL and not kb.options.get("serial") else 1
+    nchunks = tasks if nb < tasks else 1
+    cw = -(-N // nchunks)
+    if sbn == 1 and cw > 8:
+        cw = -(-cw // 8) * 8  # chunk boundaries on whole vectors
+    items = nb * nchunks
+    per = -(-items // tasks)
+    names = [abuf, bbuf, node.name, "__workspace__"]
+    bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
+    bfn.linkage = "internal"
+    A, B, C, _W, lo, hi = bfn.args
+    b = open_function(bfn)
+    bcs = contiguous_strides(batch) if batch else ()
+    zero = const(dt, 0.0)
+    with for_range(b, lo, hi, "item") as item:
+        bi = b.udiv(item, c64(nchunks))
+        n0 = b.mul(b.urem(item, c64(nchunks)), c64(cw))
+        n1 = b.add(n0, c64(cw))
+        n1 = b.select(b.icmp_signed("<", n1, c64(N)), n1, c64(N))
+        ao, bo = c64(abase), c64(bbase)
+        for k, st in enumerate(bcs):
+            bk = b.urem(b.udiv(bi, c64(st)), c64(batch[k]))
+            ao = b.add(ao, b.mul(bk, c64(a_bs[k])))
+            bo = b.add(bo, b.mul(bk, c64(b_bs[k])))
+        pa = b.gep(A, [ao], source_etype=et)
+        pb = b.gep(B, [bo], source_etype=et)
+        pc = b.gep(C, [b.mul(bi, c64(N))], source_etype=et)
+        if sbn == 1:  # y[n0:n1] = sum_k a[k] * B[k, n0:n1]: rows of B streamed, y stays in L1
+            with for_range(b, n0, n1, "z") as n:
+                b.store(zero, b.gep(pc, [n], source_etype=et))
+            with for_range(b, c64(0), c64(K), "k", known_nonempty=True) as k:
+                ak = b.load(b.gep(pa, [b.mul(k, c64(sak))], source_etype=et), typ=et)
+                brow = b.gep(pb, [b.mul(k, c64(sbk))], source_etype=et)
+                with for_range(b, n0, n1, "n") as n:
+                    p = b.gep(pc, [n], source_etype=et)
+                    v = b.fmul(ak, b.load(b.gep(brow, [n], source_etype=et), typ=et), flags=FM)
+                    b.store(b.fadd(b.load(p, typ=et), v, flags=FM), p)
+        else:  # one dot product per column (contiguous when B is a transposed row-major matrix)
+            acc = alloca(bfn, et, "acc")
+            with for_range(b, n0, n1, "n") as n:
+                bcol = b.gep(pb, [b.mul(n, c64(sbn))], source_etype=et)
+                b.store(zero, acc)
+                with for_range(b, c64(0), c64(K), "k", known_nonempty=True) as k:
+                    x = b.load(b.gep(pa, [b.mul(k, c64(sak))], source_etype=et), typ=et)
+                    y = b.load(b.gep(bcol, [b.mul(k, c64(sbk))], source_etype=et), typ=et)
+                    b.store(b.fadd(b.load(acc, typ=et), b.fmul(x, y, flags=FM), flags=FM_REDUCE), acc)
+                b.store(b.load(acc, typ=et), b.gep(pc, [n], source_etype=et))
+    b.ret_void()
+    close_function(bfn)
+    k = _finish_custom(kb, bfn, names, items, tasks, per, "gemv", fname=kb.name + ".main" if stages else None)
+    if stages:
+        k = _chain(kb, stages, k)
+    return k
+
+
+Matmul._gemv_kernel = _gemv_kernel
 
 
 def _chain(kb, stages, last: Kernel) -> Kernel:
