@@ -12,7 +12,9 @@ peers measured in the same run:
 
 Every measurement runs in its own subprocess (``--worker``), so peak memory is the growth of
 that process's resident set while it steps (the kernel's high-water mark, reset with
-/proc/self/clear_refs after setup) and one framework's allocator cannot hide another's.
+/proc/self/clear_refs after the warm-up steps; glibc's mmap threshold is fixed so freed
+blocks leave the resident set) and one framework's allocator cannot hide another's; ours
+adds the arena and workspace it allocated at compile time.
 Step times are medians over the timed steps; the compile time of our step is measured cold
 (an empty kernel cache) and cached (a fresh process reading the disk cache).
 
@@ -286,9 +288,16 @@ def run_worker(spec: list[str]) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
+# glibc keeps freed memory mapped once its mmap threshold has grown (after the first large
+# free), which would hide a framework's per-step allocations from the resident set after the
+# warm-up steps: a fixed threshold returns every large block to the system when freed
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
     cmd = [sys.executable, "-m", "neural_arch.tools.bench.train", "--worker", *spec]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **_MALLOC_ENV, **(env or {})})
     last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not last:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
