@@ -42,7 +42,7 @@ def cmd_embed(args) -> int:
 
 def cmd_bench(args) -> int:
     suites = {"kernels": "neural_arch.tools.bench.kernels", "ops": "neural_arch.tools.bench.ops",
-              "train": "neural_arch.tools.bench.train"}
+              "train": "neural_arch.tools.bench.train", "models": "neural_arch.tools.bench.models"}
     if args.suite not in suites:
         raise SystemExit(f"narch bench: unknown suite {args.suite!r} (available: {', '.join(suites)})")
     import importlib
@@ -143,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "           compile times cold and cached\n"
                                    "  train    GPT-2 training steps vs PyTorch and our interpreter, an MLP,\n"
                                    "           and KV-cache generation\n"
+                                   "  models   BERT (MiniLM size) inference, ViT and CLIP training steps vs transformers\n"
                                    "examples:\n"
                                    "  narch bench kernels --sizes 512 1024 --threads 2\n"
                                    "  narch bench ops --quick\n"
                                    "  narch bench train --only tiny,mlp --steps 20\n"
                                    "(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for a fair NumPy)")
-    b.add_argument("suite", help="kernels, ops or train")
+    b.add_argument("suite", help="kernels, ops, train or models")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see narch bench SUITE --help)")
     b.set_defaults(func=cmd_bench)
     u = sub.add_parser("dump", help="every stage of compiling a program: IR, passes, kernels, memory, LLVM",
