@@ -18,14 +18,15 @@ import numpy as np
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a text file to train on (default: the Python standard library's sources)")
     p.add_argument("--max-chars", type=int, default=1_500_000, help="characters of corpus to use (default 1.5M)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    p.add_argument("--time-limit", type=float, default=240.0,
-                   help="stop training after this many seconds (default 240)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    p.add_argument("--time-limit", type=float, default=200.0,
+                   help="stop training after this many seconds; the learning-rate schedule then runs by "
+                        "time so it still completes (default 200)")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
-    p.add_argument("--block", type=int, default=64, help="context length (default 64)")
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block", type=int, default=128, help="context length (default 128)")
+    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--n-layer", type=int, default=3)
+    p.add_argument("--n-head", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
     p.add_argument("--out", default="runs/gpt2-char", help="directory for checkpoints and plots")
@@ -98,8 +99,12 @@ def run(args) -> dict:
     tokens_per_step = args.batch * args.block
     begin = time.perf_counter()
     last = start_step
+    elapsed = 0.0
     for i in bar:
-        sched.apply(opt, i)
+        # the schedule runs by steps, or by time when the time limit would end the run first
+        # (so a slow machine still anneals the learning rate before it stops)
+        by_time = int(args.steps * min(1.0, elapsed / args.time_limit)) if args.time_limit > 0 else 0
+        sched.apply(opt, max(i, by_time))
         x, y = data.batch("train", args.batch, rng)
         loss = step(x, y)
         history["step"].append(i + 1)
