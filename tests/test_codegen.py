@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -487,3 +489,30 @@ def test_row_vector_matmuls_take_the_gemv_path_and_match(dtype, serial):
         tol = 1e-4 if dtype == "float32" else 1e-10
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_innermost_loops_split_at_concat_and_pad_bounds():
+    """A loop whose body selects between concat parts or pad regions by its own index is
+    emitted as one loop per piece (the selects decided at compile time), with the values and
+    the parallel chunks (clipped to the pieces) unchanged."""
+    from neural_arch.compiler import trace, functional as F
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    rng = np.random.default_rng(3)
+    cases = [
+        (lambda a, b, c: F.concat([a, b, c], axis=-1) * 2.0, [(640, 100), (640, 50), (640, 7)]),
+        (lambda a: F.pad(a, ((0, 0), (3, 5)), value=1.5) + 1.0, [(333, 20)]),
+        # the gradient of splitting q, k, v out of one tensor: a sum of pads, then its column sum
+        (lambda a, b: ((F.pad(a, ((0, 0), (0, 8))) + F.pad(b, ((0, 0), (8, 0)))) * 3.0).sum(axis=0),
+         [(4096, 8), (4096, 8)]),
+    ]
+    for fn, shapes in cases:
+        g = trace(fn, *[T(s) for s in shapes])
+        ins = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        want = interpret(g, ins)[0]
+        for serial in (False, True):
+            prog = Program(g, options={"serial": serial})
+            pieces = set(re.findall(r"(?:out|T)@\d+\.(\d+)", prog.module.llvm_ir))
+            assert len(pieces) >= 2, "expected the innermost loop to be split into pieces"
+            np.testing.assert_allclose(prog(*ins)[0], want, rtol=1e-5, atol=1e-5)

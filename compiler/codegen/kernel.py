@@ -214,6 +214,7 @@ class Ctx:
         self.accesses: list[Ix] = []
         self.access_names: list[str] = []
         self.uses: list[Ix] = []
+        self.cmps: list = []  # (index, op, constant) of undecided range conditions
         self.spaces: dict[str, list[Var]] = {}
         self.space_lohi: dict = {}  # key -> (lo, hi) values for the first merged group
         self._uid = 0
@@ -334,6 +335,7 @@ class Ctx:
             return False
         self.use(e)
         if self.analysis:
+            self.cmps.append((e, op, k))
             return None
         return self.b.icmp_signed(op, self.ix(e), c64(k))
 
@@ -398,6 +400,48 @@ class Ctx:
                     idx[d] = (V // inner) % extents[d]
             yield idx
 
+    def loops_each(self, key: str, extents, lohi, body) -> None:
+        """``with loops(...) as idx: body(idx)``, except that when the plan splits the
+        innermost loop (at the bounds of pad / concat / slice conditions on its variable,
+        ``make_plan``) it becomes one loop per piece, ``body`` emitted in each with the
+        variable's range narrowed, so those conditions are decided at compile time and the
+        piece's loop has no selects (it vectorises)."""
+        points = None if self.analysis else self.plan.get(SPLITS, {}).get(key)
+        if not points:
+            with self.loops(key, extents, lohi) as idx:
+                body(idx)
+            return
+        extents = [int(e) for e in extents]
+        groups = self.plan[key]
+        (d_last,) = groups[-1]
+        idx = [Ix.of(0)] * len(extents)
+        with ExitStack() as stack:
+            for g, dims in enumerate(groups[:-1]):
+                total = math.prod(extents[d] for d in dims)
+                name = f"{key}@{g}"
+                lo, hi = lohi if (g == 0 and lohi is not None) else (c64(0), c64(total))
+                iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
+                self.vals[name] = iv
+                V = Ix({Var(name, total): 1})
+                inner = total
+                for d in dims:
+                    inner //= extents[d]
+                    idx[d] = (V // inner) % extents[d]
+            n = extents[d_last]
+            cuts = [0] + list(points) + [n]
+            for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
+                name = f"{key}@{len(groups) - 1}.{j}"
+                if len(groups) == 1 and lohi is not None:  # the parallel chunk, clipped to the piece
+                    lo = self.b.select(self.b.icmp_signed(">", lohi[0], c64(a)), lohi[0], c64(a))
+                    hi = self.b.select(self.b.icmp_signed("<", lohi[1], c64(b)), lohi[1], c64(b))
+                else:
+                    lo, hi = c64(a), c64(b)
+                with self.for_range(lo, hi, name, known_nonempty=not (len(groups) == 1 and lohi is not None)) as iv:
+                    self.vals[name] = self.b.sub(iv, c64(a))
+                    piece = list(idx)
+                    piece[d_last] = Ix({Var(name, b - a): 1}, a)
+                    body(piece)
+
     def for_range(self, lo, hi, name: str, known_nonempty: bool = False):
         return for_range(self.b, lo, hi, name, known_nonempty)
 
@@ -452,7 +496,29 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
             groups.append([d])
         plan[key] = groups
         extents[key] = [math.prod(vs[d].extent for d in g) for g in groups]
+    # split points of innermost loops: where a range condition on the variable flips
+    splits = {}
+    for key, vs in ctx.spaces.items():
+        groups = plan[key]
+        if not groups or len(groups[-1]) != 1:
+            continue
+        v = vs[groups[-1][0]]
+        points = set()
+        for e, op, k in ctx.cmps:
+            if len(e.terms) == 1 and e.terms[0][1] == 1 and isinstance(e.terms[0][0], Var) \
+                    and e.terms[0][0].name == v.name:
+                b = k - e.const
+                for p in {"<": (b,), ">=": (b,), "<=": (b + 1,), ">": (b + 1,), "==": (b, b + 1)}[op]:
+                    if 0 < p < v.extent:
+                        points.add(p)
+        if points and len(points) <= MAX_LOOP_PIECES - 1:
+            splits[key] = sorted(points)
+    plan[SPLITS] = splits
     return plan, extents
+
+
+SPLITS = "__splits__"     # plan entry: loop key -> split points of its innermost loop
+MAX_LOOP_PIECES = 8
 
 
 # ----------------------------------------------------------------------------- builder
@@ -611,12 +677,13 @@ class KernelBuilder:
             for k, sh in enumerate([main] + [x for x in shapes if x != main]):
                 if math.prod(sh) == 0:
                     continue
-                with ctx.loops("out" if sh == main else f"out{k}", sh, lohi if sh == main else None) as idx:
+                def element(idx, sh=sh):
                     # every output of the element first, then the stores: an output may be
                     # written over an input in place (Program's ``inplace``)
                     vals = [(o, self._element(ctx, o, idx)) for o in by_shape[sh]]
                     for o, v in vals:
                         ctx.store_flat(o, flat_index(idx, sh), v)
+                ctx.loops_each("out" if sh == main else f"out{k}", sh, lohi if sh == main else None, element)
         work = sum(math.prod(sh) for sh in shapes)
         return self.finish(body, "map" if len(self.nodes) == 1 else "loop", work, "out",
                            size=math.prod(main))
@@ -799,13 +866,14 @@ class KernelBuilder:
                         ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), low.init(ctx, r))
                     if math.prod(domain[d] for d in red):
                         with ctx.loops(f"R.{r.name}", [domain[d] for d in red]) as ridx:
-                            with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
+                            def accumulate(tidx, r=r, low=low, x=x, ridx=ridx):
                                 full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                                 ri = row_index(r.name, [full[d] for d in kept])
                                 off = flat_index(ri, types[r.name].shape)
                                 acc = ctx.load_flat(r.name, off)
                                 v = ctx.load(x, full)
                                 ctx.store_flat(r.name, off, low.combine(ctx, r, acc, v, reduce=False))
+                            ctx.loops_each(TRAIL, [domain[d] for d in trail], tl, accumulate)
                 rest = [o for o in outs["row"] if o not in {r.name for r in row_reds}]
                 if rest:
                     with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
@@ -818,11 +886,12 @@ class KernelBuilder:
                             ctx.store_flat(o, off, v)
                 if outs["full"] and math.prod(domain[d] for d in red):
                     with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
-                        with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
+                        def write_full(tidx, ridx=ridx):
                             full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                             vals = [(o, self._element(ctx, o, full)) for o in outs["full"]]
                             for o, v in vals:
                                 ctx.store_flat(o, flat_index(full, domain), v)
+                        ctx.loops_each(TRAIL, [domain[d] for d in trail], tl, write_full)
 
         size = max([types[o].size for o in self.outputs] + [0])
         work = math.prod(domain) * len(row_reds)
