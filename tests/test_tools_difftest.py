@@ -205,12 +205,26 @@ def test_a_miss_within_float32_noise_is_settled_against_float64():
     """Two float32 evaluation orders may differ by more than the tolerance while both are as
     close to the float64 truth as float32 allows; a result farther off still fails."""
     g = parse("graph g(%x: f32[3], %y: f32[3]) {\n  %s: f32[3] = add(%x, %y)\n  return (%s)\n}\n")
-    x = np.array([1e8, 1.0, -3.0], np.float32)
-    y = np.array([-1e8 + 8, 2.0, 5.0], np.float32)
+    x, y = np.float32([1.0, 1.0, -3.0]), np.float32([2.0, 2.0, 5.0])
     case = difftest.Case("random", "t", g, [x, y], "compiled", 1e-6, 1e-6, oracle=True)
-    truth = x.astype(np.float64) + y.astype(np.float64)
-    want = [(x + y).astype(np.float32)]                 # the float32 result: exact here
-    noisy = [want[0] + np.float32([0, 1e-5, 0])]        # off by 1e-5: beyond tolerance and noise
+    want = [x + y]                                      # exact
+    noisy = [want[0] + np.float32([0, 1e-5, 0])]        # 1e-5 off: beyond tolerance, noise and 8 ulps of 5
     assert not difftest.within_float32_noise(case, noisy, want)
-    far_interp = [np.float32(truth + [0, 1e-3, 0])]     # an interpreter 1e-3 off allows 1e-3
+    far_interp = [want[0] + np.float32([0, 1e-3, 0])]   # an interpreter 1e-3 off allows 1e-3
     assert difftest.within_float32_noise(case, noisy, far_interp)
+    # cancellation: values of 1e4 summing to 3 leave float32 ulps of 1e4 (1e-3) of noise
+    big = difftest.Case("random", "t", g, [np.float32([1e4, 1.0, -3.0]), np.float32([-1e4 + 3, 2.0, 5.0])],
+                        "compiled", 1e-6, 1e-6, oracle=True)
+    exact = [big.inputs[0] + big.inputs[1]]
+    assert difftest.within_float32_noise(big, [exact[0] + np.float32([2e-3, 0, 0])], exact)
+    assert not difftest.within_float32_noise(big, [exact[0] + np.float32([2e-2, 0, 0])], exact)
+
+
+def test_the_cancellation_case_of_the_long_run_is_settled(capsys):
+    """graph 107149 of the 10,000-graph run: x and -x of magnitude 300 cancel in a scatter_add;
+    the compiled order misses the float64 truth by 3.8e-5 (2 ulps of 300)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "difftest", "random-graph107149-min-compiled")
+    case = difftest.load_reproducer(path)
+    case.oracle = True
+    res = difftest.run_case(case)
+    assert res.ok, difftest.row(res)
