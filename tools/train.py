@@ -18,10 +18,10 @@ import numpy as np
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a text file to train on (default: the Python standard library's sources)")
     p.add_argument("--max-chars", type=int, default=1_500_000, help="characters of corpus to use (default 1.5M)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    p.add_argument("--time-limit", type=float, default=200.0,
+    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--time-limit", type=float, default=150.0,
                    help="stop training after this many seconds; the learning-rate schedule then runs by "
-                        "time so it still completes (default 200)")
+                        "time so it still completes (default 150)")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
     p.add_argument("--block", type=int, default=128, help="context length (default 128)")
     p.add_argument("--n-embd", type=int, default=192)
