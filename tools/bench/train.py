@@ -12,9 +12,10 @@ peers measured in the same run:
 
 Every measurement runs in its own subprocess (``--worker``), so peak memory is the growth of
 that process's resident set while it steps (the kernel's high-water mark, reset with
-/proc/self/clear_refs after the warm-up steps; glibc's mmap threshold is fixed so freed
-blocks leave the resident set) and one framework's allocator cannot hide another's; ours
-adds the arena and workspace it allocated at compile time.
+/proc/self/clear_refs after the warm-up steps) in a separate short run with glibc's mmap
+threshold fixed, so freed blocks leave the resident set (times come from runs with the
+default allocator: the fixed threshold costs PyTorch up to 2x); ours adds the arena and
+workspace it allocated at compile time.
 Step times are medians over the timed steps; the compile time of our step is measured cold
 (an empty kernel cache) and cached (a fresh process reading the disk cache).
 
@@ -290,14 +291,17 @@ def run_worker(spec: list[str]) -> dict:
 
 # glibc keeps freed memory mapped once its mmap threshold has grown (after the first large
 # free), which would hide a framework's per-step allocations from the resident set after the
-# warm-up steps: a fixed threshold returns every large block to the system when freed
+# warm-up steps: a fixed threshold returns every large block to the system when freed.  It
+# also makes every large allocation a fresh mapping (page faults), which slows PyTorch down
+# by up to 2x: so times come from a run with the default allocator and peak memory from a
+# separate, shorter run with this setting (``_spawn(..., memory=True)``)
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800, memory: bool = False) -> dict:
     cmd = [sys.executable, "-m", "neural_arch.tools.bench.train", "--worker", *spec]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **_MALLOC_ENV, **(env or {})})
+                       env={**os.environ, **(_MALLOC_ENV if memory else {}), **(env or {})})
     last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not last:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
@@ -331,6 +335,12 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
     if interpreter:
         log(f"[{name}] our interpreter ...")
         rows["interpreter"] = _spawn(["gpt", name, "interpreter", "2" if name == "small" else "3"])
+    log(f"[{name}] peak memory (a separate run each) ...")
+    for key, spec, e in (("ours", ["gpt", name, "llvm", "3"], env), ("torch", ["gpt", name, "torch", "3"], None),
+                         ("interpreter", ["gpt", name, "interpreter", "1"], None)):
+        if key in rows and "error" not in rows[key]:
+            mem = _spawn(spec, e, memory=True)
+            rows[key]["peak_mb"] = mem.get("peak_mb")
     return rows
 
 
