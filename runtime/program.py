@@ -593,7 +593,6 @@ class Program:
             self.inplace = {graph.outputs.index(o): pos_in[i] for o, i in accepted.items()}
             if accepted:
                 self.options["inplace"] = dict(sorted(accepted.items()))
-                self.options["inplace_names"] = tuple(sorted(set(accepted) | set(accepted.values())))
         elif wanted:
             self.inplace_refused = {"*": "in-place outputs need the fusion plan (no explicit groups, fuse on)"}
         text = canonical_text(graph)
@@ -603,7 +602,6 @@ class Program:
             self.inplace_refused.update({graph.outputs[o]: f"kernels {fallback} were split" for o in self.inplace})
             self.inplace = {}
             self.options.pop("inplace", None)
-            self.options.pop("inplace_names", None)
             self.module = self._build_or_restore(graph, groups, text)
         self.native = load_native(self.module, text + repr(groups_key(self.module.groups)), self.options)
         if timing:  # the pass table above; then fusion + LLVM IR emission and LLVM's own compile
