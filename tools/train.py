@@ -18,17 +18,17 @@ import numpy as np
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a text file to train on (default: the Python standard library's sources)")
     p.add_argument("--max-chars", type=int, default=1_500_000, help="characters of corpus to use (default 1.5M)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--time-limit", type=float, default=150.0,
                    help="stop training after this many seconds; the learning-rate schedule then runs by "
                         "time so it still completes (default 150)")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
-    p.add_argument("--block", type=int, default=128, help="context length (default 128)")
-    p.add_argument("--n-embd", type=int, default=192)
-    p.add_argument("--n-layer", type=int, default=3)
-    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--block", type=int, default=64, help="context length (default 64)")
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between validation evaluations")
     p.add_argument("--out", default="runs/gpt2-char", help="directory for checkpoints and plots")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm")
