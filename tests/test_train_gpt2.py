@@ -30,6 +30,10 @@ def test_narch_train_gpt2_learns_below_the_unigram_baseline_and_resumes(tmp_path
     for f in ("checkpoint.safetensors", "loss.png", "history.json"):
         assert os.path.getsize(tmp_path / "run" / f) > 0
     assert "unigram baseline" in out and "sample:" in out and "below the baseline" in out
+    # the sample is longer than the model's context (32): generated in windows
+    res_sample = run(_args(tmp_path / "s", "--steps", "5", "--sample-tokens", "70"))
+    text = capsys.readouterr().out.split("sample:\n", 1)[1]
+    assert res_sample["val"] > 0 and len(text.rstrip("\n")) >= len("def ") + 70
     # --resume continues from the saved step to a longer schedule
     res2 = run(_args(tmp_path, "--resume", "--steps", "320"))
     out2 = capsys.readouterr().out

@@ -42,7 +42,6 @@ def run(args) -> dict:
     from neural_arch.compiler.tensor import no_grad
     from neural_arch.models import GPT2, GPT2Config, checkpoint, compile_train_step, nn, optim
     from neural_arch.models.data import CharTokenizer, TextDataset, stdlib_corpus, unigram_entropy
-    from neural_arch.models.generate import generate
 
     if args.data:
         with open(args.data, encoding="utf-8", errors="replace") as f:
@@ -135,13 +134,30 @@ def run(args) -> dict:
     _plot(history, baseline, png)
     print(f"wrote {ckpt} and {png}")
     if args.sample_tokens > 0:
-        prompt = tok.encode("def ")[None, :]
-        n = min(args.sample_tokens, cfg.n_positions - prompt.shape[1])
-        ids = generate(model, prompt, n, temperature=0.8, top_k=20, seed=args.seed, backend=args.backend)
+        ids = sample_text(model, tok.encode("def ")[None, :], args.sample_tokens, cfg.n_positions,
+                          seed=args.seed, backend=args.backend)
         print("sample:\n" + tok.decode(ids[0]))
     with open(os.path.join(args.out, "history.json"), "w") as f:
         json.dump({"baseline": baseline, **history}, f)
     return {"baseline": baseline, "val": final_val, "history": history}
+
+
+def sample_text(model, prompt, n: int, context: int, seed: int = 0, backend: str = "llvm"):
+    """``n`` characters after ``prompt``, longer than the model's context: generate in
+    windows, each prompted by the last half-context of what came before (the same window
+    shapes every round, so the compiled decoder is reused)."""
+    from neural_arch.models.generate import generate
+    import numpy as np
+    out = prompt
+    step = max(1, context // 2)
+    rnd = 0
+    while out.shape[1] - prompt.shape[1] < n:
+        window = out[:, -min(out.shape[1], context - step):]
+        k = min(step, n - (out.shape[1] - prompt.shape[1]), context - window.shape[1])
+        ids = generate(model, window, k, temperature=0.8, top_k=20, seed=seed + rnd, backend=backend)
+        out = np.concatenate([out, ids[:, window.shape[1]:]], axis=1)
+        rnd += 1
+    return out
 
 
 def _plot(history, baseline, path):
