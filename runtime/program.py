@@ -286,7 +286,7 @@ def module_from_meta(meta: dict, graph: Graph, rebuild) -> Module:
     checks = {int(c): IndexCheck(int(c), prod[n], size, axis, ignore) for c, n, size, axis, ignore in meta["checks"]}
     kernels = [Kernel(k["name"], tuple(prod[n] for n in k["nodes"]), tuple(k["inputs"]), tuple(k["outputs"]),
                       k["strategy"], k["tasks"], [checks[c] for c in k["checks"]],
-                      {a: tuple(b) for a, b in k["loops"].items()}, k["workspace_bytes"], tuple(k["buffers"]),
+                      {a: list(b) for a, b in k["loops"].items()}, k["workspace_bytes"], tuple(k["buffers"]),
                       k["note"], tuple(tuple(e) for e in k["externals"]))
                for k in meta["kernels"]]
     lay = meta["layout"]

@@ -158,15 +158,20 @@ def test_second_process_restores_kernel_records_without_building(tmp_path):
         m = f.program.module
         print(m.from_meta, f.program.native.from_cache, len(m.kernels), float(f(x, w).data.sum()),
               m.llvm_ir == build(f.program.graph, None, f.program.options).llvm_ir)
+        print(repr([(k.name, [n.name for n in k.nodes], k.inputs, k.outputs, k.strategy, k.tasks, k.loops,
+                     k.workspace_bytes, k.buffers, k.note, k.externals, [c.code for c in k.checks])
+                    for k in m.kernels]), repr(m.layout), repr(sorted(m.checks)), repr(m.buffered))
     """)
     env = dict(os.environ, NEURAL_ARCH_CACHE_DIR=str(tmp_path), NEURAL_ARCH_CACHE="1")
     runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
             for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr
-    first, second = (r.stdout.split() for r in runs)
+    (first, first_records), (second, second_records) = (r.stdout.split("\n", 1) for r in runs)
+    first, second = first.split(), second.split()
     assert first[:2] == ["False", "False"] and second[:2] == ["True", "True"]
     assert first[2:] == second[2:] and second[4] == "True"
+    assert first_records == second_records  # every kernel record restores to what the build made
 
 
 # ----------------------------------------------------------------------------- every differentiable primitive
