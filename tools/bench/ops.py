@@ -174,7 +174,8 @@ def format_compile(rows) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="narch bench ops", description=" ".join(__doc__.split("\n\n")[0].split()),
+                                 epilog="example: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE narch bench ops --quick")
     ap.add_argument("--quick", action="store_true", help="a 1024x1024 problem, fewer repetitions")
     args = ap.parse_args(argv)
     print(format_ops(bench_ops(1024 if args.quick else 4096, 3 if args.quick else 7)))

@@ -375,7 +375,7 @@ def format_gpt(name: str, rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="narch bench train", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="narch bench train", description=" ".join(__doc__.split("\n\n")[0].split()),
                                  epilog="example: narch bench train --only tiny,mlp --steps 20")
     ap.add_argument("--only", default="small,tiny,mlp,generate",
                     help="comma-separated cases: small, tiny, mlp, generate (default: all)")
