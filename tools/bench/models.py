@@ -33,14 +33,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from neural_arch.tools.bench.train import _fmt_mb, _have, _time_steps
+from neural_arch.tools.bench.common import have, ratio_row, spawn_worker, time_steps
 
 CASES = ("bert", "vit", "clip")
 
@@ -194,7 +193,7 @@ def worker_ours(case: str, size: str, steps: int, weights_dir: str, profile: boo
         compile_s = time.perf_counter() - t
         hidden, pooled = f.run_arrays(ids, types, mask)
         np.savez(os.path.join(weights_dir, "out_ours.npz"), hidden=hidden, pooled=pooled)
-        res = _time_steps(lambda: f.run_arrays(ids, types, mask), steps)
+        res = time_steps(lambda: f.run_arrays(ids, types, mask), steps)
         prog, graph, inputs = f.program, f.traced_graph, f._inputs((ids, types, mask))
     else:
         if case == "vit":
@@ -219,7 +218,7 @@ def worker_ours(case: str, size: str, steps: int, weights_dir: str, profile: boo
             return run_inner(inputs)
         step._run = runner
         losses = []
-        res = _time_steps(lambda: losses.append(step(*batch)), steps)
+        res = time_steps(lambda: losses.append(step(*batch)), steps)
         res["losses"] = losses
         prog, graph, inputs = step.runtime_program, step.graph, captured[0]
     res.update(compile_s=compile_s, kernels=len(prog.kernels), nodes=len(prog.graph.nodes))
@@ -276,7 +275,7 @@ def worker_torch(case: str, size: str, steps: int, weights_dir: str, compiled: b
         if not compiled:
             np.savez(os.path.join(weights_dir, "out_torch.npz"), hidden=out.last_hidden_state.numpy(),
                      pooled=out.pooler_output.numpy())
-        res = _time_steps(run, steps)
+        res = time_steps(run, steps)
     else:
         model.train()
         if case == "vit":
@@ -302,7 +301,7 @@ def worker_torch(case: str, size: str, steps: int, weights_dir: str, compiled: b
         t = time.perf_counter()
         step()
         first_s = time.perf_counter() - t
-        res = _time_steps(step, steps)
+        res = time_steps(step, steps)
         res["losses"] = losses
     res["first_call_s"] = first_s
     res["attn"] = attn
@@ -324,17 +323,7 @@ def run_worker(spec: list[str]) -> dict:
 
 
 def _spawn(spec: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, "-m", "neural_arch.tools.bench.models", "--worker", *spec]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not last:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit status {p.returncode}"}
-    return json.loads(last[-1])
+    return spawn_worker("neural_arch.tools.bench.models", spec, env, timeout)
 
 
 def _agreement(case: str, size: str, rows: dict, weights_dir: str) -> dict:
@@ -366,7 +355,7 @@ def bench_case(case: str, size: str, steps: int, torch_compile: bool, attn: str,
         log(f"[{case}] ours, cached ...")
         rows = {"ours": _spawn([case, size, "ours", str(steps), weights] + (["profile"] if profile else []), env),
                 "ours_cold": cold}
-        if _have("torch") and _have("transformers"):
+        if have("torch") and have("transformers"):
             log(f"[{case}] PyTorch eager ...")
             rows["torch"] = _spawn([case, size, "torch", str(steps), weights, attn])
             if torch_compile:
@@ -385,14 +374,8 @@ def format_case(case: str, size: str, rows: dict) -> str:
              f"  {'':14} {'step ms':>9} {'min ms':>9} {'ours faster by':>15} {'peak MB':>8}"]
     for key, label in (("ours", "ours"), ("torch", "torch eager"), ("torch.compile", "torch.compile")):
         r = rows.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"  {label:14} failed: {r['error']}")
-            continue
-        ratio = "" if key == "ours" or "error" in ours else f"{r['median_s'] / ours['median_s']:14.2f}x"
-        lines.append(f"  {label:14} {r['median_s'] * 1e3:9.1f} {r['min_s'] * 1e3:9.1f} {ratio:>15} "
-                     f"{_fmt_mb(r.get('peak_mb'))}")
+        if r is not None:
+            lines.append(ratio_row(label, r, ours, 14, 9))
     if "error" not in ours:
         cold = rows.get("ours_cold", {})
         cold_s = f"{cold['compile_s']:.2f} s" if "compile_s" in cold else f"failed ({cold.get('error', '?')})"
@@ -464,7 +447,7 @@ def main(argv=None) -> int:
         raise SystemExit("narch bench models: --steps must be at least 1")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     out, report = {}, []
-    if not (_have("torch") and _have("transformers")):
+    if not (have("torch") and have("transformers")):
         report.append("PyTorch or transformers is not installed: only our own numbers are printed "
                       "(pip install torch==2.13.0 transformers for the comparisons)")
     for case in CASES:

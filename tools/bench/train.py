@@ -26,69 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from neural_arch.tools.bench.common import have, ratio_row, spawn_worker, time_steps
+
 GPT_CONFIGS = {  # n_embd, n_layer, n_head, context, batch, vocab
     "small": (384, 6, 6, 128, 8, 256),
     "tiny": (128, 2, 4, 64, 16, 256),
 }
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-class PeakMeter:
-    """Growth of the resident set above its level at ``start()`` (its high-water mark)."""
-
-    def start(self):
-        import gc
-        gc.collect()
-        self.ok = _reset_peak()
-        self.base = _rss_bytes()
-
-    def stop(self) -> float | None:
-        return (_peak_bytes() - self.base) / 2**20 if self.ok else None
-
-
-def _time_steps(step, n: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        step()
-    meter = PeakMeter()
-    meter.start()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t)
-    return {"median_s": float(np.median(ts)), "min_s": float(min(ts)), "peak_mb": meter.stop(), "steps": n}
 
 
 # ----------------------------------------------------------------------------- workers
@@ -120,7 +69,7 @@ def _ours_gpt(cfg, backend: str):
 
 def worker_gpt_ours(cfg, backend: str, steps: int) -> dict:
     run, info, step = _ours_gpt(cfg, backend)
-    res = _time_steps(run, steps, warmup=1 if backend == "interpreter" else 2)
+    res = time_steps(run, steps, warmup=1 if backend == "interpreter" else 2)
     res.update(info)
     if backend == "llvm":
         prog = step.runtime_program
@@ -165,7 +114,7 @@ def worker_gpt_torch(cfg, steps: int, compiled: bool) -> dict:
     if compiled:
         step()
     compile_s = time.perf_counter() - t
-    res = _time_steps(step, steps)
+    res = time_steps(step, steps)
     if compiled:
         res["compile_s"] = compile_s
     return res
@@ -196,7 +145,7 @@ def worker_mlp_ours(steps: int) -> dict:
     t = time.perf_counter()
     step = compile_train_step(model, lambda m, a, b: F.cross_entropy(m(a), b), opt, x, y)
     compile_s = time.perf_counter() - t
-    res = _time_steps(lambda: step(x, y), steps, warmup=20)
+    res = time_steps(lambda: step(x, y), steps, warmup=20)
     res.update(compile_s=compile_s, data=source, kernels=len(step.runtime_program.kernels))
     return res
 
@@ -215,7 +164,7 @@ def worker_mlp_torch(steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
-    res = _time_steps(step, steps, warmup=20)
+    res = time_steps(step, steps, warmup=20)
     res["data"] = source
     return res
 
@@ -242,7 +191,7 @@ def worker_generate_ours(new_tokens: int, prompt: int) -> dict:
             if i + 1 < new_tokens:
                 logits, caches = dec.decode(nxt, out.shape[1] - 1, caches)
         return out
-    res = _time_steps(run, 3, warmup=1)
+    res = time_steps(run, 3, warmup=1)
     res.update(compile_s=compile_s, tokens_per_s=new_tokens / res["median_s"])
     return res
 
@@ -266,7 +215,7 @@ def worker_generate_torch(new_tokens: int, prompt: int) -> dict:
             for _ in range(new_tokens - 1):
                 out = model(nxt, past_key_values=past, use_cache=True)
                 past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    res = _time_steps(run, 3, warmup=1)
+    res = time_steps(run, 3, warmup=1)
     res["tokens_per_s"] = new_tokens / res["median_s"]
     return res
 
@@ -289,33 +238,8 @@ def run_worker(spec: list[str]) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-# glibc keeps freed memory mapped once its mmap threshold has grown (after the first large
-# free), which would hide a framework's per-step allocations from the resident set after the
-# warm-up steps: a fixed threshold returns every large block to the system when freed.  It
-# also makes every large allocation a fresh mapping (page faults), which slows PyTorch down
-# by up to 2x: so times come from a run with the default allocator and peak memory from a
-# separate, shorter run with this setting (``_spawn(..., memory=True)``)
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
 def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800, memory: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "neural_arch.tools.bench.train", "--worker", *spec]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(_MALLOC_ENV if memory else {}), **(env or {})})
-    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not last:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail) or f"exit status {p.returncode}"}
-    return json.loads(last[-1])
-
-
-def _have(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
-
-
-def _fmt_mb(v):
-    return "-" if v is None else f"{v:8.1f}"
+    return spawn_worker("neural_arch.tools.bench.train", spec, env, timeout, memory)
 
 
 def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print) -> dict:
@@ -326,7 +250,7 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
     log(f"[{name}] our step, cached ...")
     ours = _spawn(["gpt", name, "llvm", str(steps)], env)
     rows = {"ours": ours, "ours_cold": cold}
-    if _have("torch"):
+    if have("torch"):
         log(f"[{name}] PyTorch eager ...")
         rows["torch"] = _spawn(["gpt", name, "torch", str(steps)])
         if torch_compile:
@@ -353,14 +277,8 @@ def format_gpt(name: str, rows: dict) -> str:
              f"  {'':16} {'step ms':>9} {'min ms':>8} {'ours faster by':>15} {'peak MB':>8}"]
     for key in ("ours", "torch", "torch.compile", "interpreter"):
         r = rows.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"  {key:16} failed: {r['error']}")
-            continue
-        ratio = "" if key == "ours" or "error" in ours else f"{r['median_s'] / ours['median_s']:14.2f}x"
-        lines.append(f"  {key:16} {r['median_s'] * 1e3:9.1f} {r['min_s'] * 1e3:8.1f} {ratio:>15} "
-                     f"{_fmt_mb(r.get('peak_mb'))}")
+        if r is not None:
+            lines.append(ratio_row(key, r, ours, 16, 8))
     if "error" not in ours:
         cold = rows.get("ours_cold", {})
         lines.append(f"  ours: parameters and optimizer state updated in place ({ours.get('inplace', 0)} buffers)")
@@ -394,7 +312,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"narch bench train: unknown case(s) {', '.join(unknown)}")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     out, report = {}, []
-    if not _have("torch"):
+    if not have("torch"):
         report.append("PyTorch is not installed: only our own numbers are printed "
                       "(pip install torch==2.13.0 for the comparisons)")
     for name in ("small", "tiny"):
@@ -405,7 +323,7 @@ def main(argv=None) -> int:
         log("[mlp] ours, PyTorch eager ...")
         ours = _spawn(["mlp", "ours", "300"])
         rows = {"ours": ours}
-        if _have("torch"):
+        if have("torch"):
             rows["torch"] = _spawn(["mlp", "torch", "300"])
         out["mlp"] = rows
         lines = [f"MLP 64-256-256-10, batch 64, AdamW ({ours.get('data', '?')}), 300 steps"]
@@ -419,7 +337,7 @@ def main(argv=None) -> int:
     if "generate" in cases:
         log("[generate] ours, PyTorch eager ...")
         rows = {"ours": _spawn(["generate", "ours", "64", "16"])}
-        if _have("torch"):
+        if have("torch"):
             rows["torch"] = _spawn(["generate", "torch", "64", "16"])
         out["generate"] = rows
         ours = rows["ours"]
