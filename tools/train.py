@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -38,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from neural_arch.compiler import Tensor, functional as F
+    from neural_arch.compiler import Tensor
     from neural_arch.compiler.tensor import no_grad
     from neural_arch.models import GPT2, GPT2Config, checkpoint, compile_train_step, nn, optim
     from neural_arch.models.data import CharTokenizer, TextDataset, stdlib_corpus, unigram_entropy
@@ -160,7 +159,7 @@ def sample_text(model, prompt, n: int, context: int, seed: int = 0, backend: str
     return out
 
 
-def _plot(history, baseline, path):
+def _plot(history, baseline, path, ylabel="loss (nats/char)", title="neural_arch: character-level GPT-2"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -169,8 +168,8 @@ def _plot(history, baseline, path):
     ax.plot(history["val_step"], history["val"], "o-", label="validation")
     ax.axhline(baseline, color="gray", ls="--", label=f"unigram baseline {baseline:.2f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/char)")
-    ax.set_title("neural_arch: character-level GPT-2")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -192,20 +192,9 @@ def _show_fills(model, tok, val_batch, mask_id, log, rows: int = 3) -> float:
 
 
 def _plot(history, baseline, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["train"], label="train", alpha=0.6)
-    ax.plot(history["val_step"], history["val"], "o-", label="validation")
-    ax.axhline(baseline, color="gray", ls="--", label=f"unigram baseline {baseline:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked-character loss (nats)")
-    ax.set_title("neural_arch: character-level BERT, masked-LM pretraining")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from neural_arch.tools.train import _plot as plot_losses
+    plot_losses(history, baseline, path, ylabel="masked-character loss (nats)",
+                title="neural_arch: character-level BERT, masked-LM pretraining")
 
 
 def run(args) -> dict:
