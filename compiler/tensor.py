@@ -12,6 +12,7 @@ Everything funnels through :func:`bind`, the one place an op is applied.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -33,8 +34,13 @@ _SKIP_FILES = ("contextlib.py", "functools.py")
 
 
 def _short_path(path: str) -> str:
+    return _short_path_from(path, os.getcwd())
+
+
+@functools.lru_cache(maxsize=1024)
+def _short_path_from(path: str, cwd: str) -> str:
     try:
-        rel = os.path.relpath(path)
+        rel = os.path.relpath(path, cwd)
     except ValueError:
         rel = path
     if rel.startswith(".." + os.sep) or os.path.isabs(rel):

@@ -86,6 +86,56 @@ def emit_object(mod: "llvm.ModuleRef") -> bytes:
     return target_machine().emit_object(mod)
 
 
+def compile_objects(texts: list[str], name: str = "module") -> list[bytes]:
+    """Object code of several modules of LLVM IR text, optimised and compiled in parallel:
+    all but the first in forked child processes (llvmlite serialises every call into LLVM
+    behind one lock, so threads would take turns), the first here meanwhile.  Where fork
+    is unavailable they are compiled one after another."""
+    def one(text: str, k: int) -> bytes:
+        return emit_object(optimize(text, f"{name}.{k}"))
+    if len(texts) == 1 or not hasattr(os, "fork"):
+        return [one(t, k) for k, t in enumerate(texts)]
+    _init()
+    target_machine()
+    children = []
+    # hold LLVM's lock across fork: no other thread is inside LLVM when the child starts
+    with getattr(llvm.ffi.lib, "_lock", _lock):
+        for k in range(1, len(texts)):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: compile part k, send it, leave without cleanup
+                status = 0
+                try:
+                    os.close(r)
+                    try:
+                        data = b"\0" + one(texts[k], k)
+                    except BaseException as e:  # reported to the parent, raised there
+                        data = b"\1" + f"{type(e).__name__}: {e}".encode()
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(w, view):]
+                except BaseException:
+                    status = 1
+                os._exit(status)
+            os.close(w)
+            children.append((pid, r))
+    objs = [one(texts[0], 0)]
+    errors = []
+    for pid, r in children:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data or status != 0 and data[:1] != b"\1":
+            errors.append(f"the compiling process {pid} exited with status {status}")
+        elif data[:1] == b"\1":
+            errors.append(data[1:].decode(errors="replace"))
+        else:
+            objs.append(data[1:])
+    if errors:
+        raise RuntimeError(f"LLVM failed to compile {name}: " + "; ".join(errors))
+    return objs
+
+
 def emit_assembly(mod: "llvm.ModuleRef") -> str:
     return target_machine().emit_assembly(mod)
 
@@ -107,8 +157,9 @@ class Loaded:
         return ctypes.CFUNCTYPE(restype, *argtypes)(self.address(symbol))
 
 
-def load(mod: "llvm.ModuleRef", obj: bytes | None = None) -> Loaded:
-    """JIT-load an optimised module; with ``obj`` (cached object code) skip code generation."""
+def load(mod: "llvm.ModuleRef", obj: bytes | list | None = None) -> Loaded:
+    """JIT-load an optimised module; with ``obj`` (cached object code, or a list of objects
+    whose symbols resolve against each other) skip code generation."""
     _init()
     with _lock:
         holder = llvm.parse_assembly("")  # an empty module owns the engine
@@ -117,7 +168,8 @@ def load(mod: "llvm.ModuleRef", obj: bytes | None = None) -> Loaded:
         # engine), so each engine gets its own, never the shared cached one
         engine = llvm.create_mcjit_compiler(holder, _new_target_machine())
         if obj is not None:
-            engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+            for o in ([obj] if isinstance(obj, bytes) else obj):
+                engine.add_object_file(llvm.ObjectFileRef.from_data(o))
         else:
             engine.add_module(mod)
         engine.finalize_object()

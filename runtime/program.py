@@ -37,10 +37,12 @@ import numpy as np
 from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
 from neural_arch.compiler.codegen.kernel import I32, I64, PTR, GroupSpec, Kernel, KernelBuilder, c64, declare
 from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
+from neural_arch.compiler.codegen.share import share_identical_functions
 from neural_arch.compiler.ir import Graph, Node, format_graph
 from neural_arch.compiler.ops.registry import PRIMITIVES, OpIndexError
 
 from . import jit
+from .split import split_module
 
 ENTRY = "narch_main"
 
@@ -422,6 +424,7 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         b.ret(rc)
         b.position_at_end(ok)
     b.ret(ir.Constant(I32, 0))
+    share_identical_functions(module)
     ws = max([k.workspace_bytes for k in kernels] + [0])
     buffered = tuple(n for n in slots if n not in (None, "__workspace__", "__profile__"))
     return Module(str(module), kernels, Layout(dict(slots), len(slots), slots["__workspace__"], ws), checks,
@@ -436,11 +439,12 @@ class Native:
     """Loaded machine code of one module (shared by equal programs in this process)."""
     loaded: object
     entry: object
-    llvm_module: object       # optimised llvmlite ModuleRef (None when loaded from the cache)
+    llvm_module: object       # optimised llvmlite ModuleRef (built on demand, for inspection)
     optimized_ir: str | None
     compile_seconds: float
     from_cache: bool = False
     key_parts: dict = None
+    parts: int = 1            # object files the module was compiled into (in parallel)
 
     def optimized(self, mod: "Module"):
         """The optimised module (recompiled on demand after a cache hit, for inspection)."""
@@ -488,9 +492,22 @@ def _disk_cache():
         return None
 
 
+COMPILE_PART_BYTES = 64 << 10  # LLVM IR text below which a module compiles as one part
+
+
+def compile_parts(ir_bytes: int) -> int:
+    """Into how many parts a module of ``ir_bytes`` of IR text is split to compile in
+    parallel: one per available core (at most 4) once it is big enough to pay a fork."""
+    if ir_bytes < COMPILE_PART_BYTES:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores, ir_bytes // COMPILE_PART_BYTES))
+
+
 def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool = True) -> Native:
     """Machine code for ``mod``: from this process's memory, else the disk cache, else
-    optimise (O3) and compile it (then store the object on disk)."""
+    optimise (O3) and compile it (then store its objects on disk).  A big module compiles
+    as ``compile_parts`` parts in parallel (``split.py``), each its own object file."""
     key = (key_text, tuple(sorted((str(k), repr(v)) for k, v in options.items())))
     with _native_lock:
         hit = _native_cache.get(key)
@@ -504,22 +521,25 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     cache = _disk_cache() if use_disk_cache else None
     parts = cache_key_parts(key_text, options)
     parts["threads"] = threadpool.num_threads()  # the GEMM's parallel mode is planned for it
-    obj = cache.get(parts) if cache is not None else None
-    llmod = None
-    optimized = None
-    if obj is None:
-        llmod = jit.optimize(mod.llvm_ir, "program")
-        optimized = str(llmod)
-        obj = jit.emit_object(llmod)
-        if cache is not None:
-            cache.put(parts, obj)
-        from_cache = False
-    else:
-        from_cache = True
-    loaded = jit.load(None, obj)
+    objs = None
+    if cache is not None:  # a module is cached as the object files of its parts
+        count = cache.get(dict(parts, what="part count"))
+        if count is not None and count.isdigit():
+            objs = [cache.get(dict(parts, part=k, of=int(count))) for k in range(int(count))]
+            objs = None if None in objs else objs
+    from_cache = objs is not None
+    if objs is None:
+        text = mod.llvm_ir
+        objs = jit.compile_objects(split_module(text, compile_parts(len(text))), "program")
+        if cache is not None:  # the count last: a reader finding it finds every part
+            for k, obj in enumerate(objs):
+                cache.put(dict(parts, part=k, of=len(objs)), obj)
+            cache.put(dict(parts, what="part count"), str(len(objs)).encode())
+    loaded = jit.load(None, objs)
     entry = loaded.function(ENTRY, ctypes.c_int32, ctypes.c_void_p)
-    nat = Native(loaded, entry, llmod, optimized, time.perf_counter() - t0, from_cache)
+    nat = Native(loaded, entry, None, None, time.perf_counter() - t0, from_cache)
     nat.key_parts = parts
+    nat.parts = len(objs)
     with _native_lock:
         _native_cache.setdefault(key, nat)
         return _native_cache[key]

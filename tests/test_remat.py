@@ -1,6 +1,7 @@
 """Recompute vs save: the min-cut keeps matmul outputs, recomputes cheap elementwise chains,
 and the rematerialised graph computes the same numbers."""
 import numpy as np
+from hypothesis import given, settings, strategies as st
 
 from neural_arch.compiler import functional as F, trace, value_and_grad
 from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
@@ -8,6 +9,7 @@ from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
 # the simplification pipeline without its final remat (these tests apply remat themselves)
 SIMPLIFY = tuple(p for p in DEFAULT_PIPELINE if p != "remat")
 from neural_arch.compiler.passes.memory import plan_graph_memory
+from neural_arch.compiler.passes.mincut import INF, min_cut_source_side
 from neural_arch.compiler.passes.remat import partition, rematerialize
 from neural_arch.compiler.verify import verify
 from neural_arch.runtime.interpreter import interpret
@@ -61,3 +63,31 @@ def test_remat_lowers_planned_peak_of_unfused_graph_or_keeps_it():
     r, _ = rematerialize(g)
     # without fusion, recomputation may not shrink the per-node arena, but must not grow it much
     assert plan_graph_memory(r).arena_bytes <= 1.25 * plan_graph_memory(g).arena_bytes
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_min_cut_source_side_matches_networkx(data):
+    """Our Dinic min cut gives networkx's source side (what cannot reach the sink in the
+    residual graph: the same for every maximum flow) and a cut of the same capacity."""
+    import networkx as nx
+    n = data.draw(st.integers(2, 12))
+    edges = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1),
+                                         st.one_of(st.integers(0, 20), st.just(INF))), max_size=40))
+    edges = [(f"v{u}", f"v{v}", c) for u, v, c in edges if u != v]
+    # every path to the sink crosses a finite edge (as in remat's graph): only finite edges enter it
+    edges = [e for e in edges if not (e[1] == f"v{n - 1}" and e[2] == INF)]
+    g = nx.DiGraph()
+    g.add_nodes_from(["v0", f"v{n - 1}"])
+    for u, v, c in edges:
+        if g.has_edge(u, v):
+            g[u][v]["capacity"] += c
+        else:
+            g.add_edge(u, v, capacity=c)
+    ours = min_cut_source_side(edges, "v0", f"v{n - 1}")
+    try:
+        value, (theirs, _) = nx.minimum_cut(g, "v0", f"v{n - 1}")
+    except nx.NetworkXUnbounded:  # an infinite path; remat's graphs never have one
+        return
+    assert ours == theirs
+    assert sum(c for u, v, c in edges if u in ours and v not in ours) == value

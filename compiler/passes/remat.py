@@ -16,14 +16,12 @@ values; forward nodes on the sink side are recomputed.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-
-import networkx as nx
 
 from ..ir import Graph, Node, SourceLoc, TensorType
 from ..ops.registry import PRIMITIVES
 from .manager import register_pass
+from .mincut import INF, min_cut_source_side
 
 RECOMPUTABLE_KINDS = ("elementwise", "broadcast", "injective", "source")
 
@@ -89,28 +87,26 @@ def partition(graph: Graph) -> tuple[set[str], set[str], RematReport]:
     prod = graph.producer()
     bwd_nodes = [n for n in graph.nodes if n.name not in fwd]
     needed = {i for n in bwd_nodes for i in n.inputs if i in fwd}
-    g = nx.DiGraph()
-    g.add_node("source")
-    g.add_node("sink")
+    edges = []
     for n in graph.nodes:
         if n.name not in fwd:
             continue
         kind = PRIMITIVES[n.op].kind
-        g.add_edge(n.name + "_in", n.name + "_out", capacity=float(max(n.type.nbytes, 1)))
+        edges.append((n.name + "_in", n.name + "_out", max(n.type.nbytes, 1)))
         if kind not in RECOMPUTABLE_KINDS:  # never recomputed: saved if backward needs it
-            g.add_edge("source", n.name + "_in", capacity=math.inf)
+            edges.append(("source", n.name + "_in", INF))
         for i in n.inputs:
             if i not in prod:  # a graph input: always available, free to keep
-                g.add_edge("source", i + "_out", capacity=math.inf)
-            g.add_edge(i + "_out", n.name + "_in", capacity=math.inf)
+                edges.append(("source", i + "_out", INF))
+            edges.append((i + "_out", n.name + "_in", INF))
         # a node with no inputs (a fill, an iota) has no path from the source: it lands on the
         # sink side at no cost, i.e. it is recomputed wherever backward needs it
-    for v in needed:
-        g.add_edge(v + "_out", "sink", capacity=math.inf)
+    for v in sorted(needed):
+        edges.append((v + "_out", "sink", INF))
     report = RematReport(naive_saved_bytes=sum(prod[v].type.nbytes for v in needed))
     if not needed:
         return set(), set(), report
-    _, (reachable, _) = nx.minimum_cut(g, "source", "sink")
+    reachable = min_cut_source_side(edges, "source", "sink")
     saved = {v for v in fwd if v + "_in" in reachable and v + "_out" not in reachable}
     sink_side = {v for v in fwd if v + "_in" not in reachable}
     # recompute only what backward actually needs beyond the saved values

@@ -1,0 +1,133 @@
+"""Compile time: identical kernel bodies are compiled once (``codegen/share.py``) and a big
+module compiles as parts in parallel processes (``runtime/split.py``, ``jit.compile_objects``),
+cached on disk part by part."""
+from __future__ import annotations
+
+import ctypes
+import re
+
+import llvmlite.ir as ir
+import numpy as np
+import pytest
+
+from neural_arch.compiler import functional as F
+from neural_arch.compiler.codegen.share import canonical_body, share_identical_functions
+from neural_arch.compiler.ir import TensorType
+from neural_arch.compiler.trace import trace
+from neural_arch.runtime import jit, program
+from neural_arch.runtime.interpreter import interpret
+from neural_arch.runtime.program import Program
+from neural_arch.runtime.split import split_module
+
+
+def _two_layers(x, w1, w2):
+    """Two layers of one shape: their kernels differ only in names and buffers."""
+    h = F.gelu(x @ w1) * 2.0 + 1.0
+    return F.gelu(h @ w2) * 2.0 + 1.0, h.sum(axis=-1)
+
+
+def _graph():
+    t = TensorType((8, 16), "float32")
+    return trace(_two_layers, t, TensorType((16, 16), "float32"), TensorType((16, 16), "float32"))
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((8, 16)).astype(np.float32),
+            (rng.standard_normal((16, 16)) / 4).astype(np.float32),
+            (rng.standard_normal((16, 16)) / 4).astype(np.float32)]
+
+
+def _check(p, g):
+    args = _inputs()
+    want = interpret(g, args)
+    for got, w in zip(p(*args), want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+def _bodies(text: str) -> list[str]:
+    return re.findall(r'define internal void @"([^"]+\.body)"', text)
+
+
+def test_identical_bodies_are_defined_once_and_results_hold(monkeypatch):
+    g = _graph()
+    p = Program(g, options={"module_cache": False})
+    names = _bodies(p.module.llvm_ir)
+    # the two layers' gelu(x @ w) * 2 + 1 kernels now call one matmul body and one epilogue
+    # body, each defined once and called from both kernels' tasks
+    shared = [n for n in names if p.module.llvm_ir.count(f'@"{n}"(') >= 3]  # defined + 2 callers
+    assert len(shared) >= 2, (names, [k.name for k in p.kernels])
+    _check(p, g)
+    monkeypatch.setattr(program, "share_identical_functions", lambda module: {})
+    program.clear_memory_cache()
+    unshared = Program(g, options={"module_cache": False})
+    assert len(_bodies(unshared.module.llvm_ir)) == len(names) + len(shared)
+    _check(unshared, g)
+
+
+def _function(module, name, const, local):
+    fn = ir.Function(module, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name=name)
+    fn.linkage = "internal"
+    b = ir.IRBuilder(fn.append_basic_block(f"entry.{local}"))
+    b.ret(b.fmul(fn.args[0], ir.Constant(ir.FloatType(), const), name=f"t.{local}"))
+    return fn
+
+
+def test_canonical_body_ignores_names_but_not_code():
+    m = ir.Module()
+    a, b, c = _function(m, "a", 2.0, "x"), _function(m, "b", 2.0, "yy"), _function(m, "c", 3.0, "x")
+    assert canonical_body(a) == canonical_body(b)
+    assert canonical_body(a) != canonical_body(c)
+    caller = ir.Function(m, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name="caller")
+    bb = ir.IRBuilder(caller.append_basic_block())
+    bb.ret(bb.fadd(bb.call(a, [caller.args[0]]), bb.fadd(bb.call(b, [caller.args[0]]),
+                                                          bb.call(c, [caller.args[0]]))))
+    assert share_identical_functions(m) == {"b": "a"}
+    text = str(m)
+    assert '@"b"' not in text and text.count('call float @"a"') == 2 and 'call float @"c"' in text
+    assert "noinline" in str(m.get_global("a"))
+    loaded = jit.load(jit.optimize(text))  # keeps the code alive while f is called
+    f = loaded.function("caller", ctypes.c_float, ctypes.c_float)
+    assert f(1.5) == pytest.approx(1.5 * 2 + 1.5 * 2 + 1.5 * 3)
+
+
+def test_split_parts_link_and_agree_then_load_from_the_disk_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(program, "compile_parts", lambda nbytes: 3)
+    g = _graph()
+    program.clear_memory_cache()
+    p = Program(g)
+    assert p.native.parts == 3 and not p.native.from_cache
+    _check(p, g)
+    del p
+    program.clear_memory_cache()
+    q = Program(g)
+    assert q.native.parts == 3 and q.native.from_cache
+    _check(q, g)
+
+
+def test_every_part_declares_what_it_calls_in_another():
+    text = Program(_graph(), options={"module_cache": False}).module.llvm_ir
+    parts = split_module(text, 2)
+    assert len(parts) == 2
+    defined = [set(re.findall(r'^define [^@]*@"([^"]+)"', p, re.M)) for p in parts]
+    entry = [k for k, d in enumerate(defined) if program.ENTRY in d]
+    assert len(entry) == 1
+    other = defined[1 - entry[0]]
+    exported = {n for n in other if not re.search(rf'^define internal [^@]*@"{re.escape(n)}"', parts[1 - entry[0]], re.M)}
+    assert exported, "the part without the entry point exports no kernel"
+    for name in exported:
+        assert f'declare i32 @"{name}"' in parts[entry[0]]
+
+
+def test_unexpected_module_shapes_stay_whole():
+    text = '@"g" = global i32 0\ndefine i32 @"a"()\n{\nentry:\n  ret i32 1\n}\ndefine i32 @"b"()\n{\nentry:\n  ret i32 2\n}\n'
+    assert split_module(text, 2) == [text]
+    plain = text.split("\n", 1)[1]
+    assert len(split_module(plain, 2)) == 2
+
+
+def test_a_part_that_fails_to_compile_names_the_error():
+    good = 'define i32 @"a"()\n{\nentry:\n  ret i32 1\n}\n'
+    with pytest.raises(RuntimeError, match=r"LLVM failed to compile m: .*(error|expected)"):
+        jit.compile_objects([good, "this is not LLVM IR"], "m")
