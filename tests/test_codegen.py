@@ -465,27 +465,33 @@ def test_matmul_float64_transposed_and_batched_operands():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("serial", [False, True])
 def test_row_vector_matmuls_take_the_gemv_path_and_match(dtype, serial):
-    """M == 1 (decoding one token): rows of B streamed when its columns are contiguous, one
+    """M == 1 (decoding one token): rows of B streamed when its columns are contiguous (split
+    between two tasks by rows, each adding up its own partial sums, when big enough), one
     dot product per column when B is transposed; batched, broadcast and with an epilogue."""
     from neural_arch.compiler import trace, functional as F
     from neural_arch.compiler.ir import TensorType as T
     from neural_arch.runtime.interpreter import interpret
     from neural_arch.runtime.program import Program
     rng = np.random.default_rng(5)
-    cases = [
-        (lambda a, w: a @ w, [(1, 384), (384, 1152)]),
-        (lambda a, w: a @ F.transpose(w, 1, 0), [(1, 96), (300, 96)]),
-        (lambda q, k: q @ F.swapaxes(k, -1, -2), [(2, 3, 1, 16), (2, 3, 40, 16)]),
-        (lambda p, v: p @ v, [(2, 3, 1, 40), (2, 3, 40, 16)]),
-        (lambda a, w, b: F.gelu(a @ w + b), [(3, 1, 7), (7, 5), (5,)]),
-        (lambda a, w: a @ w, [(1, 3), (3, 1)]),
+    cases = [  # (function, shapes, whether B's rows are split between two tasks)
+        (lambda a, w: a @ w, [(1, 384), (384, 1152)], True),
+        (lambda a, w: a @ F.transpose(w, 1, 0), [(1, 96), (300, 96)], False),
+        (lambda q, k: q @ F.swapaxes(k, -1, -2), [(2, 3, 1, 16), (2, 3, 40, 16)], False),
+        (lambda p, v: p @ v, [(2, 3, 1, 40), (2, 3, 40, 16)], False),
+        (lambda a, w, b: F.gelu(a @ w + b), [(3, 1, 7), (7, 5), (5,)], False),
+        (lambda a, w: a @ w, [(1, 3), (3, 1)], False),
+        (lambda a, w: a @ w, [(1, 301), (301, 300)], True),           # rows split 151 + 150
+        (lambda a, w, b: F.gelu(a @ w + b), [(1, 1, 257), (257, 260), (260,)], True),
     ]
-    for fn, shapes in cases:
+    for fn, shapes, split in cases:
         types = [T(s, dtype) for s in shapes]
         g = trace(fn, *types)
         ins = [rng.standard_normal(s).astype(dtype) for s in shapes]
-        got = Program(g, options={"serial": serial})(*ins)
+        prog = Program(g, options={"serial": serial})
+        got = prog(*ins)
         want = interpret(g, ins)
+        # after a split, the kernel adds the second task's partial sums (loop "sum0") to y
+        assert ('"sum0' in prog.module.llvm_ir) == (split and not serial), [k.name for k in prog.kernels]
         tol = 1e-4 if dtype == "float32" else 1e-10
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
