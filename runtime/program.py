@@ -469,9 +469,10 @@ def codegen_version() -> str:
         v = version("neural_arch")
     except Exception:  # pragma: no cover - running from a source tree without metadata
         v = "0.0.0"
-    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib
+    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, share
+    from . import split
     h = hashlib.sha256()
-    for mod in (index, kernel, lowering, mathlib, gemm, sys.modules[__name__]):
+    for mod in (index, kernel, lowering, mathlib, gemm, share, split, sys.modules[__name__]):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
     return f"{v}+codegen.{h.hexdigest()[:16]}"

@@ -497,6 +497,25 @@ def test_row_vector_matmuls_take_the_gemv_path_and_match(dtype, serial):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
+def test_transposed_computed_operand_is_materialised_in_its_own_layout():
+    """A matmul operand that is a transpose of a value computed inline (a weight gradient
+    reading a recomputed activation) is materialised untransposed, written in order, and
+    read by the GEMM through the transpose's strides."""
+    from neural_arch.compiler import trace, functional as F
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    g = trace(lambda h, dy: F.transpose(F.gelu(h), 1, 0) @ dy, T((96, 40), "float32"), T((96, 24), "float32"))
+    rng = np.random.default_rng(3)
+    ins = [rng.standard_normal((96, 40)).astype(np.float32), rng.standard_normal((96, 24)).astype(np.float32)]
+    prog = Program(g, options={"module_cache": False})
+    np.testing.assert_allclose(prog(*ins)[0], interpret(g, ins)[0], rtol=1e-5, atol=1e-5)
+    (mm,) = [k for k in prog.kernels if k.strategy == "matmul"]
+    types = prog.graph.types
+    assert [types[v].shape for v in mm.buffers] == [(96, 40)], mm.buffers  # gelu(h), not its transpose
+    assert re.search(r'define i32 @"[^"]*\.as"', prog.module.llvm_ir)
+
+
 def test_innermost_loops_split_at_concat_and_pad_bounds():
     """A loop whose body selects between concat parts or pad regions by its own index is
     emitted as one loop per piece (the selects decided at compile time), with the values and

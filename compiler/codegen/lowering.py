@@ -566,6 +566,15 @@ class Matmul(Lowering):
         strides = [off.coef(v.terms[0][0].name) if v.terms else 0 for v in vs]
         return actx.access_names[0], off.const, strides
 
+    @staticmethod
+    def remapped_source(kb: KernelBuilder, name: str) -> str:
+        """The computed value an inline operand reads through a chain of index remaps (the
+        operand itself if it is not a remap)."""
+        v = name
+        while kb.is_inline(v) and kb.inline[v].op in REMAP_OPS:
+            v = kb.inline[v].inputs[0]
+        return v if kb.is_inline(v) else name
+
     def kernel(self, kb: KernelBuilder) -> Kernel:
         node = kb.root
         a, bname = node.inputs
@@ -582,16 +591,26 @@ class Matmul(Lowering):
         # other inline computations are materialised first
         stages = []
         ops = []
+        def materialise(value, stage):
+            from .kernel import GroupSpec
+            pre = KernelBuilder(m, kb.graph, GroupSpec("loop", (kb.inline[value],), kb.spec.inlined, (value,)),
+                                f"{kb.name}.{stage}", kb._register_check, kb.options)
+            pre.slot = kb.slot
+            stages.append(pre.build())
+            kb.buffered.add(value)
+            kb.materialized = getattr(kb, "materialized", ()) + (value,)
+
         for name in (a, bname):
             op = self.operand(kb, name)
+            src = self.remapped_source(kb, name) if op is None else name
+            if src != name and kb.graph.types[src].size <= kb.graph.types[name].size:
+                # a transpose (or reshape, broadcast) of a computed value: materialise that
+                # value in its own layout, written in order, and read it through the remap's
+                # strides (materialising the transpose would read or write across rows)
+                materialise(src, ("a" if name == a else "b") + "s")
+                op = self.operand(kb, name)
             if op is None:
-                from .kernel import GroupSpec
-                pre = KernelBuilder(m, kb.graph, GroupSpec("loop", (kb.inline[name],), kb.spec.inlined, (name,)),
-                                    f"{kb.name}.{'a' if name == a else 'b'}", kb._register_check, kb.options)
-                pre.slot = kb.slot
-                stages.append(pre.build())
-                kb.buffered.add(name)
-                kb.materialized = getattr(kb, "materialized", ()) + (name,)
+                materialise(name, "a" if name == a else "b")
                 op = (name, 0, list(contiguous_strides(kb.graph.types[name].shape)))
             ops.append(op)
         (abuf, abase, ast), (bbuf, bbase, bst) = ops
