@@ -516,6 +516,35 @@ def test_transposed_computed_operand_is_materialised_in_its_own_layout():
     assert re.search(r'define i32 @"[^"]*\.as"', prog.module.llvm_ir)
 
 
+@pytest.mark.parametrize("row", [64, 300, 9000])
+def test_row_kernel_keeps_a_reduced_members_row_instead_of_recomputing_it(row):
+    """A softmax's exp is computed once per element: kept on the stack for the row while the
+    sum runs, read back by the output (also when the exp is itself an output, as when
+    backward saves it); rows longer than ROW_SCRATCH_MAX recompute it.  Values as the
+    interpreter's, gradients included."""
+    from neural_arch.compiler import trace, functional as F, value_and_grad
+    from neural_arch.compiler.codegen.kernel import ROW_SCRATCH_MAX
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, row)).astype(np.float32)
+    y = rng.integers(0, row, (6,)).astype(np.int64)
+
+    def loss(x, y):
+        e = F.exp(x - x.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
+        return (p * p).sum() + F.cross_entropy(x, y)
+    for g in (trace(lambda x: F.softmax(x, axis=-1), T(x.shape, "float32")),
+              trace(value_and_grad(loss), T(x.shape, "float32"), T(y.shape, "int64"))):
+        prog = Program(g, options={"module_cache": False})
+        ins = [x] if len(g.inputs) == 1 else [x, y]
+        for a, b in zip(prog(*ins), interpret(g, ins)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+        kept = re.findall(rf"alloca \[{row} x float\]", prog.module.llvm_ir)
+        assert bool(kept) == (row <= ROW_SCRATCH_MAX), [k.name for k in prog.kernels]
+
+
 def test_innermost_loops_split_at_concat_and_pad_bounds():
     """A loop whose body selects between concat parts or pad regions by its own index is
     emitted as one loop per piece (the selects decided at compile time), with the values and

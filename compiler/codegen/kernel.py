@@ -243,6 +243,9 @@ class Ctx:
                 raise NotImplementedError(f"%{name} is read at another row than the current one")
             return rv[0]
         if self.kb.is_inline(name):
+            scratch = None if self.analysis else self.kb.row_scratch.get(name)
+            if scratch is not None:  # a row kernel keeps this member's row: see build_row_kernel
+                return scratch.access(self, name, idx)
             node = self.kb.inline[name]
             return self.kb.lowering(node).element(self, node, idx)
         t = self.type_of(name)
@@ -576,6 +579,37 @@ def _value_order(graph: Graph) -> dict:
     return order
 
 
+ROW_SCRATCH_MAX = 8192  # elements of one row a row kernel keeps on the stack per member
+
+
+class RowScratch:
+    """One row of a row kernel's member, kept on the stack (``ptr``, the row's elements over
+    the reduced axes).  While the reduction reading the member runs (``filling``), each
+    element is computed as usual and also stored; afterwards the full outputs read it back
+    instead of computing it again (a softmax's exp: once for the sum, not again for the
+    output)."""
+
+    def __init__(self, ptr, axes, domain, dtype):
+        self.ptr, self.axes, self.domain, self.dtype = ptr, tuple(axes), tuple(domain), dtype
+        self.filling = False
+        self.filled = False
+
+    def offset(self, ctx, idx) -> ir.Value:
+        return ctx.ix(flat_index([idx[d] for d in self.axes], [self.domain[d] for d in self.axes]))
+
+    def access(self, ctx, name, idx):
+        b = ctx.b
+        if self.filled:
+            p = b.gep(self.ptr, [self.offset(ctx, idx)], source_etype=mem_type(self.dtype), inbounds=True)
+            return b.load(p, typ=mem_type(self.dtype))
+        node = ctx.kb.inline[name]
+        v = ctx.kb.lowering(node).element(ctx, node, idx)
+        if self.filling:
+            p = b.gep(self.ptr, [self.offset(ctx, idx)], source_etype=mem_type(self.dtype), inbounds=True)
+            b.store(v, p)
+        return v
+
+
 class KernelBuilder:
     """Emits one kernel for a group of nodes into a module."""
 
@@ -598,6 +632,7 @@ class KernelBuilder:
         self._check_specs: dict[str, tuple] = {}
         self._register_check = add_check or (lambda info: len(self.checks) + 1)
         self.row_values: dict[str, tuple] = {}  # row kernels: value -> (LLVM value, row index)
+        self.row_scratch: dict[str, RowScratch] = {}  # row kernels: members whose row is kept
         self.buffered: set[str] = set()          # values read from buffers even though computed here
         self.workspace_bytes = 0
 
@@ -689,6 +724,9 @@ class KernelBuilder:
                            size=math.prod(main))
 
     def _element(self, ctx, name: str, idx):
+        scratch = None if ctx.analysis else self.row_scratch.get(name)
+        if scratch is not None:
+            return scratch.access(ctx, name, idx)
         node = self.inline[name]
         return self.lowering(node).element(ctx, node, idx)
 
@@ -757,10 +795,30 @@ class KernelBuilder:
         if needs_totals and any(cone(t.inputs) & total_names for t in totals):
             raise NotImplementedError(f"{self.name}: a grand total depends on another grand total")
 
+        # a full-domain member that a reduction reads and the full outputs read again (a
+        # softmax's exp) is kept for the row while the reduction computes it, not recomputed
+        row_len = math.prod(domain[d] for d in axes)
+        out_cone = cone(outs["full"])
+        kept_rows = [] if not outs["full"] or not 0 < row_len <= ROW_SCRATCH_MAX else list(dict.fromkeys(
+            x for r in row_reds for x in r.inputs
+            if x in members and tuple(types[x].shape) == domain and x in out_cone
+            and types[x].dtype in ("float32", "float64")))
+
         def row_pass(ctx, key, ridx, reds, do_outputs, do_totals, tot_acc):
+            scratch = {}
+            if do_outputs and not ctx.analysis:  # one stack row per kept member (emitted once)
+                for x in kept_rows:
+                    ptr = ctx.alloca(ir.ArrayType(mem_type(types[x].dtype), row_len), "row")
+                    scratch[x] = RowScratch(ptr, axes, domain, types[x].dtype)
+            self.row_scratch = scratch
             for r in reds:
                 ri = row_index(r.name, ridx)
+                fill = [scratch[x] for x in r.inputs if x in scratch and not scratch[x].filled]
+                for sc in fill:
+                    sc.filling = True
                 v = self.lowering(r).element(ctx, r, ri)
+                for sc in fill:
+                    sc.filling, sc.filled = False, True
                 self.row_values[r.name] = (v, flat_index(ri, types[r.name].shape))
             if do_totals:
                 for t in totals:
@@ -786,6 +844,7 @@ class KernelBuilder:
                     vals = [(o, self._element(ctx, o, full)) for o in outs["full"]]
                     for o, v in vals:
                         ctx.store_flat(o, flat_index(full, domain), v)
+            self.row_scratch = {}
 
         def body(ctx, lohi=None):
             tot_acc = {}
