@@ -545,6 +545,35 @@ def test_row_kernel_keeps_a_reduced_members_row_instead_of_recomputing_it(row):
         assert bool(kept) == (row <= ROW_SCRATCH_MAX), [k.name for k in prog.kernels]
 
 
+def test_row_kernel_with_grand_totals_runs_its_rows_in_parallel():
+    """A cross-entropy's row kernel accumulates grand totals (the loss sum; the count of
+    counted targets, which the gradient rows need first): its rows run on several tasks,
+    each with its own partial totals added up in task order.  Values and gradients as the
+    interpreter's, bit-identical from call to call; a total the rows need that itself needs
+    row reductions (x / sum of row maxima) too."""
+    from neural_arch.compiler import trace, functional as F, value_and_grad
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1024, 96)).astype(np.float32)
+    y = rng.integers(0, 96, (1024,)).astype(np.int64)
+    y[::7] = -100  # ignored targets: the mean divides by the count of the others
+    cases = [
+        (value_and_grad(lambda x, y: F.cross_entropy(x, y)), [x, y]),
+        (lambda x: x / x.max(axis=-1).sum(), [x]),
+    ]
+    for fn, ins in cases:
+        g = trace(fn, *[T(a.shape, str(a.dtype)) for a in ins])
+        prog = Program(g, options={"module_cache": False})
+        rows = [k for k in prog.kernels if k.strategy == "row"]
+        assert rows and all(k.tasks > 1 for k in rows), [(k.name, k.strategy, k.tasks) for k in prog.kernels]
+        first, second = prog(*ins), prog(*ins)
+        for a, b, w in zip(first, second, interpret(g, ins)):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, w, rtol=2e-5, atol=1e-7)
+
+
 def test_innermost_loops_split_at_concat_and_pad_bounds():
     """A loop whose body selects between concat parts or pad regions by its own index is
     emitted as one loop per piece (the selects decided at compile time), with the values and

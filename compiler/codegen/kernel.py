@@ -788,12 +788,6 @@ class KernelBuilder:
                 if v in self.inline:
                     stack.extend(self.inline[v].inputs)
             return seen
-        total_names = {t.name for t in totals}
-        for_totals = cone(total_names) - total_names
-        needs_totals = bool(cone(o for o in self.outputs if level(o) != "total") & total_names) or \
-            any(cone(r.inputs) & total_names for r in row_reds)
-        if needs_totals and any(cone(t.inputs) & total_names for t in totals):
-            raise NotImplementedError(f"{self.name}: a grand total depends on another grand total")
 
         # a full-domain member that a reduction reads and the full outputs read again (a
         # softmax's exp) is kept for the row while the reduction computes it, not recomputed
@@ -820,13 +814,12 @@ class KernelBuilder:
                 for sc in fill:
                     sc.filling, sc.filled = False, True
                 self.row_values[r.name] = (v, flat_index(ri, types[r.name].shape))
-            if do_totals:
-                for t in totals:
-                    (x,) = t.inputs
-                    v = ctx.load(x, row_index(x, ridx))
-                    if not ctx.analysis:
-                        a = ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
-                        ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
+            for t in (totals if do_totals is True else do_totals or ()):
+                (x,) = t.inputs
+                v = ctx.load(x, row_index(x, ridx))
+                if not ctx.analysis:
+                    a = ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
+                    ctx.b.store(self.lowering(t).combine(ctx, t, a, v), tot_acc[t.name])
             if not do_outputs:
                 return
             vals = []
@@ -846,51 +839,123 @@ class KernelBuilder:
                         ctx.store_flat(o, flat_index(full, domain), v)
             self.row_scratch = {}
 
-        def body(ctx, lohi=None):
-            tot_acc = {}
-            for t in totals:
-                if not ctx.analysis:
-                    tot_acc[t.name] = ctx.alloca(reg_type(t.type.dtype), "total")
-                    ctx.b.store(self.lowering(t).init(ctx, t), tot_acc[t.name])
-            self.row_values.clear()
-            row_ext = [domain[d] for d in kept]
-            nrows = math.prod(row_ext)
+        row_ext = [domain[d] for d in kept]
+        nrows = math.prod(row_ext)
+        if totals:
+            return self._row_kernel_with_totals(domain, axes, row_reds, totals, outs, cone, row_pass, row_ext)
 
-            def load_totals():
-                for t in totals:
-                    v = None if ctx.analysis else ctx.b.load(tot_acc[t.name], typ=reg_type(t.type.dtype))
-                    self.row_values[t.name] = (v, Ix.of(0))
-            if needs_totals:
-                # pass 1: the grand totals (over the rows they need); pass 2: everything else,
-                # with the totals known (a value that reads a total is not recomputed per row)
-                if nrows:
-                    with ctx.loops("rowA", row_ext) as ridx:
-                        row_pass(ctx, "rowA", ridx, [r for r in row_reds if r.name in for_totals], False, True,
-                                 tot_acc)
-                self.row_values.clear()
-                load_totals()
-                if nrows:
-                    with ctx.loops("row", row_ext, lohi) as ridx:
-                        row_pass(ctx, "row", ridx, row_reds, True, False, tot_acc)
-                        for r in row_reds:
-                            self.row_values.pop(r.name, None)
-            elif nrows:
+        def body(ctx, lohi=None):  # no grand totals: the rows are independent
+            self.row_values.clear()
+            if nrows:
                 with ctx.loops("row", row_ext, lohi) as ridx:
-                    row_pass(ctx, "row", ridx, row_reds, True, True, tot_acc)
+                    row_pass(ctx, "row", ridx, row_reds, True, False, {})
                 self.row_values.clear()
-                load_totals()
-            else:
-                load_totals()
             for o in outs["total"]:
                 zero = [Ix.of(0)] * len(types[o].shape)
                 ctx.store_flat(o, Ix.of(0), self._row_or_element(ctx, o, zero))
             self.row_values.clear()
 
         work = math.prod(domain) * max(1, len(row_reds))
-        serial = bool(totals)
         size = max([types[o].size for o in self.outputs] + [0])
-        k = self.finish(body, "row", 0 if serial else work, "row", size=size)
-        return k
+        return self.finish(body, "row", work, "row", size=size)
+
+    def _row_kernel_with_totals(self, domain, axes, row_reds, totals, outs, cone, row_pass, row_ext) -> Kernel:
+        """A row kernel that also accumulates grand totals (a mean loss), its rows split over
+        tasks like any row kernel's:
+
+        1. the kernel first computes, alone, the totals the rows need (a cross-entropy
+           gradient divides by the count of counted targets), over the rows those need;
+        2. the tasks run the rows with those totals known, each accumulating the other
+           totals (the loss sum) over its own rows into its own workspace slots;
+        3. the kernel adds the tasks' partial totals up in task order (the same sum every
+           run) and stores the total outputs.
+
+        Workspace: one 8-byte slot per total of step 1, then one per other total per task."""
+        types = self.graph.types
+        total_names = {t.name for t in totals}
+        non_total = [o for o in self.outputs if o not in outs["total"]]
+        needed_names = (cone(non_total) | cone([i for r in row_reds for i in r.inputs])) & total_names
+        needed = [t for t in totals if t.name in needed_names]
+        late = [t for t in totals if t.name not in needed_names]
+        if needed and any(cone(t.inputs) & total_names for t in totals):
+            raise NotImplementedError(f"{self.name}: a grand total depends on another grand total")
+        for_needed = cone(needed_names) - total_names
+        nrows = math.prod(row_ext)
+        zero_i = Ix.of(0)
+
+        def slot(ctx, k, t):  # the k-th 8-byte workspace slot, typed for total t
+            return ctx.b.gep(ctx.ptrs["__workspace__"], [c64(8 * k)], source_etype=I8)
+
+        def accumulators(ctx, ts):
+            acc = {}
+            for t in ts:
+                if not ctx.analysis:
+                    acc[t.name] = ctx.alloca(reg_type(t.type.dtype), "total")
+                    ctx.b.store(self.lowering(t).init(ctx, t), acc[t.name])
+            return acc
+
+        def value(ctx, ptr, t):
+            return None if ctx.analysis else ctx.b.load(ptr, typ=reg_type(t.type.dtype))
+
+        def load_needed(ctx):
+            for k, t in enumerate(needed):
+                self.row_values[t.name] = (value(ctx, None if ctx.analysis else slot(ctx, k, t), t), zero_i)
+
+        def pre(ctx):  # step 1, in the kernel before the tasks
+            if not needed:
+                return
+            acc = accumulators(ctx, needed)
+            self.row_values.clear()
+            if nrows:
+                with ctx.loops("rowA", row_ext) as ridx:
+                    row_pass(ctx, "rowA", ridx, [r for r in row_reds if r.name in for_needed], False, needed, acc)
+                    for r in row_reds:
+                        self.row_values.pop(r.name, None)
+            if not ctx.analysis:
+                for k, t in enumerate(needed):
+                    ctx.b.store(value(ctx, acc[t.name], t), slot(ctx, k, t))
+            self.row_values.clear()
+
+        def body(ctx, lohi=None):  # step 2, one task's rows
+            acc = accumulators(ctx, late)
+            self.row_values.clear()
+            load_needed(ctx)
+            if nrows:
+                with ctx.loops("row", row_ext, lohi) as ridx:
+                    row_pass(ctx, "row", ridx, row_reds, True, late, acc)
+                    for r in row_reds:
+                        self.row_values.pop(r.name, None)
+            if late and not ctx.analysis:
+                task = ctx.b.udiv(lohi[0], c64(self.task_chunk)) if lohi is not None else c64(0)
+                for j, t in enumerate(late):
+                    k = ctx.b.add(c64(len(needed) + j), ctx.b.mul(task, c64(len(late))))
+                    p = ctx.b.gep(ctx.ptrs["__workspace__"], [ctx.b.mul(k, c64(8))], source_etype=I8)
+                    ctx.b.store(value(ctx, acc[t.name], t), p)
+            self.row_values.clear()
+
+        def post(ctx):  # step 3, in the kernel after the tasks
+            self.row_values.clear()
+            load_needed(ctx)
+            for j, t in enumerate(late):
+                if ctx.analysis:
+                    self.row_values[t.name] = (None, zero_i)
+                    continue
+                v = self.lowering(t).init(ctx, t)
+                for task in range(self.task_count):
+                    part = value(ctx, slot(ctx, len(needed) + task * len(late) + j, t), t)
+                    v = self.lowering(t).combine(ctx, t, v, part)
+                self.row_values[t.name] = (v, zero_i)
+            for o in outs["total"]:
+                zero = [zero_i] * len(types[o].shape)
+                ctx.store_flat(o, zero_i, self._row_or_element(ctx, o, zero))
+            self.row_values.clear()
+
+        work = math.prod(domain) * max(1, len(row_reds))
+        size = max([types[o].size for o in self.outputs] + [0])
+
+        def workspace(tasks):
+            return 8 * (len(needed) + len(late) * tasks)
+        return self.finish(body, "row", work, "row", size=size, pre=pre, post=post, workspace=workspace)
 
     def _column_row_kernel(self, domain, axes, kept, trail, row_reds, outs, row_index):
         """A row kernel whose innermost domain dims are kept (e.g. sums over the batch): each
@@ -1056,12 +1121,17 @@ class KernelBuilder:
         return body, "reduce-inner", work, "out"
 
     def finish(self, body: Callable | None, strategy: str, work: int, e0_key: str | None,
-               size: int | None = None, min_chunk: int = 1) -> Kernel:
-        """Plan (analysis run), then emit ``@name.body``, ``@name.task`` and ``@name``."""
+               size: int | None = None, min_chunk: int = 1, pre=None, post=None, workspace=None) -> Kernel:
+        """Plan (analysis run), then emit ``@name.body``, ``@name.task`` and ``@name``.
+        ``pre(ctx)`` / ``post(ctx)`` emit code the kernel runs before / after its tasks;
+        ``workspace(tasks)``: the workspace bytes the kernel needs for that many tasks
+        (``ctx.ptrs["__workspace__"]`` points at them)."""
         size = self.root.type.size if size is None else size
         actx = Ctx(self, analysis=True)
         if body is not None and size:
-            body(actx)
+            for part in (pre, body, post):
+                if part is not None:
+                    part(actx)
         plan, extents = make_plan(actx)
         for node, idx_name, isize, axis, ignore in self._check_specs.values():
             info = IndexCheck(0, node, isize, axis, ignore)
@@ -1075,6 +1145,10 @@ class KernelBuilder:
             tasks = int(min(e0[0] // min_chunk, max(1, work // PARALLEL_CHUNK), PARALLEL_MAX_TASKS))
             tasks = max(tasks, 1)
         n0 = e0[0] if e0 else 1
+        self.task_count, self.task_chunk = tasks, -(-n0 // tasks)
+        if workspace is not None:
+            self.workspace_bytes = max(self.workspace_bytes, workspace(tasks))
+            names = names + ["__workspace__"]
 
         m = self.module
         bfn = None
@@ -1112,12 +1186,20 @@ class KernelBuilder:
         kb = open_function(kfn)
         bufs = kfn.args[0]
         self._emit_checks(kfn, kb, bufs)
+        kctx = None
+        if (pre or post) and bfn is not None and size:
+            kctx = Ctx(self, analysis=False, plan=plan, builder=kb,
+                       ptrs={n: self._load_ptr(kb, bufs, n) for n in names})
+            if pre is not None:
+                pre(kctx)
         if bfn is not None and size:
             if tfn is not None:
                 pf = declare(m, "narch_parallel_for", VOID, [PTR, PTR, I64])
                 kb.call(pf, [tfn, bufs, c64(tasks)])
             else:
                 kb.call(bfn, [self._load_ptr(kb, bufs, n) for n in names] + [c64(0), c64(n0)])
+        if kctx is not None and post is not None:
+            post(kctx)
         kb.ret(ir.Constant(I32, 0))
         close_function(kfn)
         return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs,
