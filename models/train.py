@@ -128,27 +128,44 @@ class TrainStep:
     def __call__(self, *batch) -> float:
         opt = self.optimizer
         opt.step_count += 1
-        pnames = self.program.param_names
-        first = self._params[self._opt_order[0]]
-        step_no = opt.state_for(first)["step"] + 1
+        params = self._params
+        order = [params[n] for n in self._opt_order]
+        states = [opt.state_for(p) for p in order]
+        keys = self.program.state_names
+        step_no = states[0]["step"] + 1
         self.seed += 1
-        inputs = [np.asarray(opt.lr, np.float32), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
-        inputs += [np.asarray(b.data if isinstance(b, Tensor) else b) for b in batch]
-        inputs += [self._params[n].data for n in pnames]
-        for n in self._opt_order:
-            st = opt.state_for(self._params[n])
-            inputs += [st[k].data for k in self.program.state_names]
-        outs = self._run(inputs)
+        program = self.runtime_program
+        if program is None:
+            inputs = [np.asarray(opt.lr, np.float32), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
+            inputs += [np.asarray(b.data if isinstance(b, Tensor) else b) for b in batch]
+            inputs += [params[n].data for n in self.program.param_names]
+            inputs += [st[k].data for st in states for k in keys]
+            outs = self._run(inputs)
+        else:
+            # the native program directly (what the runner does, without its per-call costs):
+            # the scalars go in through the same three 0-d arrays every step, so the program
+            # keeps their data pointers, as it keeps those of the parameters and states
+            scalars = self.__dict__.get("_scalars")
+            if scalars is None:
+                scalars = self._scalars = (np.zeros((), np.float32), np.zeros((), np.int64), np.zeros((), np.int64))
+            scalars[0][()] = opt.lr
+            scalars[1][()] = step_no
+            scalars[2][()] = self.seed
+            contiguous = np.ascontiguousarray
+            inputs = list(scalars)
+            inputs += [contiguous(b.data if isinstance(b, Tensor) else b) for b in batch]
+            inputs += [contiguous(params[n].data) for n in self.program.param_names]
+            inputs += [contiguous(st[k].data) for st in states for k in keys]
+            outs = program(*inputs)
         loss = float(outs[0])
         k = 1
-        for n in self._opt_order:
-            if outs[k] is not self._params[n].data:  # (updated in place: nothing to do)
-                self._params[n].data = outs[k]
+        for p in order:
+            if outs[k] is not p.data:  # (updated in place: nothing to do)
+                p.data = outs[k]
             k += 1
-        for n in self._opt_order:
-            st = opt.state_for(self._params[n])
+        for st in states:
             st["step"] = step_no
-            for key in self.program.state_names:
+            for key in keys:
                 if outs[k] is not st[key].data:
                     st[key] = Tensor(outs[k])
                 k += 1

@@ -140,3 +140,28 @@ def test_inplace_pairs_are_checked():
     assert new is arr
     np.testing.assert_allclose(new, 3 * x2, rtol=1e-6)
     np.testing.assert_allclose(s, want, rtol=1e-5)
+
+
+def test_compiled_step_feeds_the_same_arrays_each_step():
+    """The native step passes the learning rate, step number and seed through the same three
+    0-d arrays every call (the program keeps every input's data pointer), and still sees a
+    new learning rate, a parameter array replaced by the user and a non-contiguous batch."""
+    m1, m2 = mlp(), mlp()
+    o1, o2 = optim.AdamW(m1.parameters(), lr=0.01), optim.AdamW(m2.parameters(), lr=0.01)
+    ref = compile_train_step(m1, mlp_loss, o1, *BATCHES[0], backend="interpreter")
+    step = compile_train_step(m2, mlp_loss, o2, *BATCHES[0])
+    prog = step.runtime_program
+    seen = None
+    for k, (x, y) in enumerate(BATCHES):
+        o1.lr = o2.lr = 0.01 * (k + 1)
+        if k == 2:  # the user replaces a parameter's array
+            for m in (m1, m2):
+                m.parameters()[0].data = m.parameters()[0].data * 0.5
+        if k == 3:
+            x = np.asfortranarray(x)
+        np.testing.assert_allclose(step(x, y), ref(x, y), rtol=1e-4, atol=1e-5)
+        if seen is not None:
+            assert all(a is b for a, b in zip(prog._last_inputs[:3], seen))
+        seen = list(prog._last_inputs[:3])
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)

@@ -1,0 +1,82 @@
+"""Program.__call__: the per-call path keeps the data pointers of inputs passed again (the
+parameters and optimizer state of a training step), and still notices every change that
+matters: new values in the same array, a new array, an array reshaped in place, a read-only
+array updated in place."""
+import numpy as np
+import pytest
+
+from neural_arch.compiler import functional as F, trace
+from neural_arch.compiler.ir import TensorType
+from neural_arch.runtime.program import Program
+
+T = TensorType((4, 8))
+
+
+def program(inplace=None):
+    g = trace(lambda x, w: (x * w + 1.0, w * 0.5, F.exp(x).sum()), T, T)
+    return Program(g, options={"inplace": inplace or {}})
+
+
+def test_same_array_new_values_and_new_arrays_are_read():
+    p = program()
+    rng = np.random.default_rng(0)
+    x, w = (rng.standard_normal((4, 8)).astype(np.float32) for _ in range(2))
+    for _ in range(2):
+        a, b, s = p(x, w)
+        np.testing.assert_allclose(a, x * w + 1, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s, np.exp(x).sum(), rtol=1e-5)
+        x[...] = rng.standard_normal((4, 8))  # same object, new values
+    assert p._last_inputs[0] is x  # kept: its pointer was not fetched again
+    x2 = x + 1.0  # a new array
+    a, _, _ = p(x2, w)
+    np.testing.assert_allclose(a, x2 * w + 1, rtol=1e-6, atol=1e-6)
+    assert p._last_inputs[0] is x2
+    a, _, _ = p(x, w)  # and back
+    np.testing.assert_allclose(a, x * w + 1, rtol=1e-6, atol=1e-6)
+
+
+def test_array_reshaped_in_place_is_checked_again():
+    p = program()
+    x, w = np.ones((4, 8), np.float32), np.ones((4, 8), np.float32)
+    p(x, w)
+    x.shape = (8, 4)  # same object, same data, another shape of the same size: accepted as a view
+    a, _, _ = p(x, w)
+    np.testing.assert_array_equal(a, np.full((4, 8), 2.0, np.float32))
+    with pytest.raises(TypeError, match="expects a C-contiguous"):
+        p(x.reshape(32)[::2], w)  # not C-contiguous
+    with pytest.raises(TypeError, match="expects a C-contiguous"):
+        p(x.astype(np.float64), w)
+
+
+def test_outputs_written_over_inputs_and_returned_twice():
+    def f(x, w):
+        y = x + 1.0
+        return w * 0.5, y, y
+    g = trace(f, T, T)
+    p = Program(g, options={"inplace": {0: 1}})
+    assert p.inplace == {0: 1} and g.outputs[1] == g.outputs[2]
+    x = np.arange(32, dtype=np.float32).reshape(4, 8)
+    for k in range(3):
+        w = np.full((4, 8), 8.0, np.float32)
+        h, a, b = p(x, w)
+        assert h is w and np.all(w == 4.0)
+        np.testing.assert_array_equal(a, x + 1)
+        np.testing.assert_array_equal(b, x + 1)
+        assert a is not b  # one value returned twice: the second is a copy
+    w.flags.writeable = False  # the same array, now read-only: refused before anything runs
+    with pytest.raises(TypeError, match="updated in place"):
+        p(x, w)
+    assert np.all(w == 4.0)
+
+
+def test_zero_d_inputs_passed_as_one_element_arrays():
+    g = trace(lambda s, x: x * s, TensorType((), "float32"), T)
+    p = Program(g)
+    x = np.ones((4, 8), np.float32)
+    s = np.array([3.0], np.float32)  # what np.ascontiguousarray makes of a 0-d array
+    for v in (3.0, 5.0):
+        s[0] = v
+        (out,) = p(s, x)
+        assert np.all(out == v)
+    # the object passed is what is remembered (not a fresh reshaped view each call)
+    assert p._last_inputs[0] is s and p._accepted[0].shape == ()
