@@ -28,6 +28,11 @@ def _err(cls, op, msg):
 
 
 def _is_scalar(x) -> bool:
+    t = type(x)
+    if t is Tensor:
+        return False
+    if t is float or t is int or t is bool:
+        return True
     return isinstance(x, (numbers.Number, np.bool_)) and not isinstance(x, np.ndarray)
 
 
@@ -63,6 +68,8 @@ def _as_tensor(x, dtype=None) -> Tensor:
 
 
 def _broadcast_shapes(op, *shapes):
+    if shapes and type(shapes[0]) is tuple and all(sh == shapes[0] for sh in shapes[1:]):
+        return shapes[0]  # nothing to broadcast
     try:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:

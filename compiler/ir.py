@@ -28,10 +28,17 @@ FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int32", "int64")
 _SHORT = {"float32": "f32", "float64": "f64", "int32": "i32", "int64": "i64", "bool": "bool"}
 _LONG = {v: k for k, v in _SHORT.items()}
+_ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
+
+
+_DTYPE_SET = frozenset(DTYPES)
+_SHAPES: dict[tuple, tuple] = {}  # normalised shape -> itself (TensorType's fast path)
 
 
 def canonical_dtype(dtype: Any) -> str:
     """Map a dtype-like (str, numpy dtype, python type) onto one of DTYPES, or raise."""
+    if type(dtype) is str and dtype in _DTYPE_SET:  # the common case: already canonical
+        return dtype
     if isinstance(dtype, str) and dtype in _LONG:
         return _LONG[dtype]
     if dtype is float:
@@ -62,11 +69,24 @@ class TensorType:
     dtype: str = "float32"
 
     def __post_init__(self):
-        shape = tuple(int(d) for d in self.shape)
-        if any(d < 0 for d in shape):
-            raise ValueError(f"negative dimension in shape {shape}")
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        shape, dtype = self.shape, self.dtype
+        # shapes seen before map to their normalised tuple (a tuple equal to a normalised
+        # one, e.g. of NumPy ints, normalises to it), so the common case builds nothing
+        try:
+            known = _SHAPES.get(shape) if type(shape) is tuple else None
+        except TypeError:  # an unhashable entry (a 0-d array): normalised below
+            known = None
+        if known is None:
+            known = tuple(int(d) for d in shape)
+            if any(d < 0 for d in known):
+                raise ValueError(f"negative dimension in shape {known}")
+            if len(_SHAPES) > 100_000:
+                _SHAPES.clear()
+            _SHAPES[known] = known
+        if known is not shape:
+            object.__setattr__(self, "shape", known)
+        if type(dtype) is not str or dtype not in _DTYPE_SET:
+            object.__setattr__(self, "dtype", canonical_dtype(dtype))
 
     @property
     def ndim(self) -> int:
@@ -78,7 +98,7 @@ class TensorType:
 
     @property
     def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
+        return self.size * _ITEMSIZE[self.dtype]
 
     def __str__(self) -> str:
         return f"{_SHORT[self.dtype]}[{', '.join(map(str, self.shape))}]"
@@ -93,8 +113,16 @@ class SourceLoc:
         return f"{self.file}:{self.line}"
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
 def _freeze(value: Any) -> Any:
     """Normalise an attribute value into an immutable, printable Python value."""
+    t = type(value)
+    if t in _PLAIN:  # already a frozen value (exact types only: subclasses are normalised)
+        return value
+    if t is tuple and all(type(v) is int for v in value):
+        return value
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, np.ndarray):
@@ -132,7 +160,13 @@ class Node:
     @staticmethod
     def make(name: str, op: str, inputs: Iterable[str], type: TensorType,
              attrs: Mapping[str, Any] | None = None, loc: SourceLoc | None = None) -> "Node":
-        frozen = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
+        if not attrs:
+            frozen = ()
+        elif len(attrs) == 1:
+            (k, v), = attrs.items()
+            frozen = ((k, _freeze(v)),)
+        else:
+            frozen = tuple(sorted([(k, _freeze(v)) for k, v in attrs.items()]))
         return Node(name, op, tuple(inputs), type, frozen, loc)
 
     @property

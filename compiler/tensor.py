@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .ir import Graph, GraphInput, Node, SourceLoc, TensorType, canonical_dtype, is_float
-from .ops.registry import NONDIFF, OpError, get
+from .ops.registry import NONDIFF, PRIMITIVES as _PRIMITIVES, OpError, get
 
 # ----------------------------------------------------------------------------- source lines
 
@@ -49,13 +49,27 @@ def _short_path_from(path: str, cwd: str) -> str:
     return rel
 
 
+_USER_FILE: dict[str, bool] = {}  # code file name -> is it the user's (outside our dirs)?
+_LOCS: dict[tuple, SourceLoc] = {}  # (short path, line) -> its SourceLoc (immutable: shared)
+
+
 def user_loc(depth: int = 1) -> SourceLoc | None:
     """The first stack frame outside neural_arch's compiler and runtime: the user's line."""
     f = sys._getframe(depth)
     while f is not None:
         fn = f.f_code.co_filename
-        if not fn.startswith(_OUR_DIRS) and not fn.endswith(_SKIP_FILES) and not fn.startswith("<frozen"):
-            return SourceLoc(_short_path(fn), f.f_lineno)
+        user = _USER_FILE.get(fn)
+        if user is None:
+            user = _USER_FILE[fn] = not fn.startswith(_OUR_DIRS) and not fn.endswith(_SKIP_FILES) \
+                and not fn.startswith("<frozen")
+        if user:
+            key = (_short_path(fn), f.f_lineno)
+            loc = _LOCS.get(key)
+            if loc is None:
+                if len(_LOCS) > 100_000:
+                    _LOCS.clear()
+                loc = _LOCS[key] = SourceLoc(*key)
+            return loc
         f = f.f_back
     return None
 
@@ -285,7 +299,13 @@ class Tracer:
         self._param_names = {id(t): n for n, t in (params or {}).items()}
 
     def fresh(self, hint: str | None = None) -> str:
-        if hint is not None and hint not in self._used:
+        if hint is None:  # the common case: the next number, unless an input took it
+            name = str(self._counter)
+            self._counter += 1
+            if name not in self._used:
+                self._used.add(name)
+                return name
+        elif hint not in self._used:
             self._used.add(hint)
             return hint
         while True:
@@ -348,16 +368,16 @@ class Tracer:
 def bind(op: str, *inputs: Tensor, **attrs) -> Tensor:
     """Apply primitive ``op``: check types with its shape rule, then record it (tracing) or
     run its NumPy reference (eager), taping it when a gradient will be needed."""
-    prim = get(op)
+    prim = _PRIMITIVES.get(op) or get(op)
     try:
         out_type = prim.shape_rule(*[t._type for t in inputs], **attrs)
     except OpError as e:
         tracer = current_tracer()
         raise e.with_loc((tracer and tracer.loc_override) or user_loc(2)) from None
-    tracer = current_tracer()
-    if tracer is not None:
-        syms = [tracer.lift(t) for t in inputs]
-        return tracer.emit(op, syms, attrs, out_type)
+    tracers = _state.tracers
+    if tracers:
+        tracer = tracers[-1]
+        return tracer.emit(op, [t if t._tracer is tracer else tracer.lift(t) for t in inputs], attrs, out_type)
     for t in inputs:
         if t._data is None:
             raise TraceError(f"{op}: a traced tensor ({t._sym}) was used after its trace ended "

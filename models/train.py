@@ -11,6 +11,8 @@ optimizer stay the source of truth: after each call their tensors hold the updat
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,12 +174,32 @@ class TrainStep:
         return loss
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off while compiling: tracing and the passes make
+    hundreds of thousands of small acyclic objects, and every collection the allocations
+    trigger walks all of them (and the model); about 15% of a cached compile.  Whatever
+    cycles compiling leaves are collected once the collector is back on."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_batch, clip_norm: float | None = None,
                        backend: str = "llvm") -> TrainStep:
     """Build ONE program for forward, loss, backward, (clipping) and update.
 
     ``loss_fn(model, *batch) -> scalar tensor``.  ``backend="llvm"`` compiles it to native code;
     ``"interpreter"`` runs the same graph through the NumPy interpreter."""
+    with _gc_paused():
+        return _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend)
+
+
+def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend) -> TrainStep:
     prog = build_train_graph(model, loss_fn, optimizer, example_batch, clip_norm)
     program = None
     if backend == "interpreter":

@@ -607,16 +607,16 @@ class Program:
         self.inplace: dict[int, int] = {}
         self.inplace_refused: dict[str, str] = {}
         wanted = self.options.pop("inplace", None) or {}
+        text = canonical_text(graph)
         if wanted and groups is None and self.options.get("fuse", True):
             by_name = {graph.outputs[o]: graph.inputs[i].name for o, i in wanted.items()}
-            accepted, self.inplace_refused = inplace_pairs(graph, by_name)
+            accepted, self.inplace_refused = self._inplace_pairs(graph, by_name, text)
             pos_in = {gi.name: k for k, gi in enumerate(graph.inputs)}
             self.inplace = {graph.outputs.index(o): pos_in[i] for o, i in accepted.items()}
             if accepted:
                 self.options["inplace"] = dict(sorted(accepted.items()))
         elif wanted:
             self.inplace_refused = {"*": "in-place outputs need the fusion plan (no explicit groups, fuse on)"}
-        text = canonical_text(graph)
         self.module = self._build_or_restore(graph, groups, text)
         fallback = [k.name for k in self.module.kernels if k.note.startswith(("unfused", "split"))]
         if self.inplace and fallback:  # a group split into kernels no longer computes an element at once
@@ -695,6 +695,36 @@ class Program:
         self._lock = threading.Lock()
         self._entry = self.native.entry
 
+    def _inplace_pairs(self, graph: Graph, by_name: dict, text: str) -> tuple[dict, dict]:
+        """``inplace_pairs``, or its answer from the disk cache: it runs the fusion plan, and
+        is a function of the graph's canonical text, the pairs asked for (in order) and the
+        compiler's sources (both fingerprints are in the key).  An entry that does not answer
+        exactly the pairs asked for is ignored and replaced."""
+        cache = _disk_cache() if self.options.get("module_cache", True) else None
+        if cache is None:
+            return inplace_pairs(graph, by_name)
+        import json
+        from neural_arch.compiler.passes import fingerprint
+        parts = {"ir": text, "version": codegen_version(), "passes": fingerprint(), "kind": "in-place pairs",
+                 "wanted": [[o, i] for o, i in by_name.items()]}
+        raw = cache.get(parts)
+        if raw is not None:
+            try:
+                rec = json.loads(raw)
+                accepted = {o: i for o, i in rec["accepted"]}
+                refused = {o: why for o, why in rec["refused"]}
+                if all(by_name.get(o) == i for o, i in accepted.items()) and \
+                        all(isinstance(w, str) for w in refused.values()) and \
+                        sorted(list(accepted) + list(refused)) == sorted(by_name):
+                    return accepted, refused
+                sys.stderr.write("neural_arch: ignoring cached in-place pairs that answer another request\n")
+            except (ValueError, KeyError, TypeError) as e:  # an old or foreign entry: recompute
+                sys.stderr.write(f"neural_arch: ignoring unreadable in-place pairs in the cache ({e})\n")
+        accepted, refused = inplace_pairs(graph, by_name)
+        cache.put(parts, json.dumps({"accepted": [[o, i] for o, i in accepted.items()],
+                                     "refused": [[o, why] for o, why in refused.items()]}).encode())
+        return accepted, refused
+
     def _build_or_restore(self, graph: Graph, groups, text: str) -> Module:
         """``build``, or its records from the disk cache (then the kernels' machine code
         comes from the cache too, and the LLVM IR text is rebuilt only if asked for)."""
@@ -703,8 +733,9 @@ class Program:
         if cache is None:
             return build(graph, groups, options)
         from . import threadpool
-        parts = cache_key_parts(text, options)
-        parts.update(kind="module records", threads=threadpool.num_threads())
+        from neural_arch.compiler.passes import fingerprint
+        parts = cache_key_parts(text, options)  # the fusion plan decides the kernels: the passes' sources too
+        parts.update(kind="module records", threads=threadpool.num_threads(), passes=fingerprint())
         t0 = time.perf_counter()
         raw = cache.get(parts)
         if raw is not None:

@@ -41,6 +41,40 @@ def test_overlap_is_detected():
         raise AssertionError("check_plan accepted overlapping live buffers")
 
 
+def _pairwise_check(plan) -> bool:
+    """check_plan's definition, pair by pair: True when no two live buffers overlap."""
+    bs = list(plan.buffers.values())
+    for i, a in enumerate(bs):
+        for b in bs[i + 1:]:
+            live = not (a.end < b.start or b.end < a.start)
+            overlap = a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
+            if live and overlap and a.nbytes and b.nbytes and \
+                    not ((b.inplace_of == a.name and a.end == b.start) or (a.inplace_of == b.name and b.end == a.start)):
+                return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 4), st.integers(0, 4), st.integers(0, 3),
+                          st.booleans()), min_size=1, max_size=12))
+def test_check_plan_sweep_agrees_with_every_pair(specs):
+    """check_plan compares only buffers alive together (a sweep over start steps): it raises
+    exactly when some pair of live buffers overlaps, as comparing every pair would say."""
+    from neural_arch.compiler.passes.memory import Buffer, MemoryPlan
+    buffers = {}
+    for k, (start, length, offset, size, inplace) in enumerate(specs):
+        prev = f"b{k - 1}" if inplace and k else None
+        buffers[f"b{k}"] = Buffer(f"b{k}", size * 64, offset * 64, start, start + length, prev)
+    plan = MemoryPlan(buffers, 0, 0)
+    try:
+        check_plan(plan)
+        ok = True
+    except AssertionError as e:
+        assert "overlap" in str(e)
+        ok = False
+    assert ok == _pairwise_check(plan)
+
+
 def _block(x, w1, w2):
     h = F.layer_norm(x)
     a = F.softmax(h @ h.T, -1) @ h

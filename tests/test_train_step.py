@@ -142,6 +142,56 @@ def test_inplace_pairs_are_checked():
     np.testing.assert_allclose(s, want, rtol=1e-5)
 
 
+def _inplace_entries(directory):
+    from neural_arch.runtime.cache import ObjectCache
+    return [h["key_parts"] for _, h in ObjectCache(directory).entries()
+            if h["key_parts"].get("kind") == "in-place pairs"]
+
+
+def test_inplace_decision_is_cached_by_request(monkeypatch, tmp_path, capsys):
+    """The in-place check runs the fusion plan; a cached compile reads its answer from the
+    disk cache instead, keyed by the graph and the pairs asked for: the answer read back is
+    the one computed, a planted answer is what a hit returns (so the entry is really read),
+    another request misses it, and an entry answering other pairs is recomputed."""
+    import json
+    from neural_arch.compiler import trace
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.compiler.passes import fingerprint
+    from neural_arch.runtime.cache import ObjectCache
+    from neural_arch.runtime.program import Program, clear_memory_cache, inplace_pairs
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "1")
+    t = TensorType((16, 16))
+    g = trace(lambda x, y: (F.transpose(x, 1, 0) + y, y * 2.0), t, t)
+    clear_memory_cache()
+    p1 = Program(g, options={"inplace": {0: 0, 1: 1}})
+    out0, out1 = p1.graph.outputs
+    x, y = (i.name for i in p1.graph.inputs)
+    entries = _inplace_entries(tmp_path)
+    assert [e["wanted"] for e in entries] == [[[out0, x], [out1, y]]]
+    assert entries[0]["passes"] == fingerprint()
+    accepted, refused = inplace_pairs(p1.graph, {out0: x, out1: y})
+    assert accepted == {out1: y} and p1.inplace == {1: 1} and p1.inplace_refused == refused
+    clear_memory_cache()
+    p2 = Program(g, options={"inplace": {0: 0, 1: 1}})  # from the cache: the same answer
+    assert (p2.inplace, p2.inplace_refused) == (p1.inplace, p1.inplace_refused)
+    cache = ObjectCache(tmp_path)
+    cache.put(entries[0], json.dumps({"accepted": [], "refused": [[out0, "planted"], [out1, "planted"]]}).encode())
+    clear_memory_cache()
+    p3 = Program(g, options={"inplace": {0: 0, 1: 1}})
+    assert p3.inplace == {} and p3.inplace_refused == {out0: "planted", out1: "planted"}
+    p4 = Program(g, options={"inplace": {1: 1}})  # another request: computed, stored apart
+    assert p4.inplace == {1: 1} and not p4.inplace_refused
+    assert len(_inplace_entries(tmp_path)) == 2
+    # an entry that answers pairs nobody asked for is not trusted: recomputed and replaced
+    cache.put(entries[0], json.dumps({"accepted": [[out0, y]], "refused": [[out1, "x"]]}).encode())
+    capsys.readouterr()
+    p5 = Program(g, options={"inplace": {0: 0, 1: 1}})
+    assert (p5.inplace, p5.inplace_refused) == (p1.inplace, p1.inplace_refused)
+    assert "ignoring cached in-place pairs" in capsys.readouterr().err
+    assert json.loads(cache.get(entries[0])) == {"accepted": [[out1, y]], "refused": [[out0, refused[out0]]]}
+
+
 def test_compiled_step_feeds_the_same_arrays_each_step():
     """The native step passes the learning rate, step number and seed through the same three
     0-d arrays every call (the program keeps every input's data pointer), and still sees a

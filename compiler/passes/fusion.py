@@ -313,8 +313,8 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
     renumber = {g.id: k for k, g in enumerate(live)}
     for g in live:
         g.id = renumber[g.id]
-    group_of = {m: renumber[gid] if gid in renumber else gid for m, gid in group_of.items()}
-    group_of = {m: next(g.id for g in live if m in g.nodes) for m in group_of}
+    member_of = {m: g.id for g in reversed(live) for m in g.nodes}  # (the first group holding m)
+    group_of = {m: member_of[m] for m in group_of}
     for g in live:
         members = set(g.nodes)
         reads, inl = [], set()

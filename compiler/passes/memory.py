@@ -97,23 +97,24 @@ def plan_memory(steps: Sequence[Step], sizes: dict[str, int], outputs: Iterable[
         end = max(intervals[m][1] for m in members)
         blocks.append((r, _align(max(sizes[m] for m in members)), start, end, members))
     blocks.sort(key=lambda b: (-b[1], b[2]))
-    placed: list[tuple[int, int, int, int]] = []  # offset, size, start, end
+    placed: list[tuple[int, int, int, int]] = []  # offset, end offset, start step, end step
     offsets = {}
     for r, size, start, end, _ in blocks:
-        busy = sorted((o, o + sz) for o, sz, s0, e0 in placed if not (e0 < start or end < s0))
+        busy = sorted([(lo, hi) for lo, hi, s0, e0 in placed if e0 >= start and s0 <= end])
         off = 0
-        for lo, hi in busy:
+        for lo, hi in busy:  # the lowest gap that fits
             if off + size <= lo:
                 break
-            off = max(off, hi)
+            if hi > off:
+                off = hi
         offsets[r] = off
-        placed.append((off, size, start, end))
+        placed.append((off, off + size, start, end))
     buffers = {}
     for r, size, start, end, members in blocks:
         for m in members:
             s0, e0 = intervals[m]
             buffers[m] = Buffer(m, sizes[m], offsets[r], s0, e0, inplace.get(m))
-    arena = max((o + sz for o, sz, _, _ in placed), default=0)
+    arena = max((hi for _, hi, _, _ in placed), default=0)
     naive = sum(_align(sizes[n]) for n in intervals)
     return MemoryPlan(buffers, arena, naive, outputs)
 
@@ -129,13 +130,15 @@ def plan_graph_memory(graph: Graph) -> MemoryPlan:
 def check_plan(plan: MemoryPlan) -> None:
     """Raise if two buffers that are alive at the same time overlap (unless one is in place of
     the other, written by the step where the other dies)."""
-    bs = list(plan.buffers.values())
-    for i, a in enumerate(bs):
-        for b in bs[i + 1:]:
-            live = not (a.end < b.start or b.end < a.start)
-            overlap = a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
-            if live and overlap and a.nbytes and b.nbytes:
+    # a sweep over start steps: each buffer is compared with the buffers still alive when it
+    # is written, i.e. every pair whose lifetimes intersect, once
+    alive: list[Buffer] = []
+    for b in sorted((b for b in plan.buffers.values() if b.nbytes), key=lambda b: b.start):
+        alive = [a for a in alive if a.end >= b.start]
+        for a in alive:
+            if a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes:
                 handoff = (b.inplace_of == a.name and a.end == b.start) or \
                           (a.inplace_of == b.name and b.end == a.start)
                 if not handoff:
                     raise AssertionError(f"buffers %{a.name} and %{b.name} overlap while both are alive")
+        alive.append(b)

@@ -24,15 +24,16 @@ def rewrite(graph: Graph, rule: Rule) -> Graph:
     prod: dict[str, Node] = {}
     nodes: list[Node] = []
     changed = False
+    keys = alias.keys()
     for n in graph.nodes:
-        if any(i in alias for i in n.inputs):
-            n = Node(n.name, n.op, tuple(alias.get(i, i) for i in n.inputs), n.type, n.attrs, n.loc)
+        if alias and not keys.isdisjoint(n.inputs):
+            n = Node(n.name, n.op, tuple([alias.get(i, i) for i in n.inputs]), n.type, n.attrs, n.loc)
             changed = True
         r = rule(n, prod)
         if r is None:
             nodes.append(n)
             prod[n.name] = n
-        elif isinstance(r, str):
+        elif type(r) is str:
             types = graph.types
             src_type = prod[r].type if r in prod else types[r]
             if src_type != n.type:
@@ -114,12 +115,15 @@ def fold_constants(graph: Graph) -> Graph:
                            "dtype": n.type.dtype}, n.loc)]
 
     def rule(n, prod):
-        prim = PRIMITIVES[n.op]
         if not n.inputs or n.op in ("rng_uniform", "check_index"):
             return None
-        ins = [prod.get(i) for i in n.inputs]
-        if any(i is None or i.op not in _SOURCES for i in ins):
-            return None
+        ins = []
+        for i in n.inputs:
+            p = prod.get(i)
+            if p is None or p.op not in _SOURCES:
+                return None
+            ins.append(p)
+        prim = PRIMITIVES[n.op]
         if all(i.op == "full" for i in ins):
             if prim.kind == "elementwise":
                 args = [np.asarray(i.attr["value"], dtype=i.type.dtype) for i in ins]
@@ -149,6 +153,10 @@ def _is_pow2(v) -> bool:
     return m == 0.5
 
 
+_ALGEBRA_OPS = frozenset(("transpose", "add", "sub", "mul", "div", "neg", "reshape", "broadcast_to", "cast",
+                          "where"))  # the ops ``algebraic`` has rules for
+
+
 @register_pass("algebraic")
 def algebraic_simplify(graph: Graph) -> Graph:
     """Algebra: x*1, x+0, x-0, x/1, double neg, neg/sub canonical forms, division by a power
@@ -174,6 +182,8 @@ def algebraic_simplify(graph: Graph) -> Graph:
 
     def rule(n, prod):
         op, ins = n.op, n.inputs
+        if op not in _ALGEBRA_OPS:
+            return None
         p = [prod.get(i) for i in ins]
         if op == "transpose" and p[0] is not None and p[0].op == "matmul" and uses.get(ins[0]) == 1 and \
                 n.attr["perm"] == swap_last(ins[0], prod)[0]:
