@@ -89,28 +89,38 @@ def emit_object(mod: "llvm.ModuleRef") -> bytes:
 def compile_objects(texts: list[str], name: str = "module") -> list[bytes]:
     """Object code of several modules of LLVM IR text, optimised and compiled in parallel:
     all but the first in forked child processes (llvmlite serialises every call into LLVM
-    behind one lock, so threads would take turns), the first here meanwhile.  Where fork
-    is unavailable they are compiled one after another."""
-    def one(text: str, k: int) -> bytes:
-        return emit_object(optimize(text, f"{name}.{k}"))
+    behind one lock, so threads would take turns), the first here meanwhile.  A part whose
+    process cannot be forked, or dies without answering, is compiled here; an LLVM error in
+    a child is raised here with its message."""
+    def one(k: int) -> bytes:
+        return emit_object(optimize(texts[k], f"{name}.{k}"))
     if len(texts) == 1 or not hasattr(os, "fork"):
-        return [one(t, k) for k, t in enumerate(texts)]
+        return [one(k) for k in range(len(texts))]
     _init()
     target_machine()
     children = []
     # hold LLVM's lock across fork: no other thread is inside LLVM when the child starts
     with getattr(llvm.ffi.lib, "_lock", _lock):
         for k in range(1, len(texts)):
-            r, w = os.pipe()
-            pid = os.fork()
+            try:
+                r, w = os.pipe()
+            except OSError:
+                break
+            try:
+                pid = os.fork()
+            except OSError:  # no processes to spare: the rest compile here
+                os.close(r)
+                os.close(w)
+                break
             if pid == 0:  # the child: compile part k, send it, leave without cleanup
                 status = 0
                 try:
                     os.close(r)
                     try:
-                        data = b"\0" + one(texts[k], k)
+                        data = b"\0" + one(k)
                     except BaseException as e:  # reported to the parent, raised there
                         data = b"\1" + f"{type(e).__name__}: {e}".encode()
+                    data = len(data).to_bytes(8, "little") + data  # a cut-off answer is no answer
                     view = memoryview(data)
                     while view:
                         view = view[os.write(w, view):]
@@ -118,22 +128,23 @@ def compile_objects(texts: list[str], name: str = "module") -> list[bytes]:
                     status = 1
                 os._exit(status)
             os.close(w)
-            children.append((pid, r))
-    objs = [one(texts[0], 0)]
+            children.append((k, pid, r))
+    objs = {0: one(0)}
     errors = []
-    for pid, r in children:
+    for k, pid, r in children:
         with os.fdopen(r, "rb") as f:
             data = f.read()
-        _, status = os.waitpid(pid, 0)
-        if not data or status != 0 and data[:1] != b"\1":
-            errors.append(f"the compiling process {pid} exited with status {status}")
-        elif data[:1] == b"\1":
+        os.waitpid(pid, 0)
+        if len(data) < 9 or int.from_bytes(data[:8], "little") != len(data) - 8:
+            continue  # no (whole) answer: compiled here below
+        data = data[8:]
+        if data[:1] == b"\1":
             errors.append(data[1:].decode(errors="replace"))
-        else:
-            objs.append(data[1:])
+        elif data[:1] == b"\0":
+            objs[k] = data[1:]
     if errors:
         raise RuntimeError(f"LLVM failed to compile {name}: " + "; ".join(errors))
-    return objs
+    return [objs[k] if k in objs else one(k) for k in range(len(texts))]
 
 
 def emit_assembly(mod: "llvm.ModuleRef") -> str:

@@ -131,3 +131,46 @@ def test_a_part_that_fails_to_compile_names_the_error():
     good = 'define i32 @"a"()\n{\nentry:\n  ret i32 1\n}\n'
     with pytest.raises(RuntimeError, match=r"LLVM failed to compile m: .*(error|expected)"):
         jit.compile_objects([good, "this is not LLVM IR"], "m")
+
+
+def _parts_and_inputs():
+    text = Program(_graph(), options={"module_cache": False}).module.llvm_ir
+    return split_module(text, 2)
+
+
+def _run_objects(objs):
+    """Load the parts' objects together and run the program's entry on fresh buffers."""
+    g = _graph()
+    p = Program(g, options={"module_cache": False})
+    loaded = jit.load(None, objs)
+    entry = loaded.function(program.ENTRY, ctypes.c_int32, ctypes.c_void_p)
+    args = _inputs()
+    p(*args)  # sets up the buffer table; rerun with the separately loaded code
+    outs = [np.empty(t.shape, t.dtype) for t in (p.graph.types[o] for o in p.graph.outputs)]
+    for (slot, name, _, _), o in zip(p._out_alloc, outs):
+        p._ptrs[slot] = o.ctypes.data
+    assert entry(ctypes.cast(p._ptrs, ctypes.c_void_p)) == 0
+    want = interpret(g, args)
+    for got, w in zip(outs, want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+    del loaded
+
+
+def test_parts_compile_here_when_fork_fails(monkeypatch):
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(jit.os, "fork", no_fork)
+    _run_objects(jit.compile_objects(_parts_and_inputs(), "m"))
+
+
+def test_a_part_whose_process_dies_is_compiled_here(monkeypatch):
+    import os
+    parent = os.getpid()
+    real = jit.emit_object
+
+    def dies_in_child(mod):
+        if os.getpid() != parent:
+            os._exit(3)  # a child killed before it answers
+        return real(mod)
+    monkeypatch.setattr(jit, "emit_object", dies_in_child)
+    _run_objects(jit.compile_objects(_parts_and_inputs(), "m"))
