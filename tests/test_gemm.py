@@ -3,6 +3,7 @@ strided and empty shapes."""
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 
 import llvmlite.ir as ir
@@ -173,7 +174,8 @@ def test_no_out_of_bounds_access(dtype):
     rng = np.random.default_rng(3)
     pages = GuardedPages()
     try:
-        for (M, N, K) in [(1, 1, 1), (7, 19, 13), (6, 16, 256), (31, 45, 259), (145, 33, 7)]:
+        for (M, N, K) in [(1, 1, 1), (7, 19, 13), (6, 16, 256), (31, 45, 259), (145, 33, 7),
+                          (13, 64, 21), (64, 10, 256), (11, 300, 9)]:
             for at_end in (True, False):
                 ws = pages.array((g.workspace_bytes,), np.uint8, at_end)
                 a0 = pages.array((M, K), dtype, at_end)
@@ -294,7 +296,8 @@ def test_bad_arguments():
 
 
 def _hottest_block(asm: str, function: str) -> list[str]:
-    """Instructions of the basic block of ``function`` with the most FMAs (the k loop)."""
+    """Instructions of the basic block of ``function`` with the most FMAs (the k loop; a
+    block ends at a label or a jump)."""
     body = asm[asm.index(f"\n{function}:"):]
     body = body[:body.index(".Lfunc_end")]
     blocks, cur = [], []
@@ -305,23 +308,75 @@ def _hottest_block(asm: str, function: str) -> list[str]:
             cur = []
         elif line and not line.startswith((".", "#")):
             cur.append(line)
+            if line.startswith("j"):
+                blocks.append(cur)
+                cur = []
     blocks.append(cur)
     return max(blocks, key=lambda blk: sum(i.startswith("vfmadd") for i in blk))
 
 
 @pytest.mark.parametrize("dtype,fma", [("float32", "vfmadd231ps"), ("float64", "vfmadd231pd")])
-def test_micro_kernel_assembly(dtype, fma):
+@pytest.mark.parametrize("kernel", ["ukr", "ukr_rows", "ukr_cols"])
+def test_micro_kernel_assembly(dtype, fma, kernel):
     """The k loop is FMAs on ymm registers with no stack traffic (no spills), and no
-    AVX-512 anywhere."""
+    AVX-512 anywhere: for packed A and for A read in place (by rows or transposed)."""
     g = compile_gemm(dtype)
     asm = g.assembly()
     assert "zmm" not in asm
-    loop = _hottest_block(asm, f"{g.symbol}.ukr")
+    loop = _hottest_block(asm, f"{g.symbol}.{kernel}")
     fmas = [i for i in loop if i.startswith("vfmadd")]
     bl = g.blocking
     assert len(fmas) >= bl.mr * bl.nv and len(fmas) % (bl.mr * bl.nv) == 0, loop
     assert all(i.startswith(fma) and i.count("%ymm") == 3 for i in fmas), fmas
-    assert not any("rsp" in i or "rbp)" in i for i in loop), loop
+    body = asm[asm.index(f"\n{g.symbol}.{kernel}:"):]
+    frame = "movq\t%rsp, %rbp" in body[:body.index(".Lfunc_end")]  # else rbp is a plain register
+    stack = r"\(%r[sb]p\b" if frame else r"\(%rsp\b"
+    assert not any(re.search(stack, i) for i in loop), loop  # no spills in the k loop
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_small_products_read_a_in_place(dtype):
+    """A with a unit stride in a small product is read where it lies: the packed-A region
+    of the workspace is written only for the last M % MR rows (one zero-padded sliver);
+    a large A, or one with no unit stride, is packed."""
+    g = compile_gemm(dtype)
+    bl, it = g.blocking, np.dtype(dtype).itemsize
+    a_off, tile_off, _ = gemm_mod._workspace_layout(bl, it)
+    rng = np.random.default_rng(11)
+    for M, N, K, la, lb, direct in [(12, 256, 64, "c", "c", True), (12, 256, 64, "f", "f", True),
+                                    (64, 10, 256, "c", "f", True), (13, 40, 20, "f", "c", True),
+                                    (19, 300, 70, "n", "c", False), (300, 300, 300, "c", "c", False),
+                                    (12, 40, 20, "s", "c", False)]:
+        ws = np.zeros(g.workspace_bytes, np.uint8)
+        pad = -ws.ctypes.data % 64
+        region = ws[pad + a_off * it: pad + tile_off * it]
+        region[...] = 0xFF
+        a, b = operand(rng, (M, K), dtype, la), operand(rng, (K, N), dtype, lb)
+        a_, b_, c = g.prepare(a, b)
+        g.run(a_, b_, c, workspace=ws)
+        check(c, a, b, dtype)
+        written = np.flatnonzero(region != 0xFF)
+        if not direct:
+            assert written.size, (M, N, K, la)
+        elif M % bl.mr == 0:
+            assert written.size == 0, (M, N, K, la)
+        else:  # the last rows' sliver only: MR x kc elements
+            assert written.size and written.max() < bl.mr * min(K, bl.kc) * it, (M, N, K, la)
+
+
+def test_transposed_b_is_packed_by_register_transposes():
+    """A transposed B (unit stride down its columns) fills whole micro-panels from VL x VL
+    blocks transposed in registers (shuffles), not element by element."""
+    for dtype in ("float32", "float64"):
+        g = compile_gemm(dtype)
+        text = g.llvm_ir[g.llvm_ir.index(f'@"{g.symbol}.pack_b"'):]
+        text = text[:text.index("\n}")]
+        vl = g.blocking.vl
+        assert text.count("shufflevector") == (24 if vl == 8 else 8) * g.blocking.nv, dtype
+        rng = np.random.default_rng(12)
+        for M, N, K in [(7, 32, 8), (6, 17, 23), (20, 48, 260)]:
+            a, b = operand(rng, (M, K), dtype, "c"), operand(rng, (K, N), dtype, "f")
+            check(g(a, b), a, b, dtype)
 
 
 # ----------------------------------------------------------------------------- epilogues
