@@ -33,6 +33,7 @@ _ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
 
 _DTYPE_SET = frozenset(DTYPES)
 _SHAPES: dict[tuple, tuple] = {}  # normalised shape -> itself (TensorType's fast path)
+_TYPE_TEXT: dict[tuple, str] = {}  # (shape, dtype) -> "f32[4, 8]"
 
 
 def canonical_dtype(dtype: Any) -> str:
@@ -101,7 +102,13 @@ class TensorType:
         return self.size * _ITEMSIZE[self.dtype]
 
     def __str__(self) -> str:
-        return f"{_SHORT[self.dtype]}[{', '.join(map(str, self.shape))}]"
+        key = (self.shape, self.dtype)
+        text = _TYPE_TEXT.get(key)
+        if text is None:
+            if len(_TYPE_TEXT) > 100_000:
+                _TYPE_TEXT.clear()
+            text = _TYPE_TEXT[key] = f"{_SHORT[self.dtype]}[{', '.join(map(str, self.shape))}]"
+        return text
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,11 @@ class Graph:
 
 
 def format_value(v: Any) -> str:
+    t = type(v)
+    if t is int:
+        return str(v)
+    if t is tuple and all(type(x) is int for x in v):
+        return "[" + ", ".join(map(str, v)) + "]"
     if v is None:
         return "none"
     if isinstance(v, bool):
@@ -274,23 +286,25 @@ def format_value(v: Any) -> str:
     raise TypeError(f"cannot print attribute value {v!r}")
 
 
-def format_node(n: Node) -> str:
-    args = ", ".join("%" + i for i in n.inputs)
-    s = f"%{n.name}: {n.type} = {n.op}({args})"
+def format_node(n: Node, location: bool = True) -> str:
+    """``%name: type = op(%a, %b) {attrs}  # file:line`` (the location only if asked and known)."""
+    s = f"%{n.name}: {n.type} = {n.op}(%{', %'.join(n.inputs)})" if n.inputs else f"%{n.name}: {n.type} = {n.op}()"
     if n.attrs:
-        s += " {" + ", ".join(f"{k}={format_value(v)}" for k, v in n.attrs) + "}"
-    if n.loc is not None:
+        s += " {" + ", ".join([f"{k}={format_value(v)}" for k, v in n.attrs]) + "}"
+    if location and n.loc is not None:
         s += f"  # {n.loc}"
     return s
 
 
-def format_graph(g: Graph) -> str:
+def format_graph(g: Graph, locations: bool = True) -> str:
+    """The text form; ``locations=False`` leaves out the source lines (the canonical text
+    that keys compiled code: equal for graphs traced from different lines)."""
     params = []
     for i in g.inputs:
         prefix = "" if i.kind == "arg" else i.kind + " "
         params.append(f"{prefix}%{i.name}: {i.type}")
     lines = [f"graph {g.name}({', '.join(params)}) {{"]
-    lines += ["  " + format_node(n) for n in g.nodes]
+    lines += ["  " + format_node(n, locations) for n in g.nodes]
     lines.append("  return (" + ", ".join("%" + o for o in g.outputs) + ")")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -84,17 +84,24 @@ def _example_type(x: Any) -> TensorType:
 
 
 def trace_with_info(fn: Callable, *example_args, params: dict | None = None,
-                    name: str | None = None) -> Traced:
+                    name: str | None = None, arg_names: Sequence[str] | None = None,
+                    arg_kinds: Sequence[str] | None = None) -> Traced:
+    """``trace`` with the bindings and output structure.  ``arg_names`` / ``arg_kinds`` name
+    the inputs fed by ``example_args`` (default: fn's parameter names; all ``arg``)."""
     if params is None:
         params = find_params(fn)
     name = name or getattr(fn, "__name__", None) or type(fn).__name__
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "main"
     tracer = Tracer(name, params)
     bindings = {}
+    names = list(arg_names) if arg_names is not None else _arg_names(fn, len(example_args))
+    kinds = list(arg_kinds) if arg_kinds is not None else ["arg"] * len(example_args)
+    if len(names) != len(example_args) or len(kinds) != len(example_args):
+        raise TypeError(f"{name}: {len(example_args)} example arguments, {len(names)} names, {len(kinds)} kinds")
     with tracer:
         syms = []
-        for argname, x in zip(_arg_names(fn, len(example_args)), example_args):
-            sym = tracer.add_input(_example_type(x), "arg", argname)
+        for argname, kind, x in zip(names, kinds, example_args):
+            sym = tracer.add_input(_example_type(x), kind, argname)
             syms.append(sym)
             bindings[sym._sym] = x if isinstance(x, Tensor) else (None if isinstance(x, TensorType) else Tensor(x))
         for t in params.values():  # every parameter is an input, used or not: a stable signature

@@ -96,20 +96,15 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
     for pname in opt_params:
         p = params[pname]
         example_states += [TensorType(p.shape, p.dtype) for _ in state_keys]
-    full = trace_with_info(step_fn, TensorType((), "float32"), TensorType((), "int64"), TensorType((), "int64"),
-                           *batch_types, *[p.type for _, p in named], *example_states, params={}, name=name).graph
     # parameters and optimizer state are named inputs of their kinds
-    inputs = list(full.inputs)
     names = ["lr", "step", "seed"] + [f"batch{i}" for i in range(len(batch_types))] + \
         [n for n, _ in named] + [f"{p}.{k}" for p in opt_params for k in state_keys]
     kinds = ["arg"] * (3 + len(batch_types)) + ["param"] * len(named) + ["state"] * len(example_states)
-    rename = {old.name: new for old, new in zip(inputs, names)}
-    from neural_arch.compiler.ir import GraphInput, Node
-    new_inputs = tuple(GraphInput(rename[i.name], i.type, kind) for i, kind in zip(inputs, kinds))
-    nodes = tuple(Node(n.name, n.op, tuple(rename.get(x, x) for x in n.inputs), n.type, n.attrs, n.loc)
-                  for n in full.nodes)
-    outputs = tuple(rename.get(o, o) for o in full.outputs)
-    graph = Graph(name, new_inputs, nodes, outputs)
+    graph = trace_with_info(step_fn, TensorType((), "float32"), TensorType((), "int64"), TensorType((), "int64"),
+                            *batch_types, *[p.type for _, p in named], *example_states, params={}, name=name,
+                            arg_names=names, arg_kinds=kinds).graph
+    if list(graph.input_names) != names:  # a name taken twice (a parameter called "lr"?)
+        raise ValueError(f"compile_train_step: input names collide: {sorted(set(n for n in names if names.count(n) > 1))}")
     return TrainStepProgram(graph, [n for n, _ in named], state_keys, len(batch_types))
 
 
@@ -200,6 +195,9 @@ def compile_train_step(model, loss_fn: Callable, optimizer: Optimizer, *example_
 
 
 def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend) -> TrainStep:
+    if backend == "llvm":
+        from neural_arch.runtime.program import install_pool_in_background
+        install_pool_in_background()  # the native runtime's setup overlaps the tracing
     prog = build_train_graph(model, loss_fn, optimizer, example_batch, clip_norm)
     program = None
     if backend == "interpreter":

@@ -49,8 +49,7 @@ ENTRY = "narch_main"
 
 def canonical_text(graph: Graph) -> str:
     """The graph's text without source locations: what determines the machine code."""
-    return format_graph(graph.replace(nodes=[Node(n.name, n.op, n.inputs, n.type, n.attrs, None)
-                                             for n in graph.nodes]))
+    return format_graph(graph, locations=False)
 
 
 def default_groups(graph: Graph) -> list[GroupSpec]:
@@ -581,6 +580,31 @@ def clear_memory_cache() -> None:
         _native_cache.clear()
 
 
+_pool_started = False
+
+
+def install_pool_in_background() -> None:
+    """Start installing the native thread pool (``threadpool.install``: an LLVM compile of its
+    IR, about 40 ms, needed before any program's code loads) on a helper thread, once per
+    process, so that it overlaps the first program's passes (or a training step's tracing:
+    ``compile_train_step`` calls this first) instead of following them.
+    LLVM is entered under llvmlite's lock and mostly without the GIL, so the passes keep
+    running; whoever needs the pool calls ``install()``, which waits for this one to finish
+    (and raises its error, e.g. a bad NEURAL_ARCH_NUM_THREADS, in the caller's thread)."""
+    global _pool_started
+    if _pool_started:
+        return
+    _pool_started = True
+    from . import threadpool
+
+    def run():
+        try:
+            threadpool.install()
+        except Exception:  # noqa: BLE001 - raised again where the pool is needed
+            pass
+    threading.Thread(target=run, name="narch-pool-install", daemon=True).start()
+
+
 # ----------------------------------------------------------------------------- the program
 
 
@@ -597,6 +621,7 @@ class Program:
         refused, listed in ``self.inplace_refused``, and get fresh arrays)."""
         self.source_graph = graph
         self.options = dict(options or {})
+        install_pool_in_background()  # it is needed to load the code; meanwhile the passes run
         from neural_arch.compiler.passes.manager import _env_flag
         timing = self.options.get("time_passes", _env_flag("NEURAL_ARCH_TIME_PASSES"))
         if groups is None and self.options.get("passes", True):

@@ -368,3 +368,17 @@ def test_traced_mlp_text_reads_well():
     assert text.startswith("graph Tiny(%x: f32[2, 3], param %fc.weight: f32[4, 3]) {")
     assert "transpose(%fc.weight) {perm=[1, 0]}" in text and "matmul(%x, " in text
     assert text.rstrip().endswith("}")
+
+
+def test_canonical_text_is_the_text_without_source_lines():
+    """format_graph(locations=False) (the text that keys compiled code) is the text of the
+    same graph with every location dropped: equal for graphs traced from different lines."""
+    from neural_arch.compiler.ir import SourceLoc, format_graph
+    g = trace(lambda x, w: F.softmax(x @ w, axis=-1).sum(), np.ones((2, 3), np.float32), np.ones((3, 4), np.float32))
+    assert all(n.loc is not None for n in g.nodes)
+    bare = g.replace(nodes=[Node(n.name, n.op, n.inputs, n.type, n.attrs, None) for n in g.nodes])
+    moved = g.replace(nodes=[Node(n.name, n.op, n.inputs, n.type, n.attrs, SourceLoc("elsewhere.py", 7))
+                             for n in g.nodes])
+    assert format_graph(g, locations=False) == format_graph(bare) == format_graph(moved, locations=False)
+    assert "#" not in format_graph(g, locations=False) and format_graph(g) != format_graph(moved)
+    assert parse(format_graph(g, locations=False)) == bare

@@ -69,6 +69,63 @@ def test_graph_has_param_state_and_runtime_inputs():
     assert step.graph is g
 
 
+def test_batch_inputs_are_named_and_a_name_collision_is_an_error():
+    model = mlp()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    step = compile_train_step(model, mlp_loss, opt, *BATCHES[0], backend="interpreter")
+    assert list(step.graph.input_names[:5]) == ["lr", "step", "seed", "batch0", "batch1"]
+
+    class Scaled(nn.Module):  # a parameter called "lr" would be a second input called "lr"
+        def __init__(self):
+            super().__init__()
+            self.lr = nn.Parameter(np.ones(3, np.float32))
+
+        def forward(self, x):
+            return x * self.lr
+
+    m = Scaled()
+    with pytest.raises(ValueError, match="collide.*lr"):
+        compile_train_step(m, lambda m, x: m(x).sum(), optim.SGD(m.parameters(), lr=0.1),
+                           np.ones(3, np.float32), backend="interpreter")
+
+
+def test_pool_is_installed_on_a_helper_thread_while_tracing(tmp_path):
+    """compile_train_step starts the native thread pool's one-time setup on a helper thread
+    before it traces: in a fresh process the pool is installed without the main thread
+    asking for it, and a bad NEURAL_ARCH_NUM_THREADS still fails the compile, in its thread."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import threading
+        from neural_arch.runtime import program, threadpool
+        assert threadpool._loaded is None
+        program.install_pool_in_background()
+        for t in threading.enumerate():
+            if t.name == "narch-pool-install":
+                t.join()
+        print("installed", threadpool._loaded is not None)
+        import numpy as np
+        from neural_arch.compiler import functional as F
+        from neural_arch.models import compile_train_step, nn, optim
+        m = nn.Linear(4, 2)
+        x, y = np.ones((3, 4), np.float32), np.array([0, 1, 1])
+        step = compile_train_step(m, lambda m, x, y: F.cross_entropy(m(x), y), optim.SGD(m.parameters(), lr=0.1), x, y)
+        print("loss", step(x, y) > 0)
+    """)
+    env = dict(os.environ, NEURAL_ARCH_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["installed", "True", "loss", "True"]
+    env["NEURAL_ARCH_NUM_THREADS"] = "zero"
+    r = subprocess.run([sys.executable, "-c", code.replace('print("installed"', 'print("tried"')],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stdout.split() == ["tried", "False"]
+    assert "ValueError: NEURAL_ARCH_NUM_THREADS must be a positive integer" in r.stderr
+    assert "Exception in thread" not in r.stderr
+
+
 def test_gpt2_train_step_with_dropout_runs_and_learns():
     cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2, dropout=0.1)
     nn.manual_seed(0)

@@ -47,16 +47,22 @@ def min_cut_source_side(edges, source, sink) -> set:
         cap.append(0)
     n = len(adj)
 
+    deg = [len(a) for a in adj]
+
     def levels():
         level = [-1] * n
         level[s] = 0
         q = deque([s])
         while q:
             u = q.popleft()
+            lu = level[u] + 1
+            if 0 <= level[t] < lu:  # only nodes before the sink's level lie on shortest paths
+                break
             for e in adj[u]:
-                if cap[e] > 0 and level[to[e]] < 0:
-                    level[to[e]] = level[u] + 1
-                    q.append(to[e])
+                v = to[e]
+                if cap[e] > 0 and level[v] < 0:
+                    level[v] = lu
+                    q.append(v)
         return level
 
     while True:
@@ -67,13 +73,14 @@ def min_cut_source_side(edges, source, sink) -> set:
         while True:  # blocking flow: augmenting paths along increasing levels (iterative DFS)
             path, u = [], s
             while u != t:
-                edges_u = adj[u]
-                while it[u] < len(edges_u):
-                    e = edges_u[it[u]]
-                    if cap[e] > 0 and level[to[e]] == level[u] + 1:
+                edges_u, k, du, lu = adj[u], it[u], deg[u], level[u] + 1
+                while k < du:
+                    e = edges_u[k]
+                    if cap[e] > 0 and level[to[e]] == lu:
                         break
-                    it[u] += 1
-                if it[u] == len(edges_u):  # dead end: retreat
+                    k += 1
+                it[u] = k
+                if k == du:  # dead end: retreat
                     if not path:
                         break
                     level[u] = -1

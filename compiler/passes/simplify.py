@@ -78,9 +78,12 @@ def common_subexpression_elimination(graph: Graph) -> Graph:
     seen: dict = {}
 
     def rule(n, prod):
-        key = (n.op, n.inputs, n.type, repr(n.attrs))
-        if key in seen:
-            return seen[key]
+        # (attributes by their text: NaN equals NaN there, and equal values of different
+        # types, 1 and 1.0, stay apart)
+        key = (n.op, n.inputs, n.type.shape, n.type.dtype, repr(n.attrs) if n.attrs else "")
+        hit = seen.get(key)
+        if hit is not None:
+            return hit
         seen[key] = n.name
         return None
     return rewrite(graph, rule)
