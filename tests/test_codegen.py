@@ -599,3 +599,35 @@ def test_innermost_loops_split_at_concat_and_pad_bounds():
             pieces = set(re.findall(r"(?:out|T)@\d+\.(\d+)", prog.module.llvm_ir))
             assert len(pieces) >= 2, "expected the innermost loop to be split into pieces"
             np.testing.assert_allclose(prog(*ins)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_single_small_products_use_the_gemms_parallel_mode():
+    """One product from ~0.2 MFLOP (the MLP step's 64x256 @ 256x10, 64x64 @ 64x256^T) calls
+    the GEMM built for the pool's threads, which splits the longer side of C itself (each
+    row-block task used to pack all of B); smaller ones and batched ones keep the serial GEMM.
+    Values as the interpreter's."""
+    from neural_arch.compiler import trace, functional as F
+    from neural_arch.compiler.codegen.lowering import shared_gemm_symbol
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime import threadpool
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    threads = threadpool.num_threads()
+    rng = np.random.default_rng(8)
+    cases = [  # (function, shapes, whether the pool's GEMM is called)
+        (lambda a, w: F.relu(a @ F.transpose(w, 1, 0)), [(64, 64), (256, 64)], True),
+        (lambda a, w: a @ F.transpose(w, 1, 0), [(64, 256), (10, 256)], True),
+        (lambda a, b: F.transpose(a, 1, 0) @ b, [(64, 10), (64, 256)], True),
+        (lambda a, b: a @ b, [(32, 32), (32, 32)], False),
+        (lambda a, b: a @ b, [(4, 64, 64), (4, 64, 64)], False),
+    ]
+    for fn, shapes, par in cases:
+        g = trace(fn, *[T(s, "float32") for s in shapes])
+        ins = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        prog = Program(g)
+        np.testing.assert_allclose(prog(*ins)[0], interpret(g, ins)[0], rtol=1e-4, atol=1e-4)
+        (mm,) = [k for k in prog.kernels if k.strategy == "matmul"]
+        used = {e[0] for e in mm.externals}
+        assert (shared_gemm_symbol("float32", threads) in used) == (par and threads > 1), (shapes, used)
+        if par:
+            assert mm.tasks == 1  # the GEMM splits itself

@@ -649,8 +649,8 @@ def test_parallel_threshold_and_large():
     g = compile_gemm("float32", parallel=2)
     rng = np.random.default_rng(14)
     threads = pool_threads()
-    for (M, N, K), big in [((64, 64, 64), False), ((300, 300, 300), True), ((12, 2000, 600), True),
-                           ((700, 600, 2100), True)]:
+    for (M, N, K), big in [((32, 32, 32), False), ((64, 64, 64), True), ((64, 10, 256), True),
+                           ((300, 300, 300), True), ((12, 2000, 600), True), ((700, 600, 2100), True)]:
         a, b = operand(rng, (M, K), "float32", "c"), operand(rng, (K, N), "float32", "c")
         g0 = pool_generation()
         check(g(a, b), a, b, "float32")

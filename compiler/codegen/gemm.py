@@ -534,12 +534,13 @@ def _emit_pack_a(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
 # ----------------------------------------------------------------------------- driver
 
 # Parallel mode runs on one thread below this many flops (2*M*N*K) per thread.  With the
-# native pool a spinning worker answers in under a microsecond, so with hot workers two
-# threads already win at 48^3 (measured: 7.2 vs 8.1 us); a worker asleep (idle > 200 us)
-# joins late and costs ~15-20 us, which two threads repay from about 160^3 on.  2 MFLOP
-# per thread (128^3: 48 -> 33 us hot, 64 -> 79 us cold) sits between, for kernels that run
-# back to back as a program's do.
-PARALLEL_MIN_FLOPS_PER_THREAD = 2e6
+# native pool a spinning worker answers in under a microsecond, and a program's kernels run
+# back to back, so its workers spin: two threads then win from about 48^3 (measured with
+# hot workers, interleaved minima through ctypes: 48^3 3.7 -> 2.6 us, 64^3 6.9 -> 4.7,
+# 64x256 @ 256x10 8.0 -> 5.8, 64x64 @ 64x256 22.0 -> 12.3; 32^3 2.3 -> 2.0 is left
+# serial).  A worker asleep (idle > 200 us) costs the first call a futex wake and joins
+# late (the caller never waits for a worker that has not joined).
+PARALLEL_MIN_FLOPS_PER_THREAD = 1e5
 
 PARALLEL_FOR = "narch_parallel_for"
 NUM_THREADS = "narch_num_threads"

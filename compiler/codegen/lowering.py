@@ -508,7 +508,12 @@ def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir
 REMAP_OPS = ("reshape", "transpose", "broadcast_to", "slice", "stop_gradient")
 MATMUL_MIN_FLOPS_PARALLEL = 1 << 18   # batched products split over tasks above this
 MATMUL_MAX_TASKS = 2
-GEMM_PARALLEL_MIN_FLOPS = 1 << 22     # one product: the GEMM's own parallel mode above this
+# One product (M*N*K at least this): the GEMM's own parallel mode, which splits the longer
+# side of C over the pool at run time when 2*M*N*K >= PARALLEL_MIN_FLOPS_PER_THREAD per
+# thread (gemm.py; the same bar for two threads).  Rather than row blocks as tasks, each
+# of which packed all of B: the MLP step's 64x64 @ 64x256^T went 15.8 -> 11 us, and its
+# 0.33 MFLOP products (64x256 @ 256x10, 64x10 @ 10x256) from ~6.5 to ~4.5 us.
+GEMM_PARALLEL_MIN_FLOPS = 100_000
 
 
 class Matmul(Lowering):
