@@ -64,13 +64,12 @@ def is_float(dtype: str) -> bool:
 # ----------------------------------------------------------------------------- types
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorType:
     shape: tuple[int, ...]
     dtype: str = "float32"
 
-    def __post_init__(self):
-        shape, dtype = self.shape, self.dtype
+    def __init__(self, shape: Iterable[int], dtype: Any = "float32"):
         # shapes seen before map to their normalised tuple (a tuple equal to a normalised
         # one, e.g. of NumPy ints, normalises to it), so the common case builds nothing
         try:
@@ -84,10 +83,11 @@ class TensorType:
             if len(_SHAPES) > 100_000:
                 _SHAPES.clear()
             _SHAPES[known] = known
-        if known is not shape:
-            object.__setattr__(self, "shape", known)
         if type(dtype) is not str or dtype not in _DTYPE_SET:
-            object.__setattr__(self, "dtype", canonical_dtype(dtype))
+            dtype = canonical_dtype(dtype)
+        d = self.__dict__  # (frozen: fields are set once, here, without __setattr__)
+        d["shape"] = known
+        d["dtype"] = dtype
 
     @property
     def ndim(self) -> int:
@@ -153,7 +153,7 @@ def _attr_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Node:
     """One SSA definition: ``name: type = op(inputs) {attrs}``."""
 
@@ -163,6 +163,16 @@ class Node:
     type: TensorType
     attrs: tuple[tuple[str, Any], ...] = ()
     loc: SourceLoc | None = None
+
+    def __init__(self, name: str, op: str, inputs: tuple[str, ...], type: TensorType,
+                 attrs: tuple[tuple[str, Any], ...] = (), loc: SourceLoc | None = None):
+        d = self.__dict__  # (frozen: fields are set once, here, without __setattr__; graphs
+        d["name"] = name   # make and rewrite thousands of nodes)
+        d["op"] = op
+        d["inputs"] = inputs
+        d["type"] = type
+        d["attrs"] = attrs
+        d["loc"] = loc
 
     @staticmethod
     def make(name: str, op: str, inputs: Iterable[str], type: TensorType,

@@ -53,8 +53,9 @@ _USER_FILE: dict[str, bool] = {}  # code file name -> is it the user's (outside 
 _LOCS: dict[tuple, SourceLoc] = {}  # (short path, line) -> its SourceLoc (immutable: shared)
 
 
-def user_loc(depth: int = 1) -> SourceLoc | None:
-    """The first stack frame outside neural_arch's compiler and runtime: the user's line."""
+def user_loc(depth: int = 1, cwd: str | None = None) -> SourceLoc | None:
+    """The first stack frame outside neural_arch's compiler and runtime: the user's line
+    (its path relative to ``cwd``, by default the current directory)."""
     f = sys._getframe(depth)
     while f is not None:
         fn = f.f_code.co_filename
@@ -63,7 +64,7 @@ def user_loc(depth: int = 1) -> SourceLoc | None:
             user = _USER_FILE[fn] = not fn.startswith(_OUR_DIRS) and not fn.endswith(_SKIP_FILES) \
                 and not fn.startswith("<frozen")
         if user:
-            key = (_short_path(fn), f.f_lineno)
+            key = (_short_path_from(fn, cwd or os.getcwd()), f.f_lineno)
             loc = _LOCS.get(key)
             if loc is None:
                 if len(_LOCS) > 100_000:
@@ -297,6 +298,7 @@ class Tracer:
         self.bindings: dict[str, Any] = {}  # input name -> concrete tensor or outer symbolic tensor
         self.loc_override: SourceLoc | None = None
         self._param_names = {id(t): n for n, t in (params or {}).items()}
+        self._cwd = os.getcwd()  # source paths are relative to where the trace started
 
     def fresh(self, hint: str | None = None) -> str:
         if hint is None:  # the common case: the next number, unless an input took it
@@ -341,7 +343,7 @@ class Tracer:
 
     def emit(self, op: str, inputs: Sequence[Tensor], attrs: dict, type: TensorType) -> Tensor:
         name = self.fresh()
-        loc = self.loc_override or user_loc(2)
+        loc = self.loc_override or user_loc(2, self._cwd)
         self.nodes.append(Node.make(name, op, [i._sym for i in inputs], type, attrs, loc))
         return Tensor._symbolic(self, name, type)
 

@@ -712,6 +712,7 @@ class Program:
                 arr = np.empty(n.type.shape, dtype=n.type.dtype)
                 self._keep.append(arr)
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
+        self._records = None
         self._in_slots = [lay.slots[i.name] for i in graph.inputs]
         self._last_inputs = [None] * len(self._in_slots)
         self._want = [(tuple(i.type.shape), np.dtype(i.type.dtype)) for i in graph.inputs]
@@ -754,6 +755,7 @@ class Program:
         """``build``, or its records from the disk cache (then the kernels' machine code
         comes from the cache too, and the LLVM IR text is rebuilt only if asked for)."""
         options = self.options
+        self._records = None  # (cache, key parts, records) of the entry, for the memory plan
         cache = _disk_cache() if groups is None and options.get("module_cache", True) else None
         if cache is None:
             return build(graph, groups, options)
@@ -763,17 +765,20 @@ class Program:
         parts.update(kind="module records", threads=threadpool.num_threads(), passes=fingerprint())
         t0 = time.perf_counter()
         raw = cache.get(parts)
+        import json
         if raw is not None:
             try:
-                import json
-                mod = module_from_meta(json.loads(raw), graph, lambda: build(graph, groups, options))
+                meta = json.loads(raw)
+                mod = module_from_meta(meta, graph, lambda: build(graph, groups, options))
                 mod.build_seconds = time.perf_counter() - t0
+                self._records = (cache, parts, meta)
                 return mod
             except (ValueError, KeyError, TypeError) as e:  # an old or foreign entry: rebuild
                 sys.stderr.write(f"neural_arch: ignoring unreadable module records in the cache ({e})\n")
         mod = build(graph, groups, options)
-        import json
-        cache.put(parts, json.dumps(mod.to_meta()).encode())
+        meta = mod.to_meta()
+        cache.put(parts, json.dumps(meta).encode())
+        self._records = (cache, parts, meta)
         return mod
 
     def profile(self, top: int | None = None) -> str:
@@ -795,8 +800,12 @@ class Program:
         values it wrote before, so everything a kernel touches is alive at once (no two
         buffers of one kernel overlap; kernel arguments stay ``noalias``)."""
         from neural_arch.compiler.passes.memory import Step, check_plan, plan_memory
-        steps = []
         planned = {n.name for n in intermediates}
+        plan = self._cached_plan(planned)
+        if plan is not None:
+            self._arena = np.empty(plan.arena_bytes + 64, np.uint8)
+            return plan
+        steps = []
         for k in self.module.kernels:
             writes = [w for w in dict.fromkeys(tuple(k.outputs) + tuple(k.buffers)) if w in planned]
             if not writes:  # it still reads: keep its inputs alive until it ran
@@ -813,7 +822,38 @@ class Program:
         if missing:
             raise AssertionError(f"internal error: no arena place for {missing}")
         self._arena = np.empty(plan.arena_bytes + 64, np.uint8)
+        if self._records is not None:  # the plan joins the module's records in the cache
+            import json
+            cache, parts, meta = self._records
+            meta = dict(meta, plan={"arena_bytes": plan.arena_bytes, "naive_bytes": plan.naive_bytes,
+                                    "buffers": [[b.name, b.nbytes, b.offset, b.start, b.end, b.inplace_of]
+                                                for b in plan.buffers.values()]})
+            cache.put(parts, json.dumps(meta).encode())
         return plan
+
+    def _cached_plan(self, planned: set):
+        """The memory plan kept with the module records (a function of the records, the
+        graph and the in-place outputs, all in their key), if it plans exactly ``planned``
+        at their sizes, inside its arena, with no two live buffers overlapping; else None."""
+        meta = self._records[2].get("plan") if self._records is not None else None
+        if meta is None:
+            return None
+        from neural_arch.compiler.passes.memory import Buffer, MemoryPlan, check_plan
+        try:
+            arena = meta["arena_bytes"]
+            buffers = {b[0]: Buffer(*b) for b in meta["buffers"]}
+            types = self.graph.types
+            if set(buffers) != planned or not isinstance(arena, int) or not all(
+                    type(b.offset) is int and 0 <= b.offset and b.offset + b.nbytes <= arena and
+                    b.nbytes == types[b.name].nbytes and type(b.start) is int and type(b.end) is int
+                    for b in buffers.values()):
+                raise ValueError("it plans other buffers")
+            plan = MemoryPlan(buffers, arena, meta["naive_bytes"], tuple(self.graph.outputs))
+            check_plan(plan)
+            return plan
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            sys.stderr.write(f"neural_arch: ignoring the cached memory plan ({e})\n")
+            return None
 
     @property
     def kernels(self) -> list[Kernel]:

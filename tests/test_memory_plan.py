@@ -133,3 +133,57 @@ def test_transformer_block_training_step_peak_memory_bound(B, T, D, H):
     assert plan.arena_bytes <= bound, (plan.arena_bytes, bound)
     # and lifetimes really share memory: well under half of all intermediates side by side
     assert plan.arena_bytes < 0.4 * plan.naive_bytes, (plan.arena_bytes, plan.naive_bytes)
+
+
+def test_memory_plan_is_kept_with_the_module_records(monkeypatch, tmp_path, capsys):
+    """A cached compile reads the arena plan from the module records instead of planning:
+    the plan read back is the one planned; a planted valid plan (every buffer 64 bytes up) is
+    what a hit uses, and the program still computes the same; a plan with overlapping live
+    buffers is ignored, replanned and replaced."""
+    import json
+    from neural_arch.compiler.autodiff import autodiff
+    from neural_arch.runtime.cache import ObjectCache
+    from neural_arch.runtime.program import Program, clear_memory_cache
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "1")
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype(np.float32) for s in ((6, 8), (8, 32), (32, 8))]
+    g = trace(_block, *args)
+    g = autodiff(g, [i.name for i in g.inputs], with_value=True)
+
+    def program():
+        clear_memory_cache()
+        return Program(g)
+
+    def records():
+        (key,) = [h["key_parts"] for _, h in ObjectCache(tmp_path).entries()
+                  if h["key_parts"].get("kind") == "module records"]
+        return key, json.loads(ObjectCache(tmp_path).get(key))
+
+    p1 = program()
+    key, meta = records()
+    assert meta["plan"]["arena_bytes"] == p1.memory_plan.arena_bytes
+    want = p1(*args)
+    p2 = program()
+    assert p2.memory_plan.buffers == p1.memory_plan.buffers
+    assert (p2.memory_plan.arena_bytes, p2.memory_plan.naive_bytes) == (p1.memory_plan.arena_bytes,
+                                                                       p1.memory_plan.naive_bytes)
+    moved = dict(meta["plan"], arena_bytes=meta["plan"]["arena_bytes"] + 64,
+                 buffers=[[n, b, o + 64, s, e, i] for n, b, o, s, e, i in meta["plan"]["buffers"]])
+    ObjectCache(tmp_path).put(key, json.dumps(dict(meta, plan=moved)).encode())
+    p3 = program()
+    assert p3.memory_plan.arena_bytes == p1.memory_plan.arena_bytes + 64
+    assert all(p3.memory_plan.buffers[n].offset == b.offset + 64 for n, b in p1.memory_plan.buffers.items())
+    for a, b in zip(p3(*args), want):
+        np.testing.assert_array_equal(a, b)
+    bad = [list(b) for b in meta["plan"]["buffers"]]
+    big = max(bad, key=lambda b: b[1])
+    for b in bad:  # every buffer at offset 0: some live ones overlap
+        b[2] = 0
+    assert any(b is not big and b[3] <= big[4] and big[3] <= b[4] for b in bad)
+    ObjectCache(tmp_path).put(key, json.dumps(dict(meta, plan=dict(meta["plan"], buffers=bad))).encode())
+    capsys.readouterr()
+    p4 = program()
+    assert "ignoring the cached memory plan" in capsys.readouterr().err
+    assert p4.memory_plan.buffers == p1.memory_plan.buffers
+    assert records()[1]["plan"] == meta["plan"]
