@@ -125,9 +125,12 @@ class TrainStep:
     def __call__(self, *batch) -> float:
         opt = self.optimizer
         opt.step_count += 1
-        params = self._params
-        order = [params[n] for n in self._opt_order]
-        states = [opt.state_for(p) for p in order]
+        fixed = self.__dict__.get("_fixed")
+        if fixed is None:  # the parameter tensors, in the optimizer's order and the program's
+            fixed = self._fixed = ([self._params[n] for n in self._opt_order],
+                                   [self._params[n] for n in self.program.param_names])
+        order, ptensors = fixed
+        states = list(map(opt.state_for, order))
         keys = self.program.state_names
         step_no = states[0]["step"] + 1
         self.seed += 1
@@ -135,7 +138,7 @@ class TrainStep:
         if program is None:
             inputs = [np.asarray(opt.lr, np.float32), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
             inputs += [np.asarray(b.data if isinstance(b, Tensor) else b) for b in batch]
-            inputs += [params[n].data for n in self.program.param_names]
+            inputs += [p.data for p in ptensors]
             inputs += [st[k].data for st in states for k in keys]
             outs = self._run(inputs)
         else:
@@ -145,15 +148,14 @@ class TrainStep:
             scalars = self.__dict__.get("_scalars")
             if scalars is None:
                 scalars = self._scalars = (np.zeros((), np.float32), np.zeros((), np.int64), np.zeros((), np.int64))
-            scalars[0][()] = opt.lr
-            scalars[1][()] = step_no
-            scalars[2][()] = self.seed
+            lr, sn, sd = scalars
+            lr[()] = opt.lr
+            sn[()] = step_no
+            sd[()] = self.seed
             contiguous = np.ascontiguousarray
-            inputs = list(scalars)
-            inputs += [contiguous(b.data if isinstance(b, Tensor) else b) for b in batch]
-            inputs += [contiguous(params[n].data) for n in self.program.param_names]
-            inputs += [contiguous(st[k].data) for st in states for k in keys]
-            outs = program(*inputs)
+            outs = program(lr, sn, sd, *[contiguous(b.data if isinstance(b, Tensor) else b) for b in batch],
+                           *[contiguous(p.data) for p in ptensors],
+                           *[contiguous(st[k].data) for st in states for k in keys])
         loss = float(outs[0])
         k = 1
         for p in order:

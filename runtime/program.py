@@ -871,7 +871,7 @@ class Program:
         pointer.  What is per program (the inputs' types, the outputs' sources) is planned
         on the first call."""
         plan = self.__dict__.get("_call_plan") or self._plan_call()
-        want, results_plan = plan
+        want, dts, results_plan, simple, aliased_by_input = plan
         in_slots = self._in_slots
         if len(arrays) != len(in_slots):
             raise TypeError(f"{self.graph.name} takes {len(in_slots)} inputs, got {len(arrays)}")
@@ -890,10 +890,10 @@ class Program:
             # the object passed last time, its shape then, and the array accepted for it (a
             # view reshaped to the input's type when it came with another shape of that size)
             last, last_shape, accepted = self._last_inputs, self._last_shapes, self._accepted
-            for k, a in enumerate(arrays):
-                shape, dt, size = want[k]
-                if a is last[k] and a.shape == last_shape[k] and a.dtype is dt and a.flags.c_contiguous:
+            for k, (a, seen, seen_shape, dt) in enumerate(zip(arrays, last, last_shape, dts)):
+                if a is seen and a.shape == seen_shape and a.dtype is dt and a.flags.c_contiguous:
                     continue  # an array's data pointer is fixed for its lifetime (we hold it)
+                shape, dt, size = want[k]
                 if isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous and \
                         (a.shape == shape or a.size == size):
                     # a view if the shape differs (np.ascontiguousarray makes 0-d arrays 1-d)
@@ -902,23 +902,27 @@ class Program:
                     gi = self.graph.inputs[k]
                     got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
                     raise TypeError(f"{self.graph.name}: input %{gi.name} expects a C-contiguous {gi.type}, got {got}")
-                ptrs[in_slots[k]] = address(acc)
+                ptrs[in_slots[k]] = ptr = address(acc)
+                for slot in aliased_by_input.get(k, ()):  # outputs written over this input
+                    ptrs[slot] = ptr
                 last[k], last_shape[k], accepted[k] = a, a.shape, acc
             fresh = []
             for k, (slot, name, shape, dtype) in enumerate(self._out_alloc):
                 arr = np.empty(shape, dtype=dtype) if out is None else out[k]
                 fresh.append(arr)
                 ptrs[slot] = address(arr)
-            for slot, name, i in self._aliased:  # the output overwrites input i
+            for i in aliased_by_input:  # (their pointers were set with the input's)
                 if not accepted[i].flags.writeable:
                     raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
                                     f"and must be writeable")
-                ptrs[slot] = ptrs[in_slots[i]]
             rc = self._entry(ptrs)
             if self._prof is not None:
                 self.calls += 1
             if rc:
                 raise self._error(rc)
+            if simple:  # fresh outputs and inputs updated in place, each returned once
+                sources = (fresh, accepted)
+                return [sources[kind][i] for kind, i in results_plan]
             results = []
             for kind, i in results_plan:
                 if kind == 0:    # a fresh output
@@ -955,7 +959,12 @@ class Program:
             seen.add(o)
         n = len(want)
         self._last_shapes, self._accepted = [None] * n, [None] * n
-        self._call_plan = (want, plan)
+        self._last_inputs = [None] * n  # (pointers of aliased outputs are set with their input's)
+        by_input: dict = {}
+        for slot, _, i in self._aliased:
+            by_input.setdefault(i, []).append(slot)
+        simple = all(kind in (0, 1) for kind, _ in plan)
+        self._call_plan = (want, [dt for _, dt, _ in want], plan, simple, by_input)
         return self._call_plan
 
     @staticmethod

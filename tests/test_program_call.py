@@ -80,3 +80,17 @@ def test_zero_d_inputs_passed_as_one_element_arrays():
         assert np.all(out == v)
     # the object passed is what is remembered (not a fresh reshaped view each call)
     assert p._last_inputs[0] is s and p._accepted[0].shape == ()
+
+
+def test_in_place_output_follows_its_input_to_a_new_array():
+    """An output written over an input takes that input's pointer when the input changes
+    (and only then): a new array for the updated input, the other input kept."""
+    g = trace(lambda x, w: (w * 0.5 + x,), T, T)
+    p = Program(g, options={"inplace": {0: 1}})
+    assert p.inplace == {0: 1}
+    x = np.ones((4, 8), np.float32)
+    w1, w2 = np.full((4, 8), 4.0, np.float32), np.full((4, 8), 8.0, np.float32)
+    for w, want in [(w1, 3.0), (w1, 2.5), (w2, 5.0), (w1, 2.25)]:
+        (out,) = p(x, w)
+        assert out is w and np.all(w == want)
+    assert np.all(w2 == 5.0)
