@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -318,6 +318,45 @@ def format_graph(g: Graph, locations: bool = True) -> str:
     lines.append("  return (" + ", ".join("%" + o for o in g.outputs) + ")")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- JSON records
+
+
+def _json_value(v: Any) -> Any:
+    return [_json_value(x) for x in v] if type(v) is tuple else v
+
+
+def _frozen_value(v: Any) -> Any:
+    if type(v) is list:
+        return tuple(_frozen_value(x) for x in v)
+    if v is None or type(v) in (int, float, str, bool):
+        return v
+    raise TypeError(f"unsupported attribute value {v!r} in a node record")
+
+
+def node_records(nodes: Iterable[Node], loc_key: Callable[[SourceLoc | None], Any]) -> list:
+    """Nodes as JSON-able lists ``[name, op, inputs, shape, dtype, attrs, loc_key(loc)]``
+    (attribute tuples as lists; NaN and infinities as JSON's NaN / Infinity)."""
+    return [[n.name, n.op, list(n.inputs), list(n.type.shape), n.type.dtype,
+             [[k, _json_value(v)] for k, v in n.attrs], loc_key(n.loc)] for n in nodes]
+
+
+def nodes_from_records(records: list, loc_of: Callable[[Any], SourceLoc | None]) -> list[Node]:
+    """The inverse of :func:`node_records` (``loc_of`` maps a stored location key back);
+    raises ValueError / TypeError / KeyError on a record of another shape."""
+    from .ops.registry import PRIMITIVES
+    types: dict = {}
+    nodes = []
+    for name, op, inputs, shape, dtype, attrs, loc in records:
+        if type(name) is not str or op not in PRIMITIVES or not all(type(i) is str for i in inputs):
+            raise ValueError(f"malformed node record {name!r}")
+        key = (tuple(shape), dtype)
+        t = types.get(key)
+        if t is None:
+            t = types[key] = TensorType(*key)
+        nodes.append(Node(name, op, tuple(inputs), t, tuple((k, _frozen_value(v)) for k, v in attrs), loc_of(loc)))
+    return nodes
 
 
 # ----------------------------------------------------------------------------- parser

@@ -625,8 +625,7 @@ class Program:
         from neural_arch.compiler.passes.manager import _env_flag
         timing = self.options.get("time_passes", _env_flag("NEURAL_ARCH_TIME_PASSES"))
         if groups is None and self.options.get("passes", True):
-            from neural_arch.compiler.passes import DEFAULT_PIPELINE, run_pipeline
-            graph = run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph
+            graph = self._run_passes(graph, timing)
         self.graph = graph
         # outputs written over inputs: {output position: input position}, checked
         self.inplace: dict[int, int] = {}
@@ -720,6 +719,56 @@ class Program:
         self._inputs = inputs
         self._lock = threading.Lock()
         self._entry = self.native.entry
+
+    def _run_passes(self, graph: Graph, timing: bool) -> Graph:
+        """``DEFAULT_PIPELINE`` on the traced graph, or its result from the disk cache, keyed
+        by the traced graph's canonical text, the pipeline, the passes' sources and NumPy's
+        version (constant folding computes with it).  Locations are not in that text, so the
+        entry stores for each node the index of the traced node whose location it carries,
+        and a hit takes the locations of *this* trace: errors name this trace's lines.  To
+        know those indices exactly, a miss runs the passes on a copy of the graph whose
+        nodes each hold a location object of their own (equal to their own location): the
+        passes copy locations, never compare them, so each result location is, by identity,
+        one traced node's.  A result holding any other location is not cached.  With an
+        instrument on (verify, print, time, dump) the passes always run."""
+        from neural_arch.compiler.ir import SourceLoc, node_records, nodes_from_records
+        from neural_arch.compiler.passes import DEFAULT_PIPELINE, fingerprint, run_pipeline
+        from neural_arch.compiler.passes.manager import instruments_requested
+        cache = _disk_cache() if self.options.get("module_cache", True) and not timing \
+            and not instruments_requested() else None
+        if cache is None:
+            return run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph
+        import json
+        parts = {"ir": canonical_text(graph), "kind": "passes", "pipeline": list(DEFAULT_PIPELINE),
+                 "passes": fingerprint(), "numpy": np.__version__}
+        raw = cache.get(parts)
+        if raw is not None:
+            try:
+                rec = json.loads(raw)
+                locs = [n.loc for n in graph.nodes]
+
+                def loc_of(k):
+                    if k is None:
+                        return None
+                    if type(k) is not int or not 0 <= k < len(locs):
+                        raise ValueError(f"location index {k!r} of {len(locs)} traced nodes")
+                    return locs[k]
+                outputs = tuple(rec["outputs"])
+                if not all(type(o) is str for o in outputs):
+                    raise ValueError("malformed outputs")
+                return Graph(graph.name, graph.inputs, tuple(nodes_from_records(rec["nodes"], loc_of)), outputs)
+            except (ValueError, KeyError, TypeError) as e:  # an old or foreign entry: run the passes
+                sys.stderr.write(f"neural_arch: ignoring an unreadable pass result in the cache ({e})\n")
+        marked = graph.replace(nodes=[n if n.loc is None else Node(n.name, n.op, n.inputs, n.type, n.attrs,
+                                                                   SourceLoc(n.loc.file, n.loc.line))
+                                      for n in graph.nodes])
+        result = run_pipeline(marked, DEFAULT_PIPELINE).graph
+        index = {id(n.loc): k for k, n in enumerate(marked.nodes) if n.loc is not None}
+        if result.name == graph.name and result.inputs == graph.inputs and \
+                all(n.loc is None or id(n.loc) in index for n in result.nodes):
+            records = node_records(result.nodes, lambda loc: None if loc is None else index[id(loc)])
+            cache.put(parts, json.dumps({"nodes": records, "outputs": list(result.outputs)}).encode())
+        return result
 
     def _inplace_pairs(self, graph: Graph, by_name: dict, text: str) -> tuple[dict, dict]:
         """``inplace_pairs``, or its answer from the disk cache: it runs the fusion plan, and

@@ -262,3 +262,108 @@ def test_random_graphs_under_random_pipelines(seed, order):
     got = interpret(run_pipeline(graph, order, verify_each=True).graph, inputs)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=recipe.describe())
+
+
+# ----------------------------------------------------------------------------- the pipeline's result, cached
+
+
+def _relocated(graph, rng):
+    """The graph with every node's location replaced by a random one (same text otherwise)."""
+    from neural_arch.compiler.ir import Node, SourceLoc
+    return graph.replace(nodes=[Node(n.name, n.op, n.inputs, n.type, n.attrs,
+                                     SourceLoc(f"f{rng.integers(3)}.py", int(rng.integers(1, 9))))
+                                for n in graph.nodes])
+
+
+def _train_graph():
+    from neural_arch.models import GPT2, GPT2Config, nn, optim
+    from neural_arch.models.train import build_train_graph
+    nn.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=13, n_positions=8, n_embd=16, n_layer=1, n_head=2, dropout=0.1))
+    x = np.random.default_rng(0).integers(0, 13, (2, 8))
+    return build_train_graph(model, lambda m, x, y: F.cross_entropy(m(x).reshape((-1, 13)), y.reshape((-1,))),
+                             optim.AdamW(model.parameters(), lr=1e-3), (x, x), 1.0).graph
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_default_pipeline_ignores_locations(seed):
+    """What the pipeline's cache relies on: the passes never look at source locations, so
+    the same graph with other locations gives the same graph, and every result node carries
+    the location of the traced node it came from (by identity)."""
+    from neural_arch.compiler.ir import Node, SourceLoc
+    from neural_arch.compiler.passes import DEFAULT_PIPELINE
+    from neural_arch.runtime.program import canonical_text
+    rng = np.random.default_rng(seed)
+    graph, _ = build(random_recipe(NumpySampler(seed), max_steps=12))
+    for g in (graph, _train_graph()) if seed % 10 == 0 else (graph,):
+        a = _relocated(g, rng)
+        b = _relocated(g, rng)
+        ra, rb = run_pipeline(a, DEFAULT_PIPELINE).graph, run_pipeline(b, DEFAULT_PIPELINE).graph
+        assert canonical_text(ra) == canonical_text(rb)
+        own = {id(n.loc) for n in a.nodes}
+        assert all(n.loc is None or id(n.loc) in own for n in ra.nodes)
+        where = {id(n.loc): k for k, n in enumerate(a.nodes)}
+        assert [None if n.loc is None else b.nodes[where[id(n.loc)]].loc for n in ra.nodes] == \
+            [n.loc for n in rb.nodes]
+
+
+def test_cached_pipeline_result_has_this_traces_locations(monkeypatch, tmp_path):
+    """A compile reads the pipeline's result from the disk cache, keyed by the traced
+    graph's text (no locations): the graph read back equals the one the passes make,
+    locations included, and for a trace of the same computation from other lines it carries
+    those lines, so a failing index check names the line of the trace being compiled."""
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.compiler.ops.registry import OpIndexError
+    from neural_arch.compiler.passes import DEFAULT_PIPELINE
+    from neural_arch.runtime.cache import ObjectCache
+    from neural_arch.runtime.program import Program, clear_memory_cache
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "1")
+    monkeypatch.delenv("NEURAL_ARCH_TIME_PASSES", raising=False)
+
+    def first(w, i):
+        return F.gather(F.softmax(w * 2.0, axis=-1), i, axis=0).sum()  # first trace
+
+    def second(w, i):
+        h = F.softmax(w * 2.0, axis=-1)  # second trace
+        return F.gather(h, i, axis=0).sum()  # second gather
+
+    types = (TensorType((4, 3)), TensorType((2,), "int64"))
+    g1, g2 = trace(first, *types), trace(second, *types)
+    assert g1.replace(name="x").to_text() != g2.replace(name="x").to_text()
+    g2 = g2.replace(name=g1.name)
+    clear_memory_cache()
+    p1 = Program(g1)
+    assert p1.graph == run_pipeline(g1, DEFAULT_PIPELINE).graph
+    entries = [h["key_parts"] for _, h in ObjectCache(tmp_path).entries() if h["key_parts"].get("kind") == "passes"]
+    assert len(entries) == 1 and entries[0]["pipeline"] == list(DEFAULT_PIPELINE)
+    clear_memory_cache()
+    p2 = Program(g2)  # the same text: a hit
+    assert len([h for _, h in ObjectCache(tmp_path).entries() if h["key_parts"].get("kind") == "passes"]) == 1
+    assert p2.graph == run_pipeline(g2, DEFAULT_PIPELINE).graph != p1.graph
+    w = np.ones((4, 3), np.float32)
+    with pytest.raises(OpIndexError) as info:
+        p2(w, np.array([0, 9]))
+    assert "test_passes.py:" in str(info.value) and "index 9" in str(info.value)
+    assert f":{second.__code__.co_firstlineno + 2})" in str(info.value)  # the second gather's line
+    # an entry naming a location the trace does not have is not trusted
+    key = entries[0]
+    import json
+    rec = json.loads(ObjectCache(tmp_path).get(key))
+    rec["nodes"][0][-1] = 10_000
+    ObjectCache(tmp_path).put(key, json.dumps(rec).encode())
+    clear_memory_cache()
+    p3 = Program(g2)
+    assert p3.graph == p2.graph
+
+
+def test_instruments_run_the_passes(monkeypatch, tmp_path, capsys):
+    """With an instrument on, a compile runs its passes (to show them) and caches nothing."""
+    from neural_arch.runtime.cache import ObjectCache
+    from neural_arch.runtime.program import Program, clear_memory_cache
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("NEURAL_ARCH_VERIFY", "1")
+    clear_memory_cache()
+    Program(trace(lambda x: F.exp(x * 3.0).sum(), np.ones((2, 5), np.float32)))
+    assert not [h for _, h in ObjectCache(tmp_path).entries() if h["key_parts"].get("kind") == "passes"]

@@ -78,6 +78,13 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false", "no")
 
 
+def instruments_requested() -> bool:
+    """Whether the environment asks for any instrument (verify, print, time, dump): then a
+    compile runs its passes to show them, never takes their result from a cache."""
+    return any(_env_flag(v) for v in ("NEURAL_ARCH_VERIFY", "NEURAL_ARCH_TIME_PASSES")) or \
+        bool(os.environ.get("NEURAL_ARCH_PRINT_IR") or os.environ.get("NEURAL_ARCH_DUMP"))
+
+
 def resolve_pipeline(pipeline: Sequence[str | Pass] | None, disable: Iterable[str] = ()) -> list[Pass]:
     from . import DEFAULT_PIPELINE  # noqa: F401  (registers the passes)
     names = DEFAULT_PIPELINE if pipeline is None else pipeline

@@ -83,8 +83,10 @@ def _forward_set(graph: Graph) -> set[str]:
 def partition(graph: Graph) -> tuple[set[str], set[str], RematReport]:
     """Returns (saved, recomputed, report) for a joint graph whose first output is the
     forward value."""
-    fwd = _forward_set(graph)
-    prod = graph.producer()
+    return _partition(graph, _forward_set(graph), graph.producer())
+
+
+def _partition(graph: Graph, fwd: set, prod: dict) -> tuple[set[str], set[str], RematReport]:
     bwd_nodes = [n for n in graph.nodes if n.name not in fwd]
     needed = {i for n in bwd_nodes for i in n.inputs if i in fwd}
     edges = []
@@ -132,9 +134,9 @@ def rematerialize(graph: Graph) -> tuple[Graph, RematReport]:
     backward use, so forward copies die early and backward copies fuse with their users."""
     if len(graph.outputs) < 2 or graph.types[graph.outputs[0]].shape != ():
         return graph, RematReport()
-    saved, recompute, report = partition(graph)
     fwd = _forward_set(graph)
     prod = graph.producer()
+    saved, recompute, report = _partition(graph, fwd, prod)
     # backward nodes computed from forward values alone (a derivative factor such as gelu's
     # exp(-x^2/2)) are deferred the same way: fusion computes them inside the backward
     # kernels that read them instead of in the forward kernel of their inputs, where their
@@ -176,12 +178,17 @@ def rematerialize(graph: Graph) -> tuple[Graph, RematReport]:
         if n.name in fwd:
             out.append(n)
             continue
-        for i in n.inputs:
-            if i in recompute:
-                emit_copy(i)
-        out.append(Node(copy_name[n.name] if n.name in deferred else n.name, n.op,
-                        tuple(copy_name[i] if i in recompute or i in deferred else i for i in n.inputs),
-                        n.type, n.attrs, n.loc))
+        reads_copy = not recompute.isdisjoint(n.inputs)
+        if reads_copy:
+            for i in n.inputs:
+                if i in recompute:
+                    emit_copy(i)
+        if reads_copy or n.name in deferred or not deferred.isdisjoint(n.inputs):
+            out.append(Node(copy_name[n.name] if n.name in deferred else n.name, n.op,
+                            tuple(copy_name[i] if i in recompute or i in deferred else i for i in n.inputs),
+                            n.type, n.attrs, n.loc))
+        else:
+            out.append(n)  # (unchanged)
     outputs = tuple(o if o in fwd or o not in recompute else copy_name[o] for o in graph.outputs)
     return graph.replace(nodes=tuple(out), outputs=outputs), report
 
