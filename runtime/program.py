@@ -919,8 +919,6 @@ class Program:
         ~1 us; an MLP step has 22 inputs), and an output updated in place takes its input's
         pointer.  What is per program (the inputs' types, the outputs' sources) is planned
         on the first call."""
-        plan = self.__dict__.get("_call_plan") or self._plan_call()
-        want, dts, results_plan, simple, aliased_by_input = plan
         in_slots = self._in_slots
         if len(arrays) != len(in_slots):
             raise TypeError(f"{self.graph.name} takes {len(in_slots)} inputs, got {len(arrays)}")
@@ -935,6 +933,8 @@ class Program:
                                     f"{dtype}{list(shape)} array")
         address = self._address
         with self._lock:
+            plan = self.__dict__.get("_call_plan") or self._plan_call()
+            want, dts, results_plan, simple, aliased_by_input = plan
             ptrs = self._ptrs
             # the object passed last time, its shape then, and the array accepted for it (a
             # view reshaped to the input's type when it came with another shape of that size)

@@ -94,3 +94,29 @@ def test_in_place_output_follows_its_input_to_a_new_array():
         (out,) = p(x, w)
         assert out is w and np.all(w == want)
     assert np.all(w2 == 5.0)
+
+
+def test_two_threads_call_a_fresh_program_at_once():
+    """The per-program call plan is made under the call lock: threads racing on the first
+    calls, each with its own arrays, all get their own results."""
+    import threading
+    p = program()
+    rng = np.random.default_rng(1)
+    data = [(rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((4, 8)).astype(np.float32))
+            for _ in range(4)]
+    errors = []
+
+    def run(x, w):
+        try:
+            for _ in range(200):
+                a, b, s = p(x, w)
+                np.testing.assert_allclose(a, x * w + 1, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(b, w * 0.5, rtol=1e-6)
+        except Exception as e:  # reported below, from the main thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=xw) for xw in data]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
