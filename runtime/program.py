@@ -602,7 +602,11 @@ def install_pool_in_background() -> None:
             threadpool.install()
         except Exception:  # noqa: BLE001 - raised again where the pool is needed
             pass
-    threading.Thread(target=run, name="narch-pool-install", daemon=True).start()
+    helper = threading.Thread(target=run, name="narch-pool-install", daemon=True)
+    helper.start()
+    if hasattr(os, "register_at_fork"):  # a fork never copies a half-made pool (or its held lock)
+        os.register_at_fork(before=lambda: helper.join() if helper.is_alive() and
+                            helper is not threading.current_thread() else None)
 
 
 # ----------------------------------------------------------------------------- the program

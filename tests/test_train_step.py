@@ -92,16 +92,21 @@ def test_batch_inputs_are_named_and_a_name_collision_is_an_error():
 def test_pool_is_installed_on_a_helper_thread_while_tracing(tmp_path):
     """compile_train_step starts the native thread pool's one-time setup on a helper thread
     before it traces: in a fresh process the pool is installed without the main thread
-    asking for it, and a bad NEURAL_ARCH_NUM_THREADS still fails the compile, in its thread."""
+    asking for it (a fork meanwhile waits for it), and a bad NEURAL_ARCH_NUM_THREADS still
+    fails the compile, in its thread."""
     import os
     import subprocess
     import sys
     import textwrap
     code = textwrap.dedent("""
-        import threading
+        import os, threading
         from neural_arch.runtime import program, threadpool
         assert threadpool._loaded is None
         program.install_pool_in_background()
+        pid = os.fork()  # waits for the helper: the child never holds a half-installed pool
+        if pid == 0:
+            os._exit(0 if threadpool._loaded is not None or os.environ.get("NEURAL_ARCH_NUM_THREADS") else 3)
+        assert os.waitpid(pid, 0)[1] == 0
         for t in threading.enumerate():
             if t.name == "narch-pool-install":
                 t.join()
