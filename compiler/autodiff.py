@@ -36,9 +36,9 @@ def autodiff(graph: Graph, wrt: Sequence[str], with_value: bool = True, name: st
     tracer = Tracer(name or graph.name + "_grad")
     with tracer:
         env = {i.name: tracer.add_input(i.type, i.kind, i.name) for i in graph.inputs}
-        for n in graph.nodes:
+        for n in graph.nodes:  # the forward replayed on inputs of its own types: types carry over
             tracer.loc_override = n.loc
-            env[n.name] = bind(n.op, *[env[i] for i in n.inputs], **n.attr)
+            env[n.name] = tracer.emit_copy(n, [env[i] for i in n.inputs])
         out = env[graph.outputs[0]]
         tracer.loc_override = None
         cts = {graph.outputs[0]: bind("full", shape=(), value=1.0, dtype=out.dtype)}

@@ -347,6 +347,16 @@ class Tracer:
         self.nodes.append(Node.make(name, op, [i._sym for i in inputs], type, attrs, loc))
         return Tensor._symbolic(self, name, type)
 
+    def emit_copy(self, node: Node, inputs: Sequence[Tensor]) -> Tensor:
+        """Record ``node`` of a well-typed graph (one made by tracing, whose types its ops'
+        rules gave) on inputs of its inputs' types, as ``bind`` would but without running
+        the rule again: its type and (frozen) attributes carry over."""
+        name = self.fresh()
+        syms = [t._sym if t._tracer is self else self.lift(t)._sym for t in inputs]
+        self.nodes.append(Node(name, node.op, tuple(syms), node.type, node.attrs,
+                               self.loc_override or user_loc(2, self._cwd)))
+        return Tensor._symbolic(self, name, node.type)
+
     def finish(self, outputs: Sequence[Tensor]) -> Graph:
         names = []
         for o in outputs:

@@ -118,9 +118,11 @@ def trace(fn: Callable, *example_args, params: dict | None = None, name: str | N
     return trace_with_info(fn, *example_args, params=params, name=name).graph
 
 
-def call_graph(graph: Graph, *inputs: Tensor) -> list[Tensor]:
+def call_graph(graph: Graph, *inputs: Tensor, typed: bool = False) -> list[Tensor]:
     """Apply a graph's nodes to tensors: runs eagerly on concrete tensors, or inlines the
-    graph into the active trace (keeping each node's source line)."""
+    graph into the active trace (keeping each node's source line).  ``typed``: the graph's
+    types are what its ops' rules give (a traced or differentiated graph), so inlining
+    copies its nodes without running the rules again."""
     if len(inputs) != len(graph.inputs):
         raise TypeError(f"{graph.name} takes {len(graph.inputs)} inputs, got {len(inputs)}")
     env = {}
@@ -132,10 +134,14 @@ def call_graph(graph: Graph, *inputs: Tensor) -> list[Tensor]:
     tracer = current_tracer()
     saved = tracer.loc_override if tracer else None
     try:
+        copy = typed and tracer is not None
         for n in graph.nodes:
             if tracer is not None:
                 tracer.loc_override = n.loc
-            env[n.name] = bind(n.op, *[env[i] for i in n.inputs], **n.attr)
+            if copy:
+                env[n.name] = tracer.emit_copy(n, [env[i] for i in n.inputs])
+            else:
+                env[n.name] = bind(n.op, *[env[i] for i in n.inputs], **n.attr)
     finally:
         if tracer is not None:
             tracer.loc_override = saved
@@ -163,7 +169,7 @@ def _grad_impl(fn, argnums, with_value):
                 raise TypeError(f"grad: argument {i} (%{name}) has dtype {g.types[name].dtype}; "
                                 f"only floating-point inputs are differentiable")
         dg = autodiff(g, wrt, with_value=with_value)
-        outs = call_graph(dg, *[traced.bindings[i.name] for i in g.inputs])
+        outs = call_graph(dg, *[traced.bindings[i.name] for i in g.inputs], typed=True)
         grads = outs[1:] if with_value else outs
         grads = grads[0] if isinstance(argnums, int) else tuple(grads)
         return (outs[0], grads) if with_value else grads

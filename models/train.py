@@ -80,7 +80,7 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
                 feed.append(seed)
             else:
                 feed.append(next(args))
-        outs = call_graph(vg, *feed)
+        outs = call_graph(vg, *feed, typed=True)
         loss, grads = outs[0], outs[1:]
         if clip_norm is not None:
             grads, _ = clip_by_global_norm(list(grads), clip_norm)

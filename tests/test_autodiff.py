@@ -221,3 +221,21 @@ def test_transformer_gradients_match_torch():
     np.testing.assert_allclose(value.item(), tl.item(), rtol=1e-12)
     for ours, t in zip(grads, tp):
         np.testing.assert_allclose(ours.data, t.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_typed_inlining_records_what_binding_records():
+    """call_graph(typed=True) (and autodiff's replay of the forward) copy the nodes of a
+    traced graph without rerunning their shape rules: the trace is the one binding each
+    node again gives, types, attributes and source lines included."""
+    from neural_arch.compiler.autodiff import autodiff
+    from neural_arch.compiler.trace import call_graph
+
+    def f(x, w):
+        return F.cross_entropy(F.gelu(x @ w), tensor([0, 2, 1, 1])) * 0.5
+
+    x, w = np.ones((4, 8), np.float32), np.full((8, 3), 0.1, np.float32)
+    g = trace(f, x, w)
+    dg = autodiff(g, [i.name for i in g.inputs])
+    inline = [trace(lambda a, b, t=t: tuple(call_graph(dg, a, b, typed=t)), x, w) for t in (True, False)]
+    assert inline[0] == inline[1] and all(n.loc is not None for n in inline[0].nodes)
+    assert any(n.op == "constant" for n in inline[0].nodes)
