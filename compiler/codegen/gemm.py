@@ -203,9 +203,14 @@ def _apply_epilogue(b: ir.IRBuilder, epilogue, v, m, n, lanes: int, extra):
     return r
 
 
+# how the micro-kernel reads A (its ``mode`` argument)
+A_PACKED, A_ROWS, A_COLS = 0, 1, 2
+
+
 def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
-                      extra_types=(), direct_a: str | None = None) -> ir.Function:
-    """``void ukr(ptr ap, ptr bp, i64 kc, ptr c, i64 ldc, i64 mr, i64 nr, i1 accum, ptr tile)``.
+                      extra_types=()) -> ir.Function:
+    """``void ukr(ptr ap, i64 sa, i64 mode, ptr bp, i64 kc, ptr c, i64 ldc, i64 mr, i64 nr,
+    i1 accum, ptr tile)``.
 
     ap: packed MR x kc sliver (k-major: ap[k*MR + i]); bp: packed kc x NR micro-panel,
     64-byte aligned (bp[k*NR + j]).  Writes the mr x nr corner of the tile to c (row
@@ -217,35 +222,31 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
     epilogue, as ``<VL x T>`` vectors where VL whole columns are in bounds and as scalars
     in the ragged tail, with (m0, n0) the tile's first row and column in C.
 
-    ``direct_a``: A is read where it lies instead of from a packed sliver, for full tiles
-    (mr == MR: every row read exists); ``ap`` is then the tile's element (row 0, k 0) of A and
-    its stride follows, ``ukr(ptr a, i64 s, ptr bp, ...)``: "rows" (A[i, k] at a[i*s + k],
-    a row-major A: MR row pointers sharing one index) or "cols" (A[i, k] at a[k*s + i], a
-    transposed A: MR neighbours of one pointer).
+    ``mode``: A_PACKED (``sa`` unused), or A read where it lies instead of from a packed
+    sliver, for full tiles only (mr == MR: every row read exists), ``ap`` then being the
+    tile's element (row 0, k 0) of A: A_ROWS (A[i, k] at ap[i*sa + k], a row-major A: MR
+    row pointers sharing one index) or A_COLS (A[i, k] at ap[k*sa + i], a transposed A: MR
+    neighbours of one pointer).  One k loop per mode, one write-back for all three.
     """
     MR, NV, VL, NR = bl.mr, bl.nv, bl.vl, bl.nr
     vec = ir.VectorType(elem, VL)
     fma = _intrinsic(module, f"llvm.fma.v{VL}{'f32' if size == 4 else 'f64'}",
                      ir.FunctionType(vec, [vec, vec, vec]))
-    argtys = [PTR, PTR, I64, PTR, I64, I64, I64, I1, PTR]
-    argnames = ["ap", "bp", "kc", "c", "ldc", "mr", "nr", "accum", "tile"]
-    if direct_a:
-        argtys[1:1] = [I64]
-        argnames[1:1] = ["sa"]
+    argtys = [PTR, I64, I64, PTR, I64, PTR, I64, I64, I64, I1, PTR]
+    argnames = ["ap", "sa", "mode", "bp", "kc", "c", "ldc", "mr", "nr", "accum", "tile"]
     if epilogue is not None:
         argtys += [I1, I64, I64] + list(extra_types)
         argnames += ["last", "m0", "n0"] + [f"extra{i}" for i in range(len(extra_types))]
     fn = _new_function(module, name, argtys, argnames)
     fn.attributes.add("noinline")
     args = list(fn.args)
-    if direct_a:
-        sa = args.pop(1)
+    sa, mode = args.pop(1), args.pop(1)
     for i in (0, 1, 3, 8):
         args[i].add_attribute("noalias")
     ap, bp, kc, c, ldc, mr, nr, accum, tile = args[:9]
 
     entry = fn.append_basic_block("entry")
-    loop = fn.append_basic_block("k.loop")
+    dispatch = fn.append_basic_block("k.mode")
     done = fn.append_basic_block("k.done")
     b = ir.IRBuilder(entry)
     zero = ir.Constant(vec, [0.0] * VL)
@@ -261,40 +262,56 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
             for col in (_c(0), last_col):
                 b.call(prefetch, [_gep(b, elem, crow, col), ir.Constant(i32, 1),
                                   ir.Constant(i32, 3), ir.Constant(i32, 1)])
-    if direct_a == "rows":
-        arow = [_gep(b, elem, ap, b.mul(_c(i), sa), f"arow{i}") for i in range(MR)]
-    b.cbranch(b.icmp_signed(">", kc, _c(0)), loop, done)
+    b.cbranch(b.icmp_signed(">", kc, _c(0)), dispatch, done)
 
-    # k loop: acc[i][j] += broadcast(ap[k*MR+i]) * bp[k*NR + j*VL : +VL]
-    b.position_at_end(loop)
-    k = b.phi(I64, name="k")
-    k.add_incoming(_c(0), entry)
-    accs = [[b.phi(vec, name=f"acc{i}_{j}") for j in range(NV)] for i in range(MR)]
-    for row in accs:
-        for a in row:
-            a.add_incoming(zero, entry)
-    bk = _gep(b, elem, bp, b.mul(k, _c(NR)), "bk", inbounds=True)
-    bv = [b.load(_gep(b, elem, bk, _c(j * VL), inbounds=True), name=f"b{j}", align=32, typ=vec)
-          for j in range(NV)]
-    if direct_a != "rows":
-        ak = _gep(b, elem, ap, b.mul(k, sa if direct_a == "cols" else _c(MR)), "ak",
-                  inbounds=direct_a is None)
     undef = ir.Constant(vec, None)
     splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
-    new = []
-    for i in range(MR):
-        pa = _gep(b, elem, arow[i], k) if direct_a == "rows" else _gep(b, elem, ak, _c(i), inbounds=True)
-        a = b.load(pa, name=f"a{i}", align=size, typ=elem)
-        av = b.shuffle_vector(b.insert_element(undef, a, ir.Constant(ir.IntType(32), 0)),
-                              undef, splat, name=f"av{i}")
-        new.append([b.call(fma, [av, bv[j], accs[i][j]], name=f"acc{i}_{j}.n")
-                    for j in range(NV)])
-    k1 = b.add(k, _c(1), name="k.next")
-    k.add_incoming(k1, loop)
-    for i in range(MR):
-        for j in range(NV):
-            accs[i][j].add_incoming(new[i][j], loop)
-    b.cbranch(b.icmp_signed("<", k1, kc), loop, done)
+    ends = []  # (last block of a k loop, its final accumulators)
+
+    def k_loop(how):
+        """acc[i][j] += broadcast(A[i, k]) * bp[k*NR + j*VL : +VL], k = 0 .. kc-1"""
+        pre = b.block
+        loop = fn.append_basic_block(f"k.{how}")
+        arow = [_gep(b, elem, ap, b.mul(_c(i), sa), f"arow{i}") for i in range(MR)] \
+            if how == "rows" else None
+        b.branch(loop)
+        b.position_at_end(loop)
+        k = b.phi(I64, name=f"k.{how}")
+        k.add_incoming(_c(0), pre)
+        accs = [[b.phi(vec, name=f"acc{i}_{j}") for j in range(NV)] for i in range(MR)]
+        for row in accs:
+            for a in row:
+                a.add_incoming(zero, pre)
+        bk = _gep(b, elem, bp, b.mul(k, _c(NR)), "bk", inbounds=True)
+        bv = [b.load(_gep(b, elem, bk, _c(j * VL), inbounds=True), name=f"b{j}", align=32, typ=vec)
+              for j in range(NV)]
+        if how != "rows":
+            ak = _gep(b, elem, ap, b.mul(k, sa if how == "cols" else _c(MR)), "ak",
+                      inbounds=how == "packed")
+        new = []
+        for i in range(MR):
+            pa = _gep(b, elem, arow[i], k) if how == "rows" else _gep(b, elem, ak, _c(i), inbounds=True)
+            a = b.load(pa, name=f"a{i}", align=size, typ=elem)
+            av = b.shuffle_vector(b.insert_element(undef, a, ir.Constant(ir.IntType(32), 0)),
+                                  undef, splat, name=f"av{i}")
+            new.append([b.call(fma, [av, bv[j], accs[i][j]], name=f"acc{i}_{j}.n")
+                        for j in range(NV)])
+        k1 = b.add(k, _c(1), name="k.next")
+        k.add_incoming(k1, loop)
+        for i in range(MR):
+            for j in range(NV):
+                accs[i][j].add_incoming(new[i][j], loop)
+        b.cbranch(b.icmp_signed("<", k1, kc), loop, done)
+        ends.append((loop, new))
+
+    b.position_at_end(dispatch)
+    blocks = {how: fn.append_basic_block(f"k.{how}.pre") for how in ("packed", "rows", "cols")}
+    sw = b.switch(mode, blocks["packed"])
+    sw.add_case(_c(A_ROWS), blocks["rows"])
+    sw.add_case(_c(A_COLS), blocks["cols"])
+    for how, blk in blocks.items():
+        b.position_at_end(blk)
+        k_loop(how)
 
     b.position_at_end(done)
     res = []
@@ -303,7 +320,8 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
         for j in range(NV):
             p = b.phi(vec, name=f"r{i}_{j}")
             p.add_incoming(zero, entry)
-            p.add_incoming(new[i][j], loop)
+            for loop, new in ends:
+                p.add_incoming(new[i][j], loop)
             row.append(p)
         res.append(row)
 
@@ -433,11 +451,11 @@ def _emit_pack_b(module, name, elem, size, bl: GemmBlocking) -> ir.Function:
                         kv = b.select(b.icmp_signed("==", nb, _c(NR)),
                                       b.mul(b.sdiv(kc, _c(VL)), _c(VL)), _c(0), name="kv")
                         with _for(b, _c(0), kv, VL, "kb") as k0:
-                            for j0 in range(0, NR, VL):
-                                rows = [b.load(_gep(b, elem, src, b.add(b.mul(_c(j0 + j), sbn), k0)),
+                            with _for(b, _c(0), _c(NR), VL, "jb") as j0:
+                                rows = [b.load(_gep(b, elem, src, b.add(b.mul(b.add(j0, _c(j)), sbn), k0)),
                                                align=size, typ=vec) for j in range(VL)]
                                 for k, v in enumerate(_transpose(b, rows)):
-                                    d = _gep(b, elem, dst, b.add(b.mul(b.add(k0, _c(k)), _c(NR)), _c(j0)),
+                                    d = _gep(b, elem, dst, b.add(b.mul(b.add(k0, _c(k)), _c(NR)), j0),
                                              inbounds=True)
                                     b.store(v, d, align=32)
                         with _for(b, _c(0), nb, 1, "jt") as j:
@@ -591,11 +609,9 @@ def _emit_gemm(module: ir.Module, name: str, dtype: str, bl: GemmBlocking, extra
     elem, size = _ELEM[dtype]
     extra_types = tuple(extra_types)
     ukr = _emit_microkernel(module, f"{name}.ukr", elem, size, bl, epilogue, extra_types)
-    ukr_rows, ukr_cols = (_emit_microkernel(module, f"{name}.ukr_{d}", elem, size, bl, epilogue,
-                                            extra_types, direct_a=d) for d in ("rows", "cols"))
     pack_a = _emit_pack_a(module, f"{name}.pack_a", elem, size, bl)
     pack_b = _emit_pack_b(module, f"{name}.pack_b", elem, size, bl)
-    helpers = (elem, size, bl, ukr, ukr_rows, ukr_cols, pack_a, pack_b, epilogue is not None)
+    helpers = (elem, size, bl, ukr, pack_a, pack_b, epilogue is not None)
     extra_names = [f"extra{i}" for i in range(len(extra_types))]
 
     fn = _new_function(module, name, [PTR, PTR, PTR] + [I64] * 8 + [PTR] + list(extra_types),
@@ -633,7 +649,7 @@ def _emit_loops(b: ir.IRBuilder, helpers, A, B, C, m0, m1, n0, n1, K, sam, sak, 
                 ws, extra):
     """The blocked loop nest for rows m0..m1-1 and columns n0..n1-1 of C (both non-empty),
     emitted at the builder's position (which it leaves at the loop's exit)."""
-    elem, size, bl, ukr, ukr_rows, ukr_cols, pack_a, pack_b, has_epilogue = helpers
+    elem, size, bl, ukr, pack_a, pack_b, has_epilogue = helpers
     MR, NR, KC, MC, NC = bl.mr, bl.nr, bl.kc, bl.mc, bl.nc
     fn = b.block.function
     # align the workspace to a cache line; packed B first, then packed A
@@ -679,17 +695,16 @@ def _emit_loops(b: ir.IRBuilder, helpers, A, B, C, m0, m1, n0, n1, K, sam, sak, 
                             rest += [last, b.add(ic, ir_), b.add(jc, jr)] + list(extra)
                         call_tile(ir_, mr, rest)
 
-            def packed(ir_, mr, rest):
-                b.call(ukr, [_gep(b, elem, ap, b.mul(ir_, kc), "apan", inbounds=True)] + rest)
+            packed_mode = [_c(0), _c(A_PACKED)]
 
-            def direct_tile(kernel, stride):
-                def call(ir_, mr, rest):
-                    with b.if_else(b.icmp_signed("==", mr, _c(MR))) as (full, edge):
-                        with full:
-                            b.call(kernel, [_gep(b, elem, asrc, b.mul(ir_, sam), "atile"), stride] + rest)
-                        with edge:  # the last rows, packed once below
-                            b.call(ukr, [ap] + rest)
-                return call
+            def packed(ir_, mr, rest):
+                b.call(ukr, [_gep(b, elem, ap, b.mul(ir_, kc), "apan", inbounds=True)] + packed_mode + rest)
+
+            def in_place(ir_, mr, rest):
+                # full tiles read A in place (A_ROWS or A_COLS), the last rows packed once below
+                full = b.icmp_signed("==", mr, _c(MR))
+                a = b.select(full, _gep(b, elem, asrc, b.mul(ir_, sam), "atile"), ap)
+                b.call(ukr, [a, dstride, b.select(full, dmode, _c(A_PACKED))] + rest)
 
             with b.if_else(direct) as (then, other):
                 with then:  # A read in place, but for the last rows (mc % MR of them), which
@@ -698,11 +713,10 @@ def _emit_loops(b: ir.IRBuilder, helpers, A, B, C, m0, m1, n0, n1, K, sam, sak, 
                     with b.if_then(b.icmp_signed("<", mfull, mc)):
                         b.call(pack_a, [_gep(b, elem, asrc, b.mul(mfull, sam)), b.sub(mc, mfull), kc,
                                         sam, sak, ap])
-                    with b.if_else(b.icmp_signed("==", sak, _c(1))) as (rows, cols):
-                        with rows:
-                            tiles(direct_tile(ukr_rows, sam))
-                        with cols:
-                            tiles(direct_tile(ukr_cols, sak))
+                    rows = b.icmp_signed("==", sak, _c(1))
+                    dmode = b.select(rows, _c(A_ROWS), _c(A_COLS))
+                    dstride = b.select(rows, sam, sak)
+                    tiles(in_place)
                 with other:
                     b.call(pack_a, [asrc, mc, kc, sam, sak, ap])
                     tiles(packed)
