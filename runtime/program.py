@@ -461,20 +461,16 @@ _native_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def codegen_version() -> str:
-    """Our version plus a fingerprint of the code generator's sources: a cached object is
-    valid only for the codegen that produced it."""
-    try:
-        from importlib.metadata import version
-        v = version("neural_arch")
-    except Exception:  # pragma: no cover - running from a source tree without metadata
-        v = "0.0.0"
+    """A fingerprint of the code generator's sources: a cached object is valid only for the
+    codegen that produced it.  (Not the package version: it changes nothing the sources do
+    not, and looking it up costs a cached compile 13 ms of importing importlib.metadata.)"""
     from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, share
     from . import split
     h = hashlib.sha256()
     for mod in (index, kernel, lowering, mathlib, gemm, share, split, sys.modules[__name__]):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
-    return f"{v}+codegen.{h.hexdigest()[:16]}"
+    return f"codegen.{h.hexdigest()[:16]}"
 
 
 def cache_key_parts(key_text: str, options: dict) -> dict:
@@ -557,15 +553,16 @@ def install_gemm(symbol: str, dtype: str, threads: int) -> None:
             return
         import llvmlite.binding as llvm
         from neural_arch.compiler.codegen.gemm import emit_gemm
-        mod = ir.Module(name=symbol)
-        emit_gemm(mod, symbol, dtype, parallel=threads if threads > 1 else False)
-        text = str(mod)
         cache = _disk_cache()
+        # the key names the GEMM (its sources are in codegen_version): its IR text is only
+        # generated when the object code has to be built
         parts = {"ir": f"shared gemm {symbol}", "version": codegen_version(), "toolchain": jit.toolchain_id(),
                  "options": {"threads": threads}}
         obj = cache.get(parts) if cache is not None else None
         if obj is None:
-            obj = jit.emit_object(jit.optimize(text, symbol))
+            mod = ir.Module(name=symbol)
+            emit_gemm(mod, symbol, dtype, parallel=threads if threads > 1 else False)
+            obj = jit.emit_object(jit.optimize(str(mod), symbol))
             if cache is not None:
                 cache.put(parts, obj)
         loaded = jit.load(None, obj)
