@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import warnings
@@ -152,7 +153,18 @@ class ObjectCache:
 
     # ---------------------------------------------------------------- read
     def get(self, key_parts: dict) -> bytes | None:
-        """The cached object for ``key_parts``, or None (a miss, counting a corrupt entry)."""
+        """The cached object for ``key_parts``, or None (a miss, counting a corrupt entry).
+        With ``NEURAL_ARCH_EXPLAIN_CACHE=1`` every miss prints why on stderr
+        (``explain_miss``: the nearest entry and what differs from it)."""
+        payload = self._get(key_parts)
+        if payload is None and os.environ.get("NEURAL_ARCH_EXPLAIN_CACHE") == "1":
+            what = key_parts.get("kind") or key_parts.get("what") or "machine code"
+            if "part" in key_parts:
+                what += f", part {key_parts['part'] + 1} of {key_parts.get('of')}"
+            sys.stderr.write(f"neural_arch: cache miss ({what}): {self.explain_miss(key_parts)}\n")
+        return payload
+
+    def _get(self, key_parts: dict) -> bytes | None:
         if not self.enabled:
             self._count("misses")
             return None

@@ -199,6 +199,20 @@ def test_explain_miss_names_the_changed_part(cache):
         "no entry with this IR (1 entries")
 
 
+def test_misses_say_why_when_asked(cache, monkeypatch, capsys):
+    cache.put(PARTS, b"obj")
+    newer = dict(PARTS, toolchain=PARTS["toolchain"].replace("llvm=22.1.0", "llvm=22.1.4"))
+    assert cache.get(newer) is None
+    assert capsys.readouterr().err == ""  # silent unless asked
+    monkeypatch.setenv("NEURAL_ARCH_EXPLAIN_CACHE", "1")
+    assert cache.get(PARTS) == b"obj"
+    assert cache.get(newer) is None
+    assert cache.get(dict(newer, what="part count")) is None
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "neural_arch: cache miss (machine code): toolchain changed: llvm=22.1.0 -> 22.1.4"
+    assert err[1].startswith("neural_arch: cache miss (part count): ") and len(err) == 2
+
+
 def test_unusable_directory_degrades_to_no_cache(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_bytes(b"not a directory")
