@@ -574,6 +574,36 @@ def test_row_kernel_with_grand_totals_runs_its_rows_in_parallel():
             np.testing.assert_allclose(a, w, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_loops_over_merged_head_dims_are_tiled(parallel):
+    """An innermost loop whose variable is read only as v // 32 and v % 32 (attention heads
+    merged into features, three of them concatenated: a q/k/v gradient) runs as a loop over
+    tiles of 32 around a loop inside one tile, so both are plain loop variables: the same
+    values, parallel chunks whole tiles."""
+    from neural_arch.compiler import trace, functional as F
+    from neural_arch.compiler.ir import TensorType as T
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    B, H, S, D = (16, 4, 64, 32) if parallel else (2, 4, 8, 32)
+
+    def merged(x):  # (B, H, S, D) -> (B, S, H * D)
+        return F.swapaxes(x, 1, 2).reshape((B, S, H * D))
+
+    def fn(q, k, v):
+        qkv = F.concat([merged(q), merged(k), merged(v)], axis=-1)
+        return qkv * 2.0, qkv.sum(axis=(0, 1))
+    t = T((B, H, S, D), "float32")
+    g = trace(fn, t, t, t)
+    rng = np.random.default_rng(7)
+    ins = [rng.standard_normal((B, H, S, D)).astype(np.float32) for _ in range(3)]
+    prog = Program(g, options={"module_cache": False})
+    for a, b in zip(prog(*ins), interpret(g, ins)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert re.search(r'"[\w.]+@\d+(\.\d+)?\.o\.body"', prog.module.llvm_ir), [k.name for k in prog.kernels]
+    if parallel:
+        assert any(k.tasks > 1 for k in prog.kernels)
+
+
 def test_innermost_loops_split_at_concat_and_pad_bounds():
     """A loop whose body selects between concat parts or pad regions by its own index is
     emitted as one loop per piece (the selects decided at compile time), with the values and

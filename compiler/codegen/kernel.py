@@ -385,6 +385,7 @@ class Ctx:
         groups = self.plan.get(key)
         if groups is None:
             groups = [[d] for d, e in enumerate(extents) if e > 1]
+        tile = self.plan.get(TILES, {}).get(key)
         idx = [Ix.of(0)] * len(extents)
         with ExitStack() as stack:
             for g, dims in enumerate(groups):
@@ -394,9 +395,12 @@ class Ctx:
                     lo, hi = lohi
                 else:
                     lo, hi = c64(0), c64(total)
-                iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
-                self.vals[name] = iv
-                V = Ix({Var(name, total): 1})
+                if tile and g == len(groups) - 1:
+                    V = self._tiled_loops(stack, lo, hi, name, tile, total, 0, g > 0 or lohi is None)
+                else:
+                    iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
+                    self.vals[name] = iv
+                    V = Ix({Var(name, total): 1})
                 inner = total
                 for d in dims:
                     inner //= extents[d]
@@ -439,6 +443,14 @@ class Ctx:
                     hi = self.b.select(self.b.icmp_signed("<", lohi[1], c64(b)), lohi[1], c64(b))
                 else:
                     lo, hi = c64(a), c64(b)
+                tile = self.plan.get(TILES, {}).get(key)
+                if tile:
+                    with ExitStack() as inner_stack:
+                        piece = list(idx)
+                        piece[d_last] = self._tiled_loops(inner_stack, lo, hi, name, tile, b - a, a,
+                                                          not (len(groups) == 1 and lohi is not None))
+                        body(piece)
+                    continue
                 with self.for_range(lo, hi, name, known_nonempty=not (len(groups) == 1 and lohi is not None)) as iv:
                     self.vals[name] = self.b.sub(iv, c64(a))
                     piece = list(idx)
@@ -447,6 +459,18 @@ class Ctx:
 
     def for_range(self, lo, hi, name: str, known_nonempty: bool = False):
         return for_range(self.b, lo, hi, name, known_nonempty)
+
+    def _tiled_loops(self, stack, lo, hi, name, t, total, base, known_nonempty) -> Ix:
+        """The loop over [lo, hi) (multiples of ``t``; ``total`` iterations from ``base``)
+        as an outer loop over tiles and an inner one over a tile: returns the index
+        ``base + t * outer + inner``, whose ``// t`` and ``% t`` are loop variables."""
+        b = self.b
+        o = stack.enter_context(self.for_range(b.udiv(lo, c64(t)), b.udiv(hi, c64(t)), name + ".o",
+                                               known_nonempty=known_nonempty))
+        self.vals[name + ".o"] = b.sub(o, c64(base // t)) if base else o
+        i = stack.enter_context(self.for_range(c64(0), c64(t), name + ".i", known_nonempty=True))
+        self.vals[name + ".i"] = i
+        return Ix({Var(name + ".o", total // t): t, Var(name + ".i", t): 1}, base)
 
     def alloca(self, ty: ir.Type, name: str = "") -> ir.Value:
         """A stack slot in the function's alloca block (promoted to registers by LLVM)."""
@@ -517,11 +541,53 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
         if points and len(points) <= MAX_LOOP_PIECES - 1:
             splits[key] = sorted(points)
     plan[SPLITS] = splits
+    # innermost loops whose variable is only read as v // d and v % d (a head dim merged
+    # into a feature dim): tiled by d, so both are loop variables and the inner loop is
+    # contiguous (it vectorises)
+    tiles = {}
+    for key, vs in ctx.spaces.items():
+        groups = plan[key]
+        if not groups or len(groups[-1]) != 1:
+            continue
+        v = vs[groups[-1][0]]
+        ds = {d for e in ctx.accesses for d in _divisors_of(e, v.name)}
+        ds = [d for d in ds if TILE_MIN <= d < v.extent and v.extent % d == 0
+              and all(p % d == 0 for p in splits.get(key, ()))]
+        if ds:
+            tiles[key] = max(ds)
+    plan[TILES] = tiles
     return plan, extents
+
+
+def _divisors_of(e: Ix, name: str):
+    """The d of every ``x // d`` or ``x % d`` in ``e`` (at any depth) where x is loop variable
+    ``name`` plus a multiple of d, possibly clamped to whole tiles of d (a pad's masked
+    address, which the loop's split at the pad bounds turns back into ``v + k*d``)."""
+    for atom, _ in e.terms:
+        if isinstance(atom, (Div, Mod)):
+            if _is_tile_aligned(atom.x, name, atom.d):
+                yield atom.d
+            else:
+                yield from _divisors_of(atom.x, name)
+        elif isinstance(atom, Clamp):
+            yield from _divisors_of(atom.x, name)
+
+
+def _is_tile_aligned(x: Ix, name: str, d: int) -> bool:
+    if len(x.terms) != 1 or x.terms[0][1] != 1:
+        return False
+    atom = x.terms[0][0]
+    if isinstance(atom, Var):
+        return atom.name == name and x.const % d == 0
+    if isinstance(atom, Clamp) and x.const % d == 0 and atom.c_lo % d == 0 and (atom.c_hi + 1) % d == 0:
+        return _is_tile_aligned(atom.x, name, d)
+    return False
 
 
 SPLITS = "__splits__"     # plan entry: loop key -> split points of its innermost loop
 MAX_LOOP_PIECES = 8
+TILES = "__tiles__"       # plan entry: loop key -> tile of its innermost loop (v // t, v % t)
+TILE_MIN = 8              # smaller tiles would leave the vectoriser too short an inner loop
 
 
 # ----------------------------------------------------------------------------- builder
@@ -1145,7 +1211,12 @@ class KernelBuilder:
             tasks = int(min(e0[0] // min_chunk, max(1, work // PARALLEL_CHUNK), PARALLEL_MAX_TASKS))
             tasks = max(tasks, 1)
         n0 = e0[0] if e0 else 1
-        self.task_count, self.task_chunk = tasks, -(-n0 // tasks)
+        chunk = -(-n0 // tasks)
+        tile = plan.get(TILES, {}).get(e0_key) if e0_key else None
+        if tile and len(plan.get(e0_key, ())) == 1:  # the parallel loop is the tiled one
+            chunk = -(-chunk // tile) * tile
+            tasks = -(-n0 // chunk)
+        self.task_count, self.task_chunk = tasks, chunk
         if workspace is not None:
             self.workspace_bytes = max(self.workspace_bytes, workspace(tasks))
             names = names + ["__workspace__"]
@@ -1173,7 +1244,6 @@ class KernelBuilder:
 
         tfn = None
         if tasks > 1:
-            chunk = -(-n0 // tasks)
             tfn = ir.Function(m, ir.FunctionType(VOID, [PTR, I64]), name=f"{self.name}.task")
             tfn.linkage = "internal"
             tb = ir.IRBuilder(tfn.append_basic_block("entry"))
