@@ -646,6 +646,39 @@ def test_parallel_split_ragged(dtype):
                 assert (pool_generation() > g0) == (units >= 2), (M, N, K)
 
 
+def test_parallel_split_takes_columns_when_a_is_read_in_place():
+    """A square product whose A is read in place is split by columns (each task packs only
+    its columns of B), one whose A must be packed by rows (each task packs all of B): seen in
+    how much of task 0's packed-B region of the workspace is written."""
+    from neural_arch.runtime import threadpool
+    if pool_threads() < 2:
+        pytest.skip("single-threaded pool")
+    saved = gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD
+    gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = 0
+    try:
+        g = GemmKernel("float32", parallel=2)
+    finally:
+        gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD = saved
+    M = N = 96
+    K = 32
+    nr, it = g.blocking.nr, 4
+    rng = np.random.default_rng(17)
+    for la, by_columns in [("c", True), ("f", True), ("s", False)]:
+        a, b = operand(rng, (M, K), "float32", la), operand(rng, (K, N), "float32", "c")
+        ws = np.full(g.workspace_bytes, 0xFF, np.uint8)
+        a_, b_, c = g.prepare(a, b)
+        g.run(a_, b_, c, workspace=ws)
+        check(c, a, b, "float32")
+        pad = -ws.ctypes.data % 64
+        packed_b = ws[pad: pad + K * N * it]  # task 0's slice starts the workspace
+        written = np.flatnonzero(packed_b != 0xFF)
+        half = -(-(N // 2) // nr) * nr  # task 0's columns, whole panels
+        if by_columns:
+            assert written.max() < K * half * it, la
+        else:
+            assert written.max() >= K * half * it, la
+
+
 def test_parallel_threshold_and_large():
     """Default threshold: small products stay on the caller; large ones (M or N split)
     go through the pool and are right."""
