@@ -171,33 +171,11 @@ def train(args, data=None, log=print) -> dict:
         sim = zs.similarity(template)
         return float((sim.argmax(-1) == y_te).mean()), sim
 
-    from tqdm import tqdm
-    history = {"step": [], "loss": [], "eval_step": [], "zero_shot": []}
-    bar = tqdm(range(args.steps), disable=args.no_progress, unit="step", dynamic_ncols=True)
-    begin = time.perf_counter()
-    last = 0
-    for i in bar:
-        sched.apply(opt, i)
-        if i:
-            ids, px = next_batch()
-        loss = step(ids, px)
-        history["step"].append(i + 1)
-        history["loss"].append(loss)
-        elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss:.3f}", scale=f"{float(np.exp(model.logit_scale.data)):.1f}")
-        last = i + 1
-        done = elapsed > args.time_limit
-        if (i + 1) % args.eval_every == 0 or i + 1 == args.steps or done:
-            acc, _ = zero_shot()
-            history["eval_step"].append(i + 1)
-            history["zero_shot"].append(acc)
-            msg = f"step {i + 1}: loss {loss:.3f}  zero-shot test accuracy {acc:.2%}  ({elapsed:.0f} s)"
-            bar.write(msg) if not args.no_progress else log(msg)
-        if done:
-            bar.write(f"time limit of {args.time_limit:.0f} s reached at step {i + 1}")
-            break
-    bar.close()
-    train_s = time.perf_counter() - begin
+    from neural_arch.tools.loop import train_loop
+    history, last, train_s = train_loop(
+        step, (ids, px), next_batch, sched, opt, args, lambda: zero_shot()[0], "zero_shot",
+        "zero-shot test accuracy",
+        lambda done, loss, elapsed: {"scale": f"{float(np.exp(model.logit_scale.data)):.1f}"}, log)
     acc, sim = zero_shot()
     per_template = {t: zero_shot(t)[0] for t in TEMPLATES}
     return {"model": model, "tokenizer": tok, "history": history, "zero_shot": acc, "similarity": sim,

@@ -112,7 +112,6 @@ class Evaluator:
 def train(args, data=None, log=print) -> dict:
     """Train on ``data`` (default: the digits split); returns the history, the final test
     accuracy, the confusion matrix and timings."""
-    from neural_arch.compiler import functional as F
     from neural_arch.models import compile_train_step, optim
 
     x_tr, y_tr, x_te, y_te = data if data is not None else digits_split(args.test_fraction, args.seed)
@@ -152,33 +151,10 @@ def train(args, data=None, log=print) -> dict:
         pred = ev.logits().argmax(-1)
         return float((pred == y_te).mean()), pred
 
-    from tqdm import tqdm
-    history = {"step": [], "loss": [], "eval_step": [], "test_acc": []}
-    bar = tqdm(range(args.steps), disable=args.no_progress, unit="step", dynamic_ncols=True)
-    begin = time.perf_counter()
-    last = 0
-    for i in bar:
-        sched.apply(opt, i)
-        if i:
-            xb, yb = next_batch()
-        loss = step(xb, yb)
-        history["step"].append(i + 1)
-        history["loss"].append(loss)
-        elapsed = time.perf_counter() - begin
-        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{(i + 1) * batch / max(elapsed, 1e-9):,.0f}")
-        last = i + 1
-        done = elapsed > args.time_limit
-        if (i + 1) % args.eval_every == 0 or i + 1 == args.steps or done:
-            acc, _ = accuracy()
-            history["eval_step"].append(i + 1)
-            history["test_acc"].append(acc)
-            msg = f"step {i + 1}: loss {loss:.3f}  test accuracy {acc:.2%}  ({elapsed:.0f} s)"
-            bar.write(msg) if not args.no_progress else log(msg)
-        if done:
-            bar.write(f"time limit of {args.time_limit:.0f} s reached at step {i + 1}")
-            break
-    bar.close()
-    train_s = time.perf_counter() - begin
+    from neural_arch.tools.loop import train_loop
+    history, last, train_s = train_loop(
+        step, (xb, yb), next_batch, sched, opt, args, lambda: accuracy()[0], "test_acc", "test accuracy",
+        lambda done, loss, elapsed: {"img_s": f"{done * batch / max(elapsed, 1e-9):,.0f}"}, log)
     acc, pred = accuracy()
     conf = np.zeros((10, 10), np.int64)
     np.add.at(conf, (y_te, pred), 1)
