@@ -19,7 +19,7 @@ workspace it allocated at compile time.
 Step times are medians over the timed steps; the compile time of our step is measured cold
 (an empty kernel cache) and cached (a fresh process reading the disk cache).
 
-    narch bench train [--only small,tiny,mlp,generate] [--steps 10] [--torch-compile]
+    narch bench train [--only small,tiny,mlp,generate] [--steps 10] [--torch-compile] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -242,7 +242,28 @@ def _spawn(spec: list[str], env: dict | None = None, timeout: float = 1800, memo
     return spawn_worker("neural_arch.tools.bench.train", spec, env, timeout, memory)
 
 
-def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print) -> dict:
+def alternate(ours_spec: list[str], torch_spec: list[str], first: tuple, rounds: int, env=None, log=print) -> list:
+    """Ours and PyTorch timed ``rounds`` times in alternation (``first``: the pair already
+    measured), each in a fresh worker: [(ours median s, torch median s), ...].  On a host
+    whose speed drifts for minutes at a time, the per-round ratios show the drift and
+    their median is the steadier reading."""
+    pairs = [first]
+    for k in range(1, rounds):
+        log(f"  round {k + 1} of {rounds} ...")
+        a, b = _spawn(ours_spec, env), _spawn(torch_spec)
+        if "error" in a or "error" in b:
+            break
+        pairs.append((a["median_s"], b["median_s"]))
+    return pairs
+
+
+def format_rounds(pairs: list) -> str:
+    ratios = [t / o for o, t in pairs]
+    return (f"  ours vs torch in {len(pairs)} alternating rounds: "
+            + ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {float(np.median(ratios)):.2f}x")
+
+
+def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print, rounds: int = 1) -> dict:
     cache = tempfile.mkdtemp(prefix="narch-bench-cache-")
     env = {"NEURAL_ARCH_CACHE_DIR": cache}
     log(f"[{name}] our step, cold kernel cache ...")
@@ -253,6 +274,9 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
     if have("torch"):
         log(f"[{name}] PyTorch eager ...")
         rows["torch"] = _spawn(["gpt", name, "torch", str(steps)])
+        if rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
+            rows["rounds"] = alternate(["gpt", name, "llvm", str(steps)], ["gpt", name, "torch", str(steps)],
+                                       (ours["median_s"], rows["torch"]["median_s"]), rounds, env, log)
         if torch_compile:
             log(f"[{name}] torch.compile ...")
             rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
@@ -286,6 +310,8 @@ def format_gpt(name: str, rows: dict) -> str:
                      f"{ours.get('arena_mb', 0):.1f} MB planned for {ours.get('intermediates_mb', 0):.1f} MB of "
                      f"intermediates; compile cold {cold.get('compile_s', float('nan')):.2f} s, cached "
                      f"{ours['compile_s']:.2f} s (trace + passes + codegen lookup)")
+        if rows.get("rounds"):
+            lines.append(format_rounds(rows["rounds"]))
         tc = rows.get("torch.compile")
         if tc and "compile_s" in tc:
             lines.append(f"  torch.compile: first call (compile) {tc['compile_s']:.1f} s")
@@ -300,6 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed GPT-2 steps per framework (default 10)")
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile (compiles ~1 min)")
     ap.add_argument("--no-interpreter", action="store_true", help="skip our NumPy interpreter (slow)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time ours and PyTorch this many times in alternation (GPT-2 steps, MLP) and print "
+                         "each round's ratio and their median (default 1)")
     ap.add_argument("--json", help="also write the raw measurements to this file")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -317,7 +346,7 @@ def main(argv=None) -> int:
                       "(pip install torch==2.13.0 for the comparisons)")
     for name in ("small", "tiny"):
         if name in cases:
-            out[name] = bench_gpt(name, args.steps, args.torch_compile, not args.no_interpreter, log)
+            out[name] = bench_gpt(name, args.steps, args.torch_compile, not args.no_interpreter, log, args.rounds)
             report.append(format_gpt(name, out[name]))
     if "mlp" in cases:
         log("[mlp] ours, PyTorch eager ...")
@@ -325,14 +354,21 @@ def main(argv=None) -> int:
         rows = {"ours": ours}
         if have("torch"):
             rows["torch"] = _spawn(["mlp", "torch", "300"])
+            if args.rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
+                rows["rounds"] = alternate(["mlp", "ours", "300"], ["mlp", "torch", "300"],
+                                           (ours["median_s"], rows["torch"]["median_s"]), args.rounds, None, log)
         out["mlp"] = rows
         lines = [f"MLP 64-256-256-10, batch 64, AdamW ({ours.get('data', '?')}), 300 steps"]
         for k, r in rows.items():
+            if k == "rounds":
+                continue
             if "error" in r:
                 lines.append(f"  {k:8} failed: {r['error']}")
                 continue
             ratio = "" if k == "ours" or "error" in ours else f"  ours faster by {r['median_s'] / ours['median_s']:.2f}x"
             lines.append(f"  {k:8} {r['median_s'] * 1e3:8.3f} ms/step (min {r['min_s'] * 1e3:.3f}){ratio}")
+        if rows.get("rounds"):
+            lines.append(format_rounds(rows["rounds"]))
         report.append("\n".join(lines))
     if "generate" in cases:
         log("[generate] ours, PyTorch eager ...")
