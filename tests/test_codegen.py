@@ -572,6 +572,14 @@ def test_row_kernel_with_grand_totals_runs_its_rows_in_parallel():
         for a, b, w in zip(first, second, interpret(g, ins)):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_allclose(a, w, rtol=2e-5, atol=1e-7)
+    # every target ignored (a 0/0 mean: NaN, as the interpreter's), and no rows at all
+    for n in (1024, 0):
+        xs, ys = x[:n], np.full((n,), -100, np.int64)
+        g = trace(value_and_grad(lambda x, y: F.cross_entropy(x, y)), T(xs.shape, "float32"), T(ys.shape, "int64"))
+        got = Program(g, options={"module_cache": False})(xs, ys)
+        assert np.isnan(got[0])
+        for a, w in zip(got, interpret(g, [xs, ys])):
+            np.testing.assert_allclose(a, w, equal_nan=True)
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -949,7 +949,7 @@ class KernelBuilder:
         nrows = math.prod(row_ext)
         zero_i = Ix.of(0)
 
-        def slot(ctx, k, t):  # the k-th 8-byte workspace slot, typed for total t
+        def slot(ctx, k):  # the k-th 8-byte workspace slot
             return ctx.b.gep(ctx.ptrs["__workspace__"], [c64(8 * k)], source_etype=I8)
 
         def accumulators(ctx, ts):
@@ -965,7 +965,7 @@ class KernelBuilder:
 
         def load_needed(ctx):
             for k, t in enumerate(needed):
-                self.row_values[t.name] = (value(ctx, None if ctx.analysis else slot(ctx, k, t), t), zero_i)
+                self.row_values[t.name] = (value(ctx, None if ctx.analysis else slot(ctx, k), t), zero_i)
 
         def pre(ctx):  # step 1, in the kernel before the tasks
             if not needed:
@@ -979,7 +979,7 @@ class KernelBuilder:
                         self.row_values.pop(r.name, None)
             if not ctx.analysis:
                 for k, t in enumerate(needed):
-                    ctx.b.store(value(ctx, acc[t.name], t), slot(ctx, k, t))
+                    ctx.b.store(value(ctx, acc[t.name], t), slot(ctx, k))
             self.row_values.clear()
 
         def body(ctx, lohi=None):  # step 2, one task's rows
@@ -1008,7 +1008,7 @@ class KernelBuilder:
                     continue
                 v = self.lowering(t).init(ctx, t)
                 for task in range(self.task_count):
-                    part = value(ctx, slot(ctx, len(needed) + task * len(late) + j, t), t)
+                    part = value(ctx, slot(ctx, len(needed) + task * len(late) + j), t)
                     v = self.lowering(t).combine(ctx, t, v, part)
                 self.row_values[t.name] = (v, zero_i)
             for o in outs["total"]:
