@@ -35,7 +35,7 @@ from typing import Callable
 import llvmlite.ir as ir
 
 from ..ir import Graph, Node, TensorType
-from .index import Clamp, Data, Div, Ix, Mod, Var, contiguous_strides, flat_index
+from .index import Clamp, Data, Div, Ix, Mod, Var, flat_index
 
 # ----------------------------------------------------------------------------- types
 
@@ -389,23 +389,25 @@ class Ctx:
         idx = [Ix.of(0)] * len(extents)
         with ExitStack() as stack:
             for g, dims in enumerate(groups):
-                total = math.prod(extents[d] for d in dims)
-                name = f"{key}@{g}"
-                if g == 0 and lohi is not None:
-                    lo, hi = lohi
-                else:
-                    lo, hi = c64(0), c64(total)
-                if tile and g == len(groups) - 1:
-                    V = self._tiled_loops(stack, lo, hi, name, tile, total, 0, g > 0 or lohi is None)
-                else:
-                    iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
-                    self.vals[name] = iv
-                    V = Ix({Var(name, total): 1})
-                inner = total
-                for d in dims:
-                    inner //= extents[d]
-                    idx[d] = (V // inner) % extents[d]
+                self._group_loop(stack, key, g, dims, extents, lohi, idx, tile if g == len(groups) - 1 else None)
             yield idx
+
+    def _group_loop(self, stack, key, g, dims, extents, lohi, idx, tile=None) -> None:
+        """Open the loop over merged group ``g`` of ``key`` (bounded by ``lohi`` if it is the
+        first, tiled by ``tile`` if given) and set ``idx`` of its dims."""
+        total = math.prod(extents[d] for d in dims)
+        name = f"{key}@{g}"
+        lo, hi = lohi if (g == 0 and lohi is not None) else (c64(0), c64(total))
+        if tile:
+            V = self._tiled_loops(stack, lo, hi, name, tile, total, 0, g > 0 or lohi is None)
+        else:
+            iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
+            self.vals[name] = iv
+            V = Ix({Var(name, total): 1})
+        inner = total
+        for d in dims:
+            inner //= extents[d]
+            idx[d] = (V // inner) % extents[d]
 
     def loops_each(self, key: str, extents, lohi, body) -> None:
         """``with loops(...) as idx: body(idx)``, except that when the plan splits the
@@ -424,16 +426,7 @@ class Ctx:
         idx = [Ix.of(0)] * len(extents)
         with ExitStack() as stack:
             for g, dims in enumerate(groups[:-1]):
-                total = math.prod(extents[d] for d in dims)
-                name = f"{key}@{g}"
-                lo, hi = lohi if (g == 0 and lohi is not None) else (c64(0), c64(total))
-                iv = stack.enter_context(self.for_range(lo, hi, name, known_nonempty=(g > 0 or lohi is None)))
-                self.vals[name] = iv
-                V = Ix({Var(name, total): 1})
-                inner = total
-                for d in dims:
-                    inner //= extents[d]
-                    idx[d] = (V // inner) % extents[d]
+                self._group_loop(stack, key, g, dims, extents, lohi, idx)
             n = extents[d_last]
             cuts = [0] + list(points) + [n]
             for j, (a, b) in enumerate(zip(cuts, cuts[1:])):
