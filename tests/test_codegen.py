@@ -324,13 +324,14 @@ def _ulps(got, ref64, dtype):
 
 
 _erf64 = np.frompyfunc(math.erf, 1, 1)
-MATH_REFS = {"exp": np.exp, "log": np.log, "tanh": np.tanh, "sin": np.sin, "cos": np.cos, "sqrt": np.sqrt,
+MATH_REFS = {"exp": np.exp, "log": np.log, "tanh": np.tanh, "sigmoid": lambda v: (1 / (1 + np.exp(-v.astype(np.longdouble)))).astype(np.float64),
+             "sin": np.sin, "cos": np.cos, "sqrt": np.sqrt,
              "rsqrt": lambda v: 1.0 / np.sqrt(v), "erf": lambda v: _erf64(v).astype(np.float64)}
-RANGES = {"exp": {"float32": (-104, 89), "float64": (-746, 710)}, "log": (0, 8), "tanh": (-10, 10),
+RANGES = {"exp": {"float32": (-104, 89), "float64": (-746, 710)}, "log": (0, 8), "tanh": (-10, 10), "sigmoid": (-20, 20),
           "sin": (-40, 40), "cos": (-40, 40), "sqrt": (0, 10), "rsqrt": (0, 10), "erf": (-6.5, 6.5)}
-MAX_ULP = {"float32": {"exp": 1.5, "log": 1.5, "tanh": 2, "erf": 3, "sin": 1, "cos": 1, "sqrt": 0.5,
+MAX_ULP = {"float32": {"exp": 1.5, "log": 1.5, "tanh": 2, "sigmoid": 2.5, "erf": 3, "sin": 1, "cos": 1, "sqrt": 0.5,
                        "rsqrt": 1.5},
-           "float64": {"exp": 2, "log": 2, "tanh": 2, "erf": 3, "sin": 4, "cos": 4, "sqrt": 0.5,
+           "float64": {"exp": 2, "log": 2, "tanh": 2, "sigmoid": 2.5, "erf": 3, "sin": 4, "cos": 4, "sqrt": 0.5,
                        "rsqrt": 1.5}}
 SPECIAL = [0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0, 1e-30, 1e30, 100.0, -200.0, 5e-39]
 
@@ -365,8 +366,9 @@ def test_math_functions_ulp_error_over_dense_sweeps(dtype):
 def test_math_special_values():
     for dtype in ("float32", "float64"):
         x = np.array([-math.inf, math.inf, math.nan, -200.0, 100.0, 0.0, -1.0, 1000.0, -1000.0], dtype)
-        names = ["exp", "log", "tanh", "erf", "sin", "cos", "sqrt", "rsqrt"]
-        outs = compile(lambda *xs: tuple(bind(n, v) for n, v in zip(names, xs)), *[x] * len(names)).run_arrays(*[x] * 8)
+        names = ["exp", "log", "tanh", "erf", "sin", "cos", "sqrt", "rsqrt", "sigmoid"]
+        outs = compile(lambda *xs: tuple(bind(n, v) for n, v in zip(names, xs)),
+                       *[x] * len(names)).run_arrays(*[x] * len(names))
         r = dict(zip(names, outs))
         inf, nan = math.inf, math.nan
         with np.errstate(over="ignore"):
@@ -377,6 +379,9 @@ def test_math_special_values():
         assert np.isnan(r["log"][[0, 2, 3, 6]]).all()
         np.testing.assert_array_equal(r["tanh"][[0, 1, 3, 4, 7, 8]], [-1, 1, -1, 1, 1, -1])
         np.testing.assert_array_equal(r["erf"][[0, 1, 3, 4, 7, 8]], [-1, 1, -1, 1, 1, -1])
+        np.testing.assert_array_equal(r["sigmoid"][[0, 1, 4, 5, 7, 8]], [0, 1, 1, 0.5, 1, 0])
+        tiny = 1 / (1 + np.exp(np.longdouble(200)))  # sigmoid(-200): a float64 number, 0 in float32
+        assert r["sigmoid"][3] == np.asarray(tiny, np.float64).astype(dtype)
         assert np.isnan(r["sin"][[0, 1, 2]]).all() and np.isnan(r["cos"][[0, 1, 2]]).all()
         for n in names:
             assert np.isnan(r[n][2]), n

@@ -949,6 +949,7 @@ LOWERINGS: dict[str, Lowering] = {
     "sqrt": Elementwise(_math("sqrt")),
     "rsqrt": Elementwise(_math("rsqrt")),
     "tanh": Elementwise(_math("tanh")),
+    "sigmoid": Elementwise(_math("sigmoid")),
     "erf": Elementwise(_math("erf")),
     "sin": Elementwise(_math("sin")),
     "cos": Elementwise(_math("cos")),

@@ -17,10 +17,11 @@ import numpy as np
 
 from .registry import Case, Sampler
 
-# the composites issue 2 asks for, by the names of this table
+# the composites issue 2 asks for, by the names of this table (sigmoid, also asked for, is a
+# primitive: compiler/ops/primitives.py)
 REQUIRED_COMPOSITES = (
     "mean", "var", "softmax", "log_softmax", "logsumexp", "layer_norm", "rms_norm", "relu",
-    "gelu", "gelu_tanh", "sigmoid", "silu", "dropout", "cross_entropy", "mse_loss", "masked_fill",
+    "gelu", "gelu_tanh", "silu", "dropout", "cross_entropy", "mse_loss", "masked_fill",
     "tril", "triu", "stack", "split", "embedding", "scaled_dot_product_attention", "linear",
 )
 
@@ -236,8 +237,6 @@ composite("gelu", lambda x: _F().gelu(x), lambda x: 0.5 * x * (1 + _erf(x / math
 composite("gelu_tanh", lambda x: _F().gelu(x, approximate="tanh"),
           lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))), _gen_act(),
           rtol=1e-5, atol=2e-6)
-composite("sigmoid", lambda x: _F().sigmoid(x), lambda x: 1 / (1 + np.exp(-x)), _gen_act(-8, 8),
-          rtol=1e-5, atol=1e-6)
 composite("silu", lambda x: _F().silu(x), lambda x: x / (1 + np.exp(-x)), _gen_act(-8, 8),
           rtol=1e-5, atol=2e-6)
 

@@ -127,6 +127,19 @@ _unary("tanh", np.tanh,
        lo=-4, hi=4, atol=2e-6)
 
 
+
+def _sigmoid_ref(x):
+    # 1/(1+e^-|x|) and e^-|x|/(1+e^-|x|): e^-|x| never overflows, the quotient keeps its
+    # relative accuracy where the result is tiny
+    z = np.exp(-np.abs(x))
+    return np.where(x < 0, z, np.ones_like(z)) / (1 + z)
+
+
+_unary("sigmoid", _sigmoid_ref,
+       lambda g, out, x: (bind("mul", g, bind("mul", out, bind("sub", scalar_like(out, 1), out))),),
+       lo=-8, hi=8, doc="1 / (1 + e^-x); its gradient s (1 - s) is computed from the output")
+
+
 def _erf_ref(x):
     # math.erf is exact to double precision; vectorised via frompyfunc (NumPy has no erf)
     # (asarray: frompyfunc returns a bare Python float for a 0-d input)
