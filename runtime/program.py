@@ -57,10 +57,11 @@ def default_groups(graph: Graph) -> list[GroupSpec]:
     return [GroupSpec.single(n) for n in graph.nodes]
 
 
-def fused_groups(graph: Graph, inplace: dict | None = None) -> list[GroupSpec]:
+def fused_groups(graph: Graph, inplace: dict | None = None, memory_order: bool = True) -> list[GroupSpec]:
     """Kernels from the fusion pass's plan (``compiler/passes/fusion.py``): guards first.
     ``inplace`` ({output: input}, pairs already checked by ``inplace_pairs``): the kernel
-    writing the output runs after every other kernel reading the input."""
+    writing the output runs after every other kernel reading the input.  ``memory_order``:
+    kernels that free memory run as early as they can (``_memory_order``)."""
     from neural_arch.compiler.passes.fusion import fuse
     plan = fuse(graph)
     prod = graph.producer()
@@ -78,7 +79,8 @@ def fused_groups(graph: Graph, inplace: dict | None = None) -> list[GroupSpec]:
     specs = [GroupSpec("guard", (prod[g],), upstream(g)) for g in plan.guards]
     groups = [GroupSpec(g.kind, tuple(prod[n] for n in g.nodes), tuple(prod[n] for n in g.inlined),
                         tuple(g.outputs), tuple(g.domain), tuple(g.axes)) for g in plan.groups]
-    return specs + _topological(groups, {g.name for g in plan.graph.inputs}, inplace or {})
+    order = _topological(groups, {g.name for g in plan.graph.inputs}, inplace or {})
+    return specs + (_memory_order(order, graph, inplace or {}) if memory_order else order)
 
 
 def _group_reads(g) -> set:
@@ -90,12 +92,7 @@ def _topological(groups: list, graph_inputs: set, inplace: dict | None = None) -
     """Kernels in an order where every kernel runs after the kernels whose outputs it reads
     (the plan's numbering need not be one), and a kernel that overwrites an input in place
     after every other kernel that reads it."""
-    writer = {o: k for k, g in enumerate(groups) for o in g.outputs}
-    reads = [_group_reads(g) for g in groups]
-    deps = [{writer[v] for v in r if v in writer and writer[v] != k} for k, r in enumerate(reads)]
-    for out, inp in (inplace or {}).items():
-        w = writer[out]
-        deps[w] |= {k for k, r in enumerate(reads) if k != w and inp in r}
+    deps = _group_deps(groups, inplace or {})
     order, done, visiting = [], set(), set()
 
     def visit(k):
@@ -112,6 +109,52 @@ def _topological(groups: list, graph_inputs: set, inplace: dict | None = None) -
     for k in range(len(groups)):
         visit(k)
     return order
+
+
+def _group_deps(groups: list, inplace: dict) -> list:
+    writer = {o: k for k, g in enumerate(groups) for o in g.outputs}
+    reads = [_group_reads(g) for g in groups]
+    deps = [{writer[v] for v in r if v in writer and writer[v] != k} for k, r in enumerate(reads)]
+    for out, inp in inplace.items():
+        w = writer[out]
+        deps[w] |= {k for k, r in enumerate(reads) if k != w and inp in r}
+    return deps
+
+
+def _memory_order(order: list, graph: Graph, inplace: dict) -> list:
+    """``order`` (a valid kernel order) with every kernel that allocates no more than it frees
+    run as soon as its inputs are ready.  Autodiff lists the weight gradients (fused with
+    their optimizer update, which writes in place) after the whole backward pass; run where
+    they are, each keeps its layer's activations and output gradient alive to the end.  Run
+    early, they free them: the tiny GPT-2 step's planned arena went from 32.5 to 25.2 MB."""
+    types = graph.types
+    outs = set(graph.outputs)
+    deps = _group_deps(order, inplace)
+    reads = [_group_reads(g) for g in order]
+    written = {o for g in order for o in g.outputs}
+    readers: dict = {}
+    for r in reads:
+        for v in r:
+            readers[v] = readers.get(v, 0) + 1
+
+    def held(v):  # bytes of an intermediate the arena holds while it has readers
+        return types[v].nbytes if v in written and v not in outs and v in types else 0
+
+    def net(k):
+        new = sum(held(o) for o in order[k].outputs if readers.get(o))
+        return new - sum(held(v) for v in reads[k] if readers[v] == 1)
+
+    done, result = set(), []
+    pending = list(range(len(order)))
+    while pending:
+        ready = [k for k in pending if deps[k] <= done]
+        k = next((k for k in ready if net(k) <= 0), ready[0])
+        pending.remove(k)
+        done.add(k)
+        result.append(order[k])
+        for v in reads[k]:
+            readers[v] -= 1
+    return result
 
 
 def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
