@@ -5,8 +5,8 @@ Compiled code calls
     void narch_parallel_for(ptr fn, ptr ctx, i64 n_tasks)      ; fn: void (ptr ctx, i64 task)
 
 which runs tasks ``0 .. n_tasks-1`` over the pool's workers *and* the calling thread
-(dynamic scheduling: every thread claims the next task with one atomic add) and returns
-when all tasks have finished.  ``install()`` compiles the pool (LLVM IR below, calling
+(dynamic scheduling: the caller claims tasks from the front, workers from the back, one
+compare-and-swap each) and returns when all tasks have finished.  ``install()`` compiles the pool (LLVM IR below, calling
 pthread/futex from libc in-process -- no C compiler needed), starts the workers and
 registers the symbol with ``llvmlite.binding.add_symbol`` so that every module MCJIT-loads
 afterwards (including cached object files) resolves it.  So is ``i64 narch_num_threads()``:
@@ -24,6 +24,11 @@ threads are often packed onto one core.  So:
   task is claimed, closes the job and waits only for the workers that joined.  A small job
   issued while the workers sleep therefore costs the caller one futex-wake syscall, not
   the 60-120 us wake-up;
+* claiming from both ends keeps data where it was written: on two threads, the caller
+  runs the first tasks of every job and the worker the last ones, so a kernel whose tasks
+  split rows as the previous kernel's did reads the rows its own thread wrote (in its own
+  L2) instead of half of them from the other core's; a thread that falls behind just
+  claims fewer;
 * one job record, guarded by a try-lock: a second concurrent caller (another Python
   thread) or a nested call from inside a task finds the pool busy and runs its tasks
   serially on its own thread -- never a deadlock, never an interleaved job record;
@@ -105,16 +110,34 @@ define internal i64 @pool_now() {
   ret i64 %t
 }
 
-; Claim tasks from the open job until none is left.
-define internal void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n) {
+; Claim tasks from the open job until none is left.  job_next packs the unclaimed range
+; [front, back) as back << 32 | front: the caller claims from the front, workers from the
+; back, so with two threads each runs the same half of every job's tasks (the rows it wrote
+; in the previous kernel stay in its own cache) unless one of them falls behind.
+define internal void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n, i1 %from_back) {
 entry:
+  %first = load atomic i64, ptr @job_next monotonic, align 8
   br label %claim
 claim:
-  %i = atomicrmw add ptr @job_next, i64 1 monotonic
-  %more = icmp slt i64 %i, %n
-  br i1 %more, label %body, label %done
+  %old = phi i64 [ %first, %entry ], [ %seen, %retry ], [ %after, %body ]
+  %f = and i64 %old, 4294967295
+  %b = lshr i64 %old, 32
+  %more = icmp ult i64 %f, %b
+  br i1 %more, label %try, label %done
+try:
+  %back1 = sub i64 %b, 1
+  %i = select i1 %from_back, i64 %back1, i64 %f
+  %step = select i1 %from_back, i64 -4294967296, i64 1
+  %new = add i64 %old, %step
+  %pair = cmpxchg ptr @job_next, i64 %old, i64 %new monotonic monotonic
+  %seen = extractvalue { i64, i1 } %pair, 0
+  %won = extractvalue { i64, i1 } %pair, 1
+  br i1 %won, label %body, label %retry
+retry:
+  br label %claim
 body:
   call void %fn(ptr %ctx, i64 %i)
+  %after = load atomic i64, ptr @job_next monotonic, align 8
   br label %claim
 done:
   ret void
@@ -136,7 +159,9 @@ done:
 
 define void @narch_parallel_for(ptr %fn, ptr %ctx, i64 %n) {
 entry:
-  %small = icmp slt i64 %n, 2
+  ; fewer than two tasks, or more than job_next's 32-bit halves hold: one thread
+  %n1 = add i64 %n, -2
+  %small = icmp ugt i64 %n1, 4294967293
   br i1 %small, label %serial, label %have_workers
 have_workers:
   %nw = load atomic i64, ptr @pool_cfg monotonic, align 8
@@ -187,7 +212,8 @@ publish2:
   store atomic ptr %ctx, ptr %ctxp monotonic, align 8
   %np = getelementptr i64, ptr @job_fn, i64 2
   store atomic i64 %n, ptr %np monotonic, align 8
-  store atomic i64 0, ptr @job_next monotonic, align 8
+  %range = shl i64 %n, 32
+  store atomic i64 %range, ptr @job_next monotonic, align 8
   %o = atomicrmw or ptr @job_entry, i64 __OPEN__ seq_cst
   %g = atomicrmw add ptr @pool_gen, i32 1 seq_cst
   %sl = load atomic i32, ptr @pool_sleepers seq_cst, align 4
@@ -198,7 +224,7 @@ wake:
   %w = call i64 (i64, ...) @syscall(i64 202, ptr @pool_gen, i64 129, i64 2147483647)
   br label %run
 run:
-  call void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n)
+  call void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n, i1 false)
   ; every task is claimed: close the job, then wait for the workers that joined it
   %c = atomicrmw and ptr @job_entry, i64 __NOT_OPEN__ seq_cst
   br label %drain
@@ -303,7 +329,7 @@ work:
   %ctx = load atomic ptr, ptr %ctxp monotonic, align 8
   %np = getelementptr i64, ptr @job_fn, i64 2
   %n = load atomic i64, ptr %np monotonic, align 8
-  call void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n)
+  call void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n, i1 true)
   br label %leave
 leave:
   %l = atomicrmw sub ptr @job_entry, i64 1 release

@@ -34,6 +34,21 @@ define void @nested_task(ptr %ctx, i64 %t) {
   ret void
 }
 
+declare i64 @pthread_self()
+
+define void @who_task(ptr %ctx, i64 %t) {
+  %p = getelementptr i64, ptr %ctx, i64 %t
+  %me = call i64 @pthread_self()
+  store i64 %me, ptr %p
+  ret void
+}
+
+define i64 @run_who(ptr %ctx, i64 %n) {
+  call void @narch_parallel_for(ptr @who_task, ptr %ctx, i64 %n)
+  %me = call i64 @pthread_self()
+  ret i64 %me
+}
+
 define void @run_nested(ptr %ctx, i64 %n) {
   call void @narch_parallel_for(ptr @nested_task, ptr %ctx, i64 %n)
   ret void
@@ -75,6 +90,20 @@ def test_every_task_runs_exactly_once():
         assert (counts[:n] == 1).all(), n
         if n == 0:
             assert counts[0] == 0
+
+
+def test_caller_runs_a_prefix_of_the_tasks_and_workers_the_rest():
+    """The caller claims from the front, workers from the back: on two threads each runs
+    the same end of every job (what it wrote last kernel stays in its cache)."""
+    loaded = kernels()[0]
+    run_who = loaded.function("run_who", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+    for n in (2, 7, 64, 1000):
+        for _ in range(20):
+            who = np.zeros(n, np.int64)
+            me = run_who(who.ctypes.data, n)
+            mine = np.flatnonzero(who == me)
+            assert (who != 0).all()
+            assert mine.size == 0 or (mine == np.arange(mine.size)).all(), (n, mine)
 
 
 def test_python_entry_point():
