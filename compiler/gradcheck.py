@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import is_float
 from .tensor import Tensor, no_grad
 from .trace import grad
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import sys
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

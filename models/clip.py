@@ -19,7 +19,6 @@ configs), the position of the largest input id, exactly as Hugging Face does.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np

@@ -21,8 +21,7 @@ import numpy as np
 from neural_arch.compiler.autodiff import autodiff
 from neural_arch.compiler.ir import Graph, TensorType
 from neural_arch.compiler.tensor import Tensor
-from neural_arch.compiler.trace import call_graph, trace_with_info, Traced
-from neural_arch.compiler import functional as F
+from neural_arch.compiler.trace import call_graph, trace_with_info
 
 from . import nn
 from .optim import Optimizer, clip_by_global_norm
@@ -55,7 +54,6 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
     g = traced.graph
     if not traced.single_output:
         raise ValueError("compile_train_step: loss_fn must return one scalar tensor")
-    param_inputs = [i.name for i in g.inputs if i.kind == "param"]
     name_of_input = {}
     for i in g.inputs:
         if i.kind == "param":

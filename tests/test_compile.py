@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import HypothesisSampler
-from neural_arch.compiler import Tensor, compile, functional as F, grad, trace, value_and_grad
+from neural_arch.compiler import Tensor, compile, functional as F, grad, value_and_grad
 from neural_arch.compiler.autodiff import autodiff
 from neural_arch.compiler.compile import CompiledFunction
 from neural_arch.compiler.ir import FLOAT_DTYPES, Graph

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from neural_arch.compiler import Tensor, functional as F
+from neural_arch.compiler import Tensor
 from neural_arch.models import GPT2, GPT2Config, nn, optim
 from neural_arch.models import checkpoint
 from neural_arch.models.data import BPETokenizer, CharTokenizer, TextDataset, stdlib_corpus, unigram_entropy

@@ -1,7 +1,6 @@
 """Fusion: exact kernel counts for the patterns that matter, structural invariants of every
 plan, and an explanation for every decision."""
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from neural_arch.compiler import functional as F, trace, value_and_grad
@@ -37,7 +36,6 @@ def check_invariants(plan):
     for gr in plan.groups:
         for o in gr.outputs:
             written[o] = gr.id
-    order = {gr.id: k for k, gr in enumerate(plan.groups)}
     deps = {gr.id: {written[i] for i in gr.inputs if i in written} for gr in plan.groups}
 
     def visit(k, stack):

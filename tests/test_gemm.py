@@ -650,7 +650,6 @@ def test_parallel_split_takes_columns_when_a_is_read_in_place():
     """A square product whose A is read in place is split by columns (each task packs only
     its columns of B), one whose A must be packed by rows (each task packs all of B): seen in
     how much of task 0's packed-B region of the workspace is written."""
-    from neural_arch.runtime import threadpool
     if pool_threads() < 2:
         pytest.skip("single-threaded pool")
     saved = gemm_mod.PARALLEL_MIN_FLOPS_PER_THREAD

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from neural_arch.compiler import Tensor, functional as F
+from neural_arch.compiler import Tensor
 from neural_arch.models import GPT2, GPT2Config, nn
 
 torch = pytest.importorskip("torch", reason="torch is the oracle for GPT-2 (test extra)")

@@ -291,7 +291,6 @@ def test_default_pipeline_ignores_locations(seed):
     """What the pipeline's cache relies on: the passes never look at source locations, so
     the same graph with other locations gives the same graph, and every result node carries
     the location of the traced node it came from (by identity)."""
-    from neural_arch.compiler.ir import Node, SourceLoc
     from neural_arch.compiler.passes import DEFAULT_PIPELINE
     from neural_arch.runtime.program import canonical_text
     rng = np.random.default_rng(seed)

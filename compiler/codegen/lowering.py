@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 
 import llvmlite.ir as ir
-import numpy as np
 
 from ..ops import primitives as P
 from ..ops.registry import PRIMITIVES
 from .index import Ix, Var, contiguous_strides, flat_index, unflatten
-from .kernel import (F32, F64, FM, FM_REDUCE, I1, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel, alloca,
-                     KernelBuilder, c64, close_function, const, declare, for_range, open_function, intrinsic, is_float, mem_type, reg_type)
+from .kernel import (FM, FM_REDUCE, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel, alloca, KernelBuilder, c64,
+                     close_function, const, declare, for_range, open_function, is_float, mem_type, reg_type)
 
 
 class Lowering:
