@@ -312,6 +312,7 @@ class Module:
                     "outputs": list(k.outputs), "strategy": k.strategy, "tasks": k.tasks,
                     "checks": [c.code for c in k.checks], "loops": {a: list(b) for a, b in k.loops.items()},
                     "workspace_bytes": k.workspace_bytes, "buffers": list(k.buffers), "note": k.note,
+                    "reuse": [list(r) for r in k.reuse],
                     "externals": [list(e) for e in k.externals]}
         return {"kernels": [kern(k) for k in self.kernels],
                 "layout": {"slots": [[n, i] for n, i in self.layout.slots.items()], "nslots": self.layout.nslots,
@@ -331,7 +332,7 @@ def module_from_meta(meta: dict, graph: Graph, rebuild) -> Module:
     kernels = [Kernel(k["name"], tuple(prod[n] for n in k["nodes"]), tuple(k["inputs"]), tuple(k["outputs"]),
                       k["strategy"], k["tasks"], [checks[c] for c in k["checks"]],
                       {a: list(b) for a, b in k["loops"].items()}, k["workspace_bytes"], tuple(k["buffers"]),
-                      k["note"], tuple(tuple(e) for e in k["externals"]))
+                      k["note"], tuple(tuple(e) for e in k["externals"]), tuple(tuple(r) for r in k.get("reuse", ())))
                for k in meta["kernels"]]
     lay = meta["layout"]
     layout = Layout({n: i for n, i in lay["slots"]}, lay["nslots"], lay["workspace_slot"], lay["workspace_bytes"])
@@ -900,13 +901,17 @@ class Program:
             return plan
         steps = []
         for k in self.module.kernels:
-            writes = [w for w in dict.fromkeys(tuple(k.outputs) + tuple(k.buffers)) if w in planned]
+            # internal buffers first (written first), an output allowed over one of them last:
+            # the buffer dies at the last step, which reads everything the kernel wrote
+            reuse = {o: b for o, b in k.reuse if o in planned and b in planned}
+            writes = [w for w in dict.fromkeys(tuple(k.buffers) + tuple(k.outputs)) if w in planned]
+            writes = [w for w in writes if w not in reuse] + [w for w in writes if w in reuse]
             if not writes:  # it still reads: keep its inputs alive until it ran
                 steps.append(Step("__none__", tuple(k.inputs)))
                 continue
             for j, w in enumerate(writes):
                 reads = tuple(k.inputs) + tuple(writes[:j]) + (tuple(writes) if j == len(writes) - 1 else ())
-                steps.append(Step(w, reads))
+                steps.append(Step(w, reads, w in reuse, (reuse[w],) if w in reuse else None))
         types = self.graph.types
         plan = plan_memory(steps, {v: types[v].nbytes for v in types}, outputs=self.graph.outputs,
                            external=[v for v in types if v not in planned] + ["__none__"])

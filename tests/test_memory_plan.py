@@ -235,3 +235,44 @@ def test_weight_gradient_kernels_run_early_and_lower_the_peak():
     assert sorted(map(id, ordered)) == sorted(map(id, plain)) and ordered != plain
     early, late = _live_peak(ordered, g), _live_peak(plain, g)
     assert early < 0.8 * late, (early, late)
+
+
+def test_matmul_epilogue_output_is_planned_over_the_product():
+    """``gelu(x @ w + b) * 2`` inside a program: the epilogue's result may share the product's
+    buffer (everything computed from the product is elementwise, through reshapes), and the
+    numbers equal the interpreter's.  With a transpose of it in the epilogue, the product
+    keeps its own buffer."""
+    from neural_arch.compiler import trace
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype(np.float32) for s in [(2, 48, 32), (32, 64), (64,)]]
+
+    def f(x, w, b):
+        y = F.gelu((x.reshape((96, 32)) @ w).reshape((2, 48, 64)) + b, approximate="tanh") * 2.0
+        return y.sum(), y * y + 1.0
+    g = trace(f, *[TensorType(a.shape) for a in args])
+    prog = Program(g)
+    mm = [k for k in prog.module.kernels if k.strategy == "matmul"]
+    assert len(mm) == 1 and mm[0].reuse, mm
+    out, prod = mm[0].reuse[0]
+    assert prog.memory_plan.buffers[out].inplace_of == prod
+    assert prog.memory_plan.buffers[out].offset == prog.memory_plan.buffers[prod].offset
+    for a, b in zip(prog(*args), interpret(g, args)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def t(x, w):
+        y = (x.reshape((96, 32)) @ w) * 3.0
+        return y.sum(), y.transpose((1, 0)) + 1.0
+
+    def s(x, w):  # an output of another shape is computed in a second loop, after the first
+        y = (x.reshape((96, 32)) @ w) * 3.0
+        return y.sum(), y.reshape((2, 48, 64)) + 1.0
+    for fn in (t, s):
+        g = trace(fn, *[TensorType(a.shape) for a in args[:2]])
+        prog = Program(g)
+        (k,) = [k for k in prog.module.kernels if k.strategy == "matmul"]
+        assert k.reuse == () and len(k.outputs) == 2, k
+        for a, b in zip(prog(*args[:2]), interpret(g, args[:2])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

@@ -184,6 +184,8 @@ class Kernel:
     buffers: tuple = ()        # values computed and read back inside the kernel (need buffers)
     note: str = ""             # why the kernel looks the way it does (e.g. an unfused group)
     externals: tuple = ()      # (symbol, dtype, threads) of shared functions it calls (the GEMM)
+    reuse: tuple = ()          # (output, buffer): the output may be written over the buffer (see
+    #                            KernelBuilder._epilogue_reuse)
 
     def __str__(self):
         ops = ", ".join(f"%{n.name}={n.op}" for n in self.nodes)
@@ -1121,7 +1123,46 @@ class KernelBuilder:
         return Kernel(self.name, self.nodes, merged_inputs(stages), self.outputs, "matmul",
                       max(st.tasks for st in stages), [c for st in stages for c in st.checks],
                       {k: v for st in stages for k, v in st.loops.items()}, self.workspace_bytes,
-                      buffers=extra, externals=tuple(sorted(set().union(*[st.externals for st in stages]))))
+                      buffers=extra, externals=tuple(sorted(set().union(*[st.externals for st in stages]))),
+                      reuse=self._epilogue_reuse(mm, rest, epi_outs))
+
+    def _epilogue_reuse(self, mm: Node, rest: list, epi_outs: tuple) -> tuple:
+        """An epilogue output the memory plan may place over the product it is computed from
+        (the product is the kernel's own buffer and dies with it): one buffer instead of two
+        of the product's size, and the epilogue's stores land on lines it has just read
+        instead of cold ones.  Safe when every epilogue node depending on the product is
+        elementwise or a reshape (its element i depends on element i of the product only)
+        and the output has the product's size and dtype, and the epilogue's outputs share one
+        shape (``build_map_kernel`` computes them in one loop, every output of an element
+        before its stores; outputs of another shape get a later loop): element i of the product is read
+        before element i of the output is stored (the store depends on the load), and never
+        after.  The same reasoning keeps ``noalias`` valid as for Program's in-place outputs."""
+        if mm.name in self.outputs or not epi_outs:
+            return ()
+        if len({self.graph.types[o].shape for o in epi_outs}) != 1:
+            return ()  # outputs of other shapes get loops of their own, run after the first
+        from ..ops.registry import PRIMITIVES
+        # every node depending on the product (however indirectly) must read element i of
+        # what it depends on for its element i: elementwise ops and reshapes (a reshape's
+        # element i is its input's element i); a transpose or broadcast anywhere downstream
+        # would read an element the output may already have overwritten
+        dependent, changed = {mm.name}, True
+        nodes = tuple(rest) + tuple(self.spec.inlined)
+        while changed:
+            changed = False
+            for n in nodes:
+                if n.name not in dependent and not dependent.isdisjoint(n.inputs):
+                    if n.op != "reshape" and PRIMITIVES[n.op].kind != "elementwise":
+                        return ()
+                    dependent.add(n.name)
+                    changed = True
+        ctype = self.graph.types[mm.name]
+        graph_outputs = set(self.graph.outputs)
+        for o in reversed(epi_outs):
+            ot = self.graph.types[o]
+            if o in dependent and o not in graph_outputs and (ot.size, ot.dtype) == (ctype.size, ctype.dtype):
+                return ((o, mm.name),)
+        return ()
 
     def _reduction_body(self):
         root = self.root

@@ -30,6 +30,7 @@ class Step:
     writes: str
     reads: tuple[str, ...]
     elementwise: bool = False  # output element i depends only on input elements i (in-place legal)
+    reuse: tuple[str, ...] | None = None  # the reads it may be written over (None: any, if elementwise)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def plan_memory(steps: Sequence[Step], sizes: dict[str, int], outputs: Iterable[
     for i, s in enumerate(steps):
         if s.writes not in intervals or not s.elementwise:
             continue
-        for r in s.reads:
+        for r in (s.reads if s.reuse is None else s.reuse):
             r0 = root.get(r, r)
             if r in intervals and last_use.get(r) == i and sizes[r] == sizes[s.writes] \
                     and r not in inplace.values():
