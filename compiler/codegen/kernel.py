@@ -769,17 +769,28 @@ class KernelBuilder:
         shapes = list(by_shape)
         main = max(shapes, key=lambda sh: math.prod(sh))
 
+        def first_extent(ctx, key, sh):  # the extent of the loop a task's (lo, hi) bounds
+            groups = ctx.plan.get(key) or [[d] for d, e in enumerate(sh) if e > 1]
+            return math.prod(sh[d] for d in groups[0]) if groups else 1
+
         def body(ctx, lohi=None):
             for k, sh in enumerate([main] + [x for x in shapes if x != main]):
                 if math.prod(sh) == 0:
                     continue
+                key = "out" if sh == main else f"out{k}"
+                part = lohi
+                if lohi is not None and sh != main:
+                    # a task runs the same fraction of every loop: (lo, hi) scaled from the
+                    # main loop's first extent to this one's (consecutive tasks meet exactly)
+                    n0, n1 = first_extent(ctx, "out", main), first_extent(ctx, key, sh)
+                    part = tuple(ctx.b.udiv(ctx.b.mul(v, c64(n1)), c64(n0)) for v in lohi)
                 def element(idx, sh=sh):
                     # every output of the element first, then the stores: an output may be
                     # written over an input in place (Program's ``inplace``)
                     vals = [(o, self._element(ctx, o, idx)) for o in by_shape[sh]]
                     for o, v in vals:
                         ctx.store_flat(o, flat_index(idx, sh), v)
-                ctx.loops_each("out" if sh == main else f"out{k}", sh, lohi if sh == main else None, element)
+                ctx.loops_each(key, sh, part, element)
         work = sum(math.prod(sh) for sh in shapes)
         return self.finish(body, "map" if len(self.nodes) == 1 else "loop", work, "out",
                            size=math.prod(main))
