@@ -21,6 +21,7 @@ options, so recompiling an equal graph costs nothing; when the disk cache
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import hashlib
@@ -144,16 +145,25 @@ def _memory_order(order: list, graph: Graph, inplace: dict) -> list:
         new = sum(held(o) for o in order[k].outputs if readers.get(o))
         return new - sum(held(v) for v in reads[k] if readers[v] == 1)
 
-    done, result = set(), []
-    pending = list(range(len(order)))
-    while pending:
-        ready = [k for k in pending if deps[k] <= done]
+    waiting = [len(d) for d in deps]
+    dependents: list = [[] for _ in order]
+    for k, d in enumerate(deps):
+        for j in d:
+            dependents[j].append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]  # kept in plan order
+    result = []
+    while ready:
         k = next((k for k in ready if net(k) <= 0), ready[0])
-        pending.remove(k)
-        done.add(k)
+        ready.remove(k)
         result.append(order[k])
         for v in reads[k]:
             readers[v] -= 1
+        for j in dependents[k]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                bisect.insort(ready, j)
+    if len(result) != len(order):
+        raise AssertionError("internal error: the kernels depend on each other cyclically")
     return result
 
 
