@@ -684,10 +684,9 @@ def linear(x, weight, bias=None):
 # ============================================================================ activations
 
 
-def relu(x):
-    """max(x, 0); NaN stays NaN (as in torch), and the gradient at 0 is 0."""
-    x = _float(x)
-    return where(le(x, 0.0), 0.0, x)
+relu = _unary_float("relu")
+relu.__doc__ = ("max(x, 0), one op; NaN stays NaN and the gradient is 0 at 0 and passes at NaN "
+                "(as in torch); it is computed from the output, so backward keeps the output alone.")
 
 
 sigmoid = _unary_float("sigmoid")

@@ -189,7 +189,7 @@ if HAVE_TORCH:
         "logsumexp": lambda x, axis, keepdims: torch.logsumexp(x, dim=_t_axes(axis, x.ndim), keepdim=keepdims),
         "layer_norm": _t_layer_norm,
         "rms_norm": lambda x, *w: TF.rms_norm(x, (x.shape[-1],), w[0] if w else None, eps=1e-6),
-        "relu": TF.relu, "gelu": TF.gelu, "gelu_tanh": lambda x: TF.gelu(x, approximate="tanh"),
+        "gelu": TF.gelu, "gelu_tanh": lambda x: TF.gelu(x, approximate="tanh"),
         "silu": TF.silu,
         "cross_entropy": _t_cross_entropy,
         "mse_loss": lambda p, t, reduction: TF.mse_loss(p, t, reduction=reduction),

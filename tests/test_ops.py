@@ -222,7 +222,7 @@ if HAVE_TORCH:
         "neg": torch.neg, "maximum": torch.maximum, "minimum": torch.minimum,
         "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
         "where": torch.where, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
-        "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos,
+        "rsqrt": torch.rsqrt, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos,
         "abs": torch.abs, "sign": torch.sign, "stop_gradient": lambda x: x.detach(),
         "cast": lambda x, dtype: x.to(_TD[dtype]),
         "sum": _t_reduce(torch.sum), "max": _t_reduce(torch.amax),

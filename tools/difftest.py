@@ -254,7 +254,7 @@ def _torch_fns():
     return {
         "neg": lambda a, x: -x, "exp": lambda a, x: T.exp(x), "log": lambda a, x: T.log(x),
         "sqrt": lambda a, x: T.sqrt(x), "rsqrt": lambda a, x: T.rsqrt(x), "tanh": lambda a, x: T.tanh(x),
-        "sigmoid": lambda a, x: T.sigmoid(x),
+        "sigmoid": lambda a, x: T.sigmoid(x), "relu": lambda a, x: T.relu(x),
         "erf": lambda a, x: T.erf(x), "sin": lambda a, x: T.sin(x), "cos": lambda a, x: T.cos(x),
         "abs": lambda a, x: T.abs(x), "sign": lambda a, x: T.sign(x),
         "add": lambda a, x, y: x + y, "sub": lambda a, x, y: x - y, "mul": lambda a, x, y: x * y,

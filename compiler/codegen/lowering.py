@@ -140,6 +140,11 @@ def _where(ctx, node, c, a, b_):
     return ctx.b.select(c, a, b_)
 
 
+def _relu(ctx, node, x):
+    zero = const(node.type.dtype, 0.0)
+    return ctx.b.select(ctx.b.fcmp_ordered("<=", x, zero), zero, x)  # NaN is not <= 0: kept
+
+
 def cast_value(ctx, x, src: str, dst: str):
     b = ctx.b
     if src == dst:
@@ -949,6 +954,7 @@ LOWERINGS: dict[str, Lowering] = {
     "rsqrt": Elementwise(_math("rsqrt")),
     "tanh": Elementwise(_math("tanh")),
     "sigmoid": Elementwise(_math("sigmoid")),
+    "relu": Elementwise(_relu),
     "erf": Elementwise(_math("erf")),
     "sin": Elementwise(_math("sin")),
     "cos": Elementwise(_math("cos")),

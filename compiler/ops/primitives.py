@@ -128,6 +128,17 @@ _unary("tanh", np.tanh,
 
 
 
+def _relu_ref(x):
+    return np.where(x <= 0, np.zeros_like(x), x)  # NaN stays NaN
+
+
+_unary("relu", _relu_ref,
+       lambda g, out, x: (bind("where", bind("le", out, scalar_like(out, 0)), zeros_like(g), g),),
+       avoid=(0.0,),
+       doc="max(x, 0) (NaN stays NaN); the gradient is 0 where the output is <= 0 and passes "
+           "elsewhere (at NaN too), as torch's: backward reads the output, never the input")
+
+
 def _sigmoid_ref(x):
     # 1/(1+e^-|x|) and e^-|x|/(1+e^-|x|): e^-|x| never overflows, the quotient keeps its
     # relative accuracy where the result is tiny
