@@ -2,6 +2,8 @@
 cached) and PyTorch's, on the same weights, and prints one table per case."""
 import json
 
+import numpy as np
+
 import pytest
 
 from neural_arch.tools.bench import models as bench
@@ -42,3 +44,14 @@ def test_bert_case_prints_ratios_and_ours_equals_torch_on_the_same_weights(tmp_p
 def test_unknown_cases_are_refused():
     with pytest.raises(SystemExit, match="unknown case.*gpt.*available: bert, vit, clip"):
         bench.main(["--only", "bert,gpt"])
+
+
+@pytest.mark.parametrize("case", ["vit", "clip"])
+def test_training_cases_run_ours_and_profile_the_first_step(tmp_path, case):
+    """Our side of a training case (the compiled step and its profile from the first step's
+    inputs), whichever way the step calls its native program."""
+    row = bench.worker_ours(case, "tiny", 2, str(tmp_path), profile=True)
+    assert row["steps"] == 2 and row["median_s"] > 0 and row["kernels"] > 0, row
+    assert len(row["losses"]) >= 2 and all(np.isfinite(row["losses"])), row["losses"]  # (warm-up steps too)
+    head = row["profile"].splitlines()[0]
+    assert head.startswith(f"{case} (tiny): {row['kernels']} kernels"), head
