@@ -701,3 +701,30 @@ def test_loop_kernel_splits_every_output_shape_over_its_tasks():
     args = [rng.standard_normal((2048, 256)).astype(np.float32), rng.standard_normal((256, 512)).astype(np.float32)]
     for a, b in zip(prog(*args), interpret(g, args)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_column_sums_write_their_full_operand_in_the_same_pass():
+    """A row kernel summing over rows (a bias gradient) that also writes the full-size value
+    it sums (dqkv, which the weight gradient reads): one pass over the rows does both when the
+    full output needs no row value; with one that does (x - mean), a second pass stays."""
+    from neural_arch.compiler import trace
+    from neural_arch.compiler.ir import TensorType
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.runtime.program import Program
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal((4, 96, 40)).astype(np.float32) for _ in range(2)]
+
+    def independent(a, b):
+        y = F.pad(a, ((0, 0), (0, 0), (0, 40))) + F.pad(b, ((0, 0), (0, 0), (40, 0)))
+        return F.sum(y, (0, 1)) * 2.0, y * 3.0
+
+    def dependent(a, b):
+        y = a + b
+        return F.sum(y, (0, 1)), y - F.mean(y, (0, 1), keepdims=True)
+    for fn, passes in ((independent, 1), (dependent, 2)):
+        g = trace(fn, *[TensorType(x.shape) for x in args])
+        prog = Program(g)
+        (k,) = [k for k in prog.module.kernels if k.strategy == "row-columns"]
+        assert ("Rfull" in k.loops) == (passes == 2), (fn.__name__, k.loops)
+        for got, want in zip(prog(*args), interpret(g, args)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

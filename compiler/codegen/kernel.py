@@ -848,18 +848,7 @@ class KernelBuilder:
             return self._column_row_kernel(domain, axes, kept, trail, row_reds, outs, row_index)
 
         members = {n.name: n for n in self.nodes}
-
-        def cone(names):
-            """Members (and totals) the values ``names`` depend on within this kernel."""
-            seen, stack = set(), list(names)
-            while stack:
-                v = stack.pop()
-                if v in seen:
-                    continue
-                seen.add(v)
-                if v in self.inline:
-                    stack.extend(self.inline[v].inputs)
-            return seen
+        cone = self._cone
 
         # a full-domain member that a reduction reads and the full outputs read again (a
         # softmax's exp) is kept for the row while the reduction computes it, not recomputed
@@ -1029,6 +1018,18 @@ class KernelBuilder:
             return 8 * (len(needed) + len(late) * tasks)
         return self.finish(body, "row", work, "row", size=size, pre=pre, post=post, workspace=workspace)
 
+    def _cone(self, names) -> set:
+        """The values ``names`` depend on within this kernel (members, totals, inlined)."""
+        seen, stack = set(), list(names)
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in self.inline:
+                stack.extend(self.inline[v].inputs)
+        return seen
+
     def _column_row_kernel(self, domain, axes, kept, trail, row_reds, outs, row_index):
         """A row kernel whose innermost domain dims are kept (e.g. sums over the batch): each
         reduction accumulates whole rows of its buffer, reduced dims outside, the kept
@@ -1051,10 +1052,15 @@ class KernelBuilder:
                     full[d] = i
             return full
 
+        # full-domain outputs that need no row value (dqkv, written beside its column sums):
+        # stored in the first reduction's pass over the rows instead of a second pass
+        row_names = {r.name for r in row_reds} | set(outs["row"])
+        with_first = bool(outs["full"]) and not (self._cone(outs["full"]) & row_names)
+
         def body(ctx, lohi=None):
             with ctx.loops("P", [domain[d] for d in outer], lohi if outer else None) as pidx:
                 tl = None if outer else lohi
-                for r in row_reds:
+                for j, r in enumerate(row_reds):
                     low = self.lowering(r)
                     (x,) = r.inputs
                     with ctx.loops(TRAIL, [domain[d] for d in trail], tl) as tidx:
@@ -1062,13 +1068,17 @@ class KernelBuilder:
                         ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), low.init(ctx, r))
                     if math.prod(domain[d] for d in red):
                         with ctx.loops(f"R.{r.name}", [domain[d] for d in red]) as ridx:
-                            def accumulate(tidx, r=r, low=low, x=x, ridx=ridx):
+                            def accumulate(tidx, r=r, low=low, x=x, ridx=ridx, first=j == 0):
                                 full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                                 ri = row_index(r.name, [full[d] for d in kept])
                                 off = flat_index(ri, types[r.name].shape)
                                 acc = ctx.load_flat(r.name, off)
                                 v = ctx.load(x, full)
+                                vals = [(o, self._element(ctx, o, full)) for o in outs["full"]] \
+                                    if first and with_first else []
                                 ctx.store_flat(r.name, off, low.combine(ctx, r, acc, v, reduce=False))
+                                for o, w in vals:
+                                    ctx.store_flat(o, flat_index(full, domain), w)
                             ctx.loops_each(TRAIL, [domain[d] for d in trail], tl, accumulate)
                 rest = [o for o in outs["row"] if o not in {r.name for r in row_reds}]
                 if rest:
@@ -1080,7 +1090,7 @@ class KernelBuilder:
                             vals.append((o, flat_index(ri, types[o].shape), self._element(ctx, o, ri)))
                         for o, off, v in vals:
                             ctx.store_flat(o, off, v)
-                if outs["full"] and math.prod(domain[d] for d in red):
+                if outs["full"] and math.prod(domain[d] for d in red) and not with_first:
                     with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
                         def write_full(tidx, ridx=ridx):
                             full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
