@@ -967,6 +967,12 @@ class Program:
     def kernels(self) -> list[Kernel]:
         return self.module.kernels
 
+    def output_arrays(self) -> list[np.ndarray]:
+        """Fresh arrays for ``out=``, one per computed output in order.  Allocate them once and
+        pass them on every call of a loop: a fresh output's first writes page-fault, which a
+        training graph (every parameter and optimizer moment is an output) pays each call."""
+        return [np.empty(shape, dtype=dtype) for _, _, shape, dtype in self._out_alloc]
+
     def __call__(self, *arrays: np.ndarray, out=None) -> list[np.ndarray]:
         """Run on C-contiguous input arrays of the graph's input types (the caller checks;
         ``CompiledFunction`` does).  ``out``: optional arrays (one per computed output, in
@@ -985,10 +991,13 @@ class Program:
             out = list(out)
             if len(out) != len(self._out_alloc):
                 raise TypeError(f"out= needs {len(self._out_alloc)} arrays, got {len(out)}")
-            for o, (_, name, shape, dtype) in zip(out, self._out_alloc):
-                if o.shape != tuple(shape) or o.dtype != np.dtype(dtype) or not o.flags.c_contiguous \
-                        or not o.flags.writeable:
-                    raise TypeError(f"out= array for %{name} must be a writeable C-contiguous "
+            want_out = self.__dict__.get("_out_want")
+            if want_out is None:
+                want_out = self._out_want = [(tuple(shape), np.dtype(dtype)) for _, _, shape, dtype in self._out_alloc]
+            for k, (o, (shape, dtype)) in enumerate(zip(out, want_out)):
+                flags = o.flags if isinstance(o, np.ndarray) else None
+                if flags is None or o.shape != shape or o.dtype != dtype or not (flags.c_contiguous and flags.writeable):
+                    raise TypeError(f"out= array for %{self._out_alloc[k][1]} must be a writeable C-contiguous "
                                     f"{dtype}{list(shape)} array")
         address = self._address
         with self._lock:

@@ -120,3 +120,31 @@ def test_two_threads_call_a_fresh_program_at_once():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_out_arrays_are_written_and_checked():
+    """``out=``: the computed outputs land in the caller's arrays (the same objects come
+    back, equal to a call without them); ``output_arrays()`` makes a fitting set; a wrong
+    count, shape, dtype, layout or a read-only array is refused naming the output."""
+    g = trace(lambda a, b: (a * b + 1.0, (a - b).sum()), TensorType((4, 5)), TensorType((4, 5)))
+    prog = Program(g)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((4, 5)).astype(np.float32) for _ in range(2))
+    want = prog(a, b)
+    outs = prog.output_arrays()
+    assert [(o.shape, o.dtype) for o in outs] == [((4, 5), np.float32), ((), np.float32)]
+    for _ in range(2):  # the same arrays again
+        got = prog(a, b, out=outs)
+        assert all(x is y for x, y in zip(got, outs))
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+    name = g.outputs[0]
+    bad = [np.zeros((5, 4), np.float32), np.zeros((4, 5), np.float64),
+           np.zeros((4, 10), np.float32)[:, ::2], [[0.0] * 5] * 4]
+    ro = np.zeros((4, 5), np.float32)
+    ro.flags.writeable = False
+    for first in bad + [ro]:
+        with pytest.raises(TypeError, match=f"out= array for %{name} must be a writeable C-contiguous"):
+            prog(a, b, out=[first, outs[1]])
+    with pytest.raises(TypeError, match="out= needs 2 arrays, got 1"):
+        prog(a, b, out=outs[:1])
