@@ -519,12 +519,14 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
         plan[key] = groups
         extents[key] = [math.prod(vs[d].extent for d in g) for g in groups]
     # split points of innermost loops: where a range condition on the variable flips
+    def innermost():  # (loop key, the variable of its innermost loop) where that loop is one dim
+        for key, vs in ctx.spaces.items():
+            groups = plan[key]
+            if groups and len(groups[-1]) == 1:
+                yield key, vs[groups[-1][0]]
+
     splits = {}
-    for key, vs in ctx.spaces.items():
-        groups = plan[key]
-        if not groups or len(groups[-1]) != 1:
-            continue
-        v = vs[groups[-1][0]]
+    for key, v in innermost():
         points = set()
         for e, op, k in ctx.cmps:
             if len(e.terms) == 1 and e.terms[0][1] == 1 and isinstance(e.terms[0][0], Var) \
@@ -540,11 +542,7 @@ def make_plan(ctx: Ctx) -> tuple[dict, dict]:
     # into a feature dim): tiled by d, so both are loop variables and the inner loop is
     # contiguous (it vectorises)
     tiles = {}
-    for key, vs in ctx.spaces.items():
-        groups = plan[key]
-        if not groups or len(groups[-1]) != 1:
-            continue
-        v = vs[groups[-1][0]]
+    for key, v in innermost():
         ds = {d for e in ctx.accesses for d in _divisors_of(e, v.name)}
         ds = [d for d in ds if TILE_MIN <= d < v.extent and v.extent % d == 0
               and all(p % d == 0 for p in splits.get(key, ()))]

@@ -671,8 +671,7 @@ class Matmul(Lowering):
         kb.workspace_bytes = wsb * tasks
 
         names = [abuf, bbuf, node.name, "__workspace__"]
-        bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
-        bfn.linkage = "internal"
+        bfn = _body_function(kb, 4)
         A, B, C, W, lo, hi = bfn.args
         b = ir.IRBuilder(bfn.append_basic_block("entry"))
         if out.size:
@@ -707,7 +706,6 @@ GEMV_MIN_WORK_PARALLEL = 1 << 16   # N*K per product above which columns split o
 
 
 def _gemv_kernel(self, kb, node, stages, abuf, abase, bbuf, bbase, a_bs, b_bs, sak, sbk, sbn, batch, N, K, nb):
-    m = kb.module
     dt = node.type.dtype
     et = reg_type(dt)
     tasks = 2 if nb * N * K >= GEMV_MIN_WORK_PARALLEL and not kb.options.get("serial") else 1
@@ -720,8 +718,7 @@ def _gemv_kernel(self, kb, node, stages, abuf, abase, bbuf, bbase, a_bs, b_bs, s
     items = nb * nchunks
     per = -(-items // tasks)
     names = [abuf, bbuf, node.name, "__workspace__"]
-    bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
-    bfn.linkage = "internal"
+    bfn = _body_function(kb, 4)
     A, B, C, _W, lo, hi = bfn.args
     b = open_function(bfn)
     bcs = contiguous_strides(batch) if batch else ()
@@ -776,7 +773,6 @@ def _gemv_split_k(kb, node, stages, abuf, abase, bbuf, bbase, sak, sbk, N, K, ta
     splitting the columns instead makes every task skip through every row, measured 20 %
     slower when B comes from DRAM).  Task 0 accumulates into y, task t > 0 into its own N
     floats of the workspace; y then adds those partial sums."""
-    m = kb.module
     dt = node.type.dtype
     et = reg_type(dt)
     isz = ITEMSIZE[dt]
@@ -784,8 +780,7 @@ def _gemv_split_k(kb, node, stages, abuf, abase, bbuf, bbase, sak, sbk, N, K, ta
     kb.workspace_bytes = part * (tasks - 1)
     kh = -(-K // tasks)
     names = [abuf, bbuf, node.name, "__workspace__"]
-    bfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * 4 + [I64, I64]), name=f"{kb.name}.body")
-    bfn.linkage = "internal"
+    bfn = _body_function(kb, 4)
     A, B, C, W, lo, hi = bfn.args
     b = open_function(bfn)
     zero = const(dt, 0.0)
@@ -841,6 +836,14 @@ def _chain(kb, stages, last: Kernel) -> Kernel:
     last.checks = [c for s in stages for c in s.checks] + list(last.checks)
     last.externals = tuple(sorted(set(last.externals).union(*[s.externals for s in stages])))
     return last
+
+
+def _body_function(kb, nptrs: int) -> ir.Function:
+    """``<kernel>.body(ptr x nptrs, i64 lo, i64 hi)``, internal: a custom kernel's work
+    (``_finish_custom`` emits the task and kernel functions that call it)."""
+    fn = ir.Function(kb.module, ir.FunctionType(VOID, [PTR] * nptrs + [I64, I64]), name=f"{kb.name}.body")
+    fn.linkage = "internal"
+    return fn
 
 
 def _finish_custom(kb, bfn, names, n0, tasks, per, strategy, fname=None, after=None) -> Kernel:
