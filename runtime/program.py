@@ -25,6 +25,7 @@ import bisect
 import ctypes
 import functools
 import hashlib
+import operator
 import os
 import sys
 import threading
@@ -595,6 +596,8 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
         return _native_cache[key]
 
 
+_WRITEABLE = operator.attrgetter("flags.writeable")
+
 _shared: dict = {}
 _shared_lock = threading.Lock()
 
@@ -1028,10 +1031,11 @@ class Program:
                 arr = np.empty(shape, dtype=dtype) if out is None else out[k]
                 fresh.append(arr)
                 ptrs[slot] = address(arr)
-            for i in aliased_by_input:  # (their pointers were set with the input's)
-                if not accepted[i].flags.writeable:
-                    raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
-                                    f"and must be writeable")
+            # inputs updated in place (their pointers were set with the input's) must be writeable
+            if aliased_by_input and not all(map(_WRITEABLE, map(accepted.__getitem__, aliased_by_input))):
+                i = next(i for i in aliased_by_input if not accepted[i].flags.writeable)
+                raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
+                                f"and must be writeable")
             rc = self._entry(ptrs)
             if self._prof is not None:
                 self.calls += 1

@@ -257,7 +257,8 @@ def test_inplace_decision_is_cached_by_request(monkeypatch, tmp_path, capsys):
 def test_compiled_step_feeds_the_same_arrays_each_step():
     """The native step passes the learning rate, step number and seed through the same three
     0-d arrays every call (the program keeps every input's data pointer), and still sees a
-    new learning rate, a parameter array replaced by the user and a non-contiguous batch."""
+    new learning rate, a parameter array replaced by the user, a non-contiguous batch and a
+    replaced optimizer moment."""
     m1, m2 = mlp(), mlp()
     o1, o2 = optim.AdamW(m1.parameters(), lr=0.01), optim.AdamW(m2.parameters(), lr=0.01)
     ref = compile_train_step(m1, mlp_loss, o1, *BATCHES[0], backend="interpreter")
@@ -271,6 +272,10 @@ def test_compiled_step_feeds_the_same_arrays_each_step():
                 m.parameters()[0].data = m.parameters()[0].data * 0.5
         if k == 3:
             x = np.asfortranarray(x)
+        if k == 4:  # the user replaces a moment of the optimizer's state
+            for m, o in ((m1, o1), (m2, o2)):
+                st = o.state_for(m.parameters()[1])
+                st["exp_avg"] = Tensor(np.asfortranarray(st["exp_avg"].data * 0.25))
         np.testing.assert_allclose(step(x, y), ref(x, y), rtol=1e-4, atol=1e-5)
         if seen is not None:
             assert all(a is b for a, b in zip(prog._last_inputs[:3], seen))
