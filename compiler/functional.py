@@ -843,14 +843,38 @@ def embedding(ids, weight):
     return gather(weight, ids, axis=0)
 
 
+def attention(q, k, v, causal=False, scale=None):
+    """Fused self-attention over (batch, length, heads, head_dim) tensors of one shape:
+    softmax(q k^T * scale) v per (batch, head), keys j <= i only for query i when
+    ``causal``; ``scale`` defaults to 1/sqrt(head_dim).  One kernel forward and one
+    backward, which recomputes the probabilities: no (length x length) tensor is stored.
+    q, k and v may be views (slices of one projection, reshapes): the kernel reads them in
+    place.  Masks other than causal, cross-attention and attention dropout:
+    ``scaled_dot_product_attention``."""
+    q, k, v = _float(q), _float(k), _float(v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return bind("attention", q, k, v, scale=scale, causal=bool(causal))
+
+
 def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None):
     """softmax(q @ k^T * scale + mask) @ v over (..., L, D) tensors.
 
     ``mask``: bool (True = attend, as in torch) or float (added to the scores), broadcast
-    against (..., Lq, Lk)."""
+    against (..., Lq, Lk).  Without a mask, for q, k and v of one shape (self-attention)
+    and a non-empty head dim, this is the fused ``attention`` kernel; otherwise the
+    composite below (scores, softmax, product)."""
     q, k, v = _float(q), _float(k), _float(v)
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if mask is None and q.shape == k.shape == v.shape and q.ndim >= 2 and q.dtype == k.dtype == v.dtype \
+            and d > 0 and q.shape[-2] > 0 and isinstance(scale, (int, float)) and math.isfinite(scale):
+        if q.ndim == 4:  # (B, H, L, D): the heads-first views of (B, L, H, D)
+            o = attention(*(transpose(t, 0, 2, 1, 3) for t in (q, k, v)), causal=is_causal, scale=scale)
+            return transpose(o, 0, 2, 1, 3)
+        lead = q.shape[:-2]
+        flat = (math.prod(lead), q.shape[-2], 1, d)
+        o = attention(*(reshape(t, flat) for t in (q, k, v)), causal=is_causal, scale=scale)
+        return reshape(o, q.shape)
     s = mul(matmul(q, swapaxes(k, -1, -2)), scale)
     if is_causal:
         lq, lk = q.shape[-2], k.shape[-2]

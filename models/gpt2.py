@@ -66,8 +66,15 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x, cache=None, pos=None):
         b, t, c = x.shape
-        q, k, v = (self._split(z) for z in F.split(self.c_attn(x), 3, axis=-1))
         hd = c // self.n_head
+        drop = self.attn_dropout
+        if cache is None and (drop.p == 0.0 or not drop.training):
+            # the fused causal attention, reading q, k, v in place from c_attn's output
+            # (batch, t, 3, heads, hd) and writing (batch, t, heads, hd): no head transposes
+            q, k, v = (z.reshape(b, t, self.n_head, hd) for z in F.split(self.c_attn(x), 3, axis=-1))
+            y = F.attention(q, k, v, causal=True, scale=1.0 / math.sqrt(hd)).reshape(b, t, c)
+            return self.resid_dropout(self.c_proj(y)), None
+        q, k, v = (self._split(z) for z in F.split(self.c_attn(x), 3, axis=-1))
         if cache is None:
             scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
             r = F.iota((t, t), 0)

@@ -103,11 +103,13 @@ def block(x, *ps):
 def test_pre_ln_transformer_block_forward_kernel_count():
     plan = plan_of(block, P(T, C), *[P(*s) for s in SHAPES])
     check_invariants(plan)
-    # 2 layer norms, 4 linear layers with their epilogues, q@k^T (+scale, causal mask),
-    # softmax, attn@v: nine kernels, every movement op read through
+    # 2 layer norms, 4 linear layers with their epilogues, and the fused attention (scores,
+    # causal mask, softmax, product: one kernel reading q, k, v in place): seven kernels,
+    # every movement op read through
     kinds = [g.kind for g in plan.groups]
-    assert plan.kernel_count == 9, plan.explain()
-    assert kinds.count("matmul") == 6 and kinds.count("reduce") == 3
+    assert plan.kernel_count == 7, plan.explain()
+    assert kinds.count("matmul") == 4 and kinds.count("reduce") == 2 and kinds.count("opaque") == 1
+    assert [plan.graph.producer()[g.nodes[0]].op for g in plan.groups if g.kind == "opaque"] == ["attention"]
 
 
 def test_pre_ln_transformer_block_backward_kernel_count():
@@ -116,8 +118,10 @@ def test_pre_ln_transformer_block_backward_kernel_count():
     plan = plan_of(value_and_grad(loss, tuple(range(13))), P(T, C), *[P(*s) for s in SHAPES])
     check_invariants(plan)
     kinds = [g.kind for g in plan.groups]
-    assert kinds.count("matmul") == 18  # 6 forward, 12 backward (two per forward matmul)
-    assert plan.kernel_count == 33, plan.explain()
+    assert kinds.count("matmul") == 12  # 4 forward, 8 backward (two per forward matmul)
+    ops = [plan.graph.producer()[g.nodes[0]].op for g in plan.groups if g.kind == "opaque"]
+    assert ops == ["attention", "attention_grad"]  # the backward of attention is one kernel too
+    assert plan.kernel_count == 27, plan.explain()
 
 
 def test_every_decision_is_explained():

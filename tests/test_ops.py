@@ -217,7 +217,15 @@ if HAVE_TORCH:
         r = torch.arange(shape[axis], dtype=_TD[dtype])
         return r.reshape([-1 if i == axis else 1 for i in range(len(shape))]).expand(*shape)
 
+    def _t_attention(q, k, v, scale, causal):  # ours is (batch, length, heads, dim); torch's heads-first
+        # q pre-scaled: torch 2.13 masks (-inf) before scaling, so a negative scale turns a
+        # causal row's masked scores into +inf (NaN rows); softmax(q k^T * s) is the same
+        o = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q * scale, k, v)),
+                                                             is_causal=causal, scale=1.0)
+        return o.transpose(1, 2)
+
     TORCH = {
+        "attention": _t_attention,
         "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
         "neg": torch.neg, "maximum": torch.maximum, "minimum": torch.minimum,
         "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
@@ -238,7 +246,9 @@ if HAVE_TORCH:
 else:  # pragma: no cover
     TORCH = {}
 
-NO_TORCH_COUNTERPART = {"rng_uniform", "check_index"}
+# attention_grad takes attention's output as an input: it is held against torch through
+# attention's backward (test_against_torch["attention"] differentiates through it)
+NO_TORCH_COUNTERPART = {"rng_uniform", "check_index", "attention_grad"}
 
 
 @needs_torch

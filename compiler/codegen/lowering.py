@@ -26,7 +26,8 @@ from ..ops import primitives as P
 from ..ops.registry import PRIMITIVES
 from .index import Ix, Var, contiguous_strides, flat_index, unflatten
 from .kernel import (FM, FM_REDUCE, I8, I32, I64, ITEMSIZE, PTR, VOID, Ctx, Kernel, alloca, KernelBuilder, c64,
-                     close_function, const, declare, for_range, open_function, is_float, mem_type, reg_type)
+                     close_function, const, declare, for_range, intrinsic, open_function, is_float, mem_type,
+                     reg_type)
 
 
 class Lowering:
@@ -595,34 +596,7 @@ class Matmul(Lowering):
         M, N = out.shape[-2:]
         K = at.shape[-1]
         nb = math.prod(batch)
-        m = kb.module
-        # operands: buffers read with strides (transposes and broadcasts cost nothing);
-        # other inline computations are materialised first
-        stages = []
-        ops = []
-        def materialise(value, stage):
-            from .kernel import GroupSpec
-            pre = KernelBuilder(m, kb.graph, GroupSpec("loop", (kb.inline[value],), kb.spec.inlined, (value,)),
-                                f"{kb.name}.{stage}", kb._register_check, kb.options)
-            pre.slot = kb.slot
-            stages.append(pre.build())
-            kb.buffered.add(value)
-            kb.materialized = getattr(kb, "materialized", ()) + (value,)
-
-        for name in (a, bname):
-            op = self.operand(kb, name)
-            src = self.remapped_source(kb, name) if op is None else name
-            if src != name and kb.graph.types[src].size <= kb.graph.types[name].size:
-                # a transpose (or reshape, broadcast) of a computed value: materialise that
-                # value in its own layout, written in order, and read it through the remap's
-                # strides (materialising the transpose would read or write across rows)
-                materialise(src, ("a" if name == a else "b") + "s")
-                op = self.operand(kb, name)
-            if op is None:
-                materialise(name, "a" if name == a else "b")
-                op = (name, 0, list(contiguous_strides(kb.graph.types[name].shape)))
-            ops.append(op)
-        (abuf, abase, ast), (bbuf, bbase, bst) = ops
+        stages, ((abuf, abase, ast), (bbuf, bbase, bst)) = strided_operands(kb, (a, bname), ("a", "b"))
 
         def batch_strides(shape, strides):
             lead = len(batch) - (len(shape) - 2)
@@ -638,21 +612,9 @@ class Matmul(Lowering):
             # one dot product per column)
             return self._gemv_kernel(kb, node, stages, abuf, abase, bbuf, bbase, a_bs, b_bs, sak, sbk, sbn,
                                      batch, N, K, nb)
-        emit_gemm, ws_bytes, threads = gemm_provider()
+        _, ws_bytes, threads = gemm_provider()
         big_single = nb == 1 and threads > 1 and flops >= GEMM_PARALLEL_MIN_FLOPS and not kb.options.get("serial")
-        gthreads = threads if big_single else 1
-        if kb.options.get("shared_gemm", True):
-            # one GEMM per (dtype, threads) for the whole process, linked by symbol: programs
-            # do not recompile it (runtime/program.py installs it before loading)
-            gname = shared_gemm_symbol(dt, gthreads)
-            gemm = declare(m, gname, VOID, [PTR, PTR, PTR] + [I64] * 8 + [PTR])
-            kb.externals = tuple(sorted(set(getattr(kb, "externals", ())) | {(gname, dt, gthreads)}))
-        else:
-            gname = f"narch.gemm.{dt}" + (".par" if big_single else "")
-            try:
-                gemm = m.get_global(gname)
-            except KeyError:
-                gemm = emit_gemm(m, gname, dt, parallel=threads) if big_single else emit_gemm(m, gname, dt)
+        gemm = gemm_function(kb, dt, threads if big_single else 1)
         tasks = 1
         if not big_single and flops >= MATMUL_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
             tasks = MATMUL_MAX_TASKS
@@ -700,6 +662,65 @@ class Matmul(Lowering):
         if stages:
             k = _chain(kb, stages, k)
         return k
+
+
+def strided_operands(kb: KernelBuilder, names, stage_names):
+    """Buffers a custom kernel reads its operands from, with strides: ``(stages, [(buffer,
+    base offset, element strides per dim)])``.  An operand computed inline through affine
+    index remaps (a transpose, slice, broadcast or reshape of a buffer) is read in place; a
+    remap of another computed value has that value materialised in its own layout (read
+    through the remap's strides), anything else is materialised itself (``stages``: the
+    loop kernels that do so, run first)."""
+    m = kb.module
+    stages, ops = [], []
+
+    def materialise(value, stage):
+        from .kernel import GroupSpec
+        pre = KernelBuilder(m, kb.graph, GroupSpec("loop", (kb.inline[value],), kb.spec.inlined, (value,)),
+                            f"{kb.name}.{stage}", kb._register_check, kb.options)
+        pre.slot = kb.slot
+        stages.append(pre.build())
+        kb.buffered.add(value)
+        kb.materialized = getattr(kb, "materialized", ()) + (value,)
+
+    done = {}
+    for name, stage in zip(names, stage_names):
+        if name in done:  # one value read twice (x @ x): one materialisation
+            ops.append(done[name])
+            continue
+        op = Matmul.operand(kb, name)
+        src = Matmul.remapped_source(kb, name) if op is None else name
+        if src != name and kb.graph.types[src].size <= kb.graph.types[name].size:
+            # a transpose (or reshape, broadcast) of a computed value: materialise that
+            # value in its own layout, written in order, and read it through the remap's
+            # strides (materialising the transpose would read or write across rows)
+            if src not in kb.buffered:
+                materialise(src, stage + "s")
+            op = Matmul.operand(kb, name)
+        if op is None:
+            materialise(name, stage)
+            op = (name, 0, list(contiguous_strides(kb.graph.types[name].shape)))
+        done[name] = op
+        ops.append(op)
+    return stages, ops
+
+
+def gemm_function(kb: KernelBuilder, dt: str, threads: int) -> ir.Function:
+    """The GEMM a custom kernel calls: ``void (A, B, C, M, N, K, sam, sak, sbk, sbn, scm,
+    workspace)``, the process-wide one for (dtype, threads) linked by symbol (programs do
+    not recompile it; runtime/program.py installs it before loading), or with the option
+    ``shared_gemm=False`` one emitted into this module."""
+    m = kb.module
+    if kb.options.get("shared_gemm", True):
+        gname = shared_gemm_symbol(dt, threads)
+        kb.externals = tuple(sorted(set(getattr(kb, "externals", ())) | {(gname, dt, threads)}))
+        return declare(m, gname, VOID, [PTR, PTR, PTR] + [I64] * 8 + [PTR])
+    emit_gemm = gemm_provider()[0]
+    gname = f"narch.gemm.{dt}" + (".par" if threads > 1 else "")
+    try:
+        return m.get_global(gname)
+    except KeyError:
+        return emit_gemm(m, gname, dt, parallel=threads) if threads > 1 else emit_gemm(m, gname, dt)
 
 
 GEMV_MIN_WORK_PARALLEL = 1 << 16   # N*K per product above which columns split over two tasks
@@ -878,6 +899,240 @@ def _finish_custom(kb, bfn, names, n0, tasks, per, strategy, fname=None, after=N
                   externals=tuple(getattr(kb, "externals", ())))
 
 
+# ============================================================================ fused attention
+
+# Query rows per block.  A causal block of rows r0..r1-1 needs keys 0..r1-1 only, so smaller
+# blocks skip more of the masked triangle (L = 64 in blocks of 32: 3/4 of the products)
+# while each block's GEMM calls repack their operands.
+ATTENTION_ROW_BLOCK = 32
+ATTENTION_MIN_FLOPS_PARALLEL = 1 << 18
+
+
+class _AttentionKernel:
+    """What the forward and backward attention kernels share: the operands read in place
+    through strides, the work items (batch, head) split over tasks, each task's workspace
+    (score rows, then the GEMM's packing buffers), and the causal row blocks."""
+
+    def __init__(self, kb: KernelBuilder, operands, names, ws_rows: int, ws_extra: int):
+        node = kb.root
+        self.kb, self.node = kb, node
+        self.dt = node.type.dtype
+        self.et = reg_type(self.dt)
+        q = kb.graph.types[node.inputs[0]]
+        self.B, self.L, self.H, self.D = q.shape
+        self.scale, self.causal = float(node.attr["scale"]), bool(node.attr["causal"])
+        self.stages, self.ops = strided_operands(kb, operands, names)
+        _, ws_bytes, _ = gemm_provider()
+        self.gemm = gemm_function(kb, self.dt, 1)
+        it = ITEMSIZE[self.dt]
+        self.rb = ATTENTION_ROW_BLOCK if self.causal else self.L
+        self.rb = max(1, min(self.rb, self.L))
+        # workspace per task: ws_rows score blocks (rb x L), ws_extra more elements, the GEMM's
+        self.block_elems = -(-(self.rb * self.L) // 16) * 16
+        self.extra_off = ws_rows * self.block_elems
+        self.gemm_off = -(-((self.extra_off + ws_extra) * it) // 64) * 64
+        self.wsb = self.gemm_off + -(-ws_bytes(self.dt, 1) // 64) * 64
+        items = self.B * self.H
+        flops = 4 * self.B * self.H * self.L * self.L * self.D
+        self.tasks = 1
+        if flops >= ATTENTION_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
+            self.tasks = max(1, min(MATMUL_MAX_TASKS, items))
+        self.per = -(-items // self.tasks)
+        self.items = items
+        kb.workspace_bytes = self.wsb * self.tasks
+
+    def open(self, nptrs):
+        self.fn = _body_function(self.kb, nptrs)
+        self.b = open_function(self.fn)
+        return self.fn.args
+
+    def ptr(self, base, off):
+        return self.b.gep(base, [off], source_etype=self.et)
+
+    def operand_base(self, k, bi, h):
+        """Element offset of operand k's (batch bi, position 0, head h, 0)."""
+        _, base, st = self.ops[k]
+        b = self.b
+        return b.add(c64(base), b.add(b.mul(bi, c64(st[0])), b.mul(h, c64(st[2]))))
+
+    def call_gemm(self, A, B_, C, M, N, K, sam, sak, sbk, sbn, scm, ws):
+        self.b.call(self.gemm, [A, B_, C, M, N, K, sam, sak, sbk, sbn, scm, ws])
+
+    def items_loop(self, lo, hi, W):
+        """Yields (bi, h, task workspace) per work item."""
+        b = self.b
+        with for_range(b, lo, hi, "item") as item:
+            bi = b.udiv(item, c64(self.H))
+            h = b.urem(item, c64(self.H))
+            task = b.udiv(item, c64(self.per))
+            yield bi, h, b.gep(W, [b.mul(task, c64(self.wsb))], source_etype=I8)
+
+    def blocks(self):
+        """Yields (r0, rows, nc): the row block, its row count and the keys it needs."""
+        b = self.b
+        nblk = -(-self.L // self.rb)
+        with for_range(b, c64(0), c64(nblk), "blk", known_nonempty=True) as blk:
+            r0 = b.mul(blk, c64(self.rb))
+            r1 = b.add(r0, c64(self.rb))
+            r1 = b.select(b.icmp_signed("<", r1, c64(self.L)), r1, c64(self.L))
+            yield r0, b.sub(r1, r0), (r1 if self.causal else c64(self.L))
+
+    def probabilities(self, Q, K, S, r0, rows, nc, gws):
+        """S[i, j] (row stride L) = softmax_j(q_{r0+i} . k_j * scale) for j < nc, 0 past the
+        causal diagonal: the GEMM, then three passes per row (scale and max; exp and sum;
+        normalise), each vectorised."""
+        b, et, L = self.b, self.et, self.L
+        _, _, qs = self.ops[0]
+        _, _, ks = self.ops[1]
+        self.call_gemm(self.ptr(Q, b.mul(r0, c64(qs[1]))), K, S, rows, nc, c64(self.D), c64(qs[1]), c64(qs[3]),
+                       c64(ks[3]), c64(ks[1]), c64(L), gws)
+        m = self.kb.module
+        from . import mathlib
+        exp = mathlib.get(m, "exp", self.dt)
+        maximum = intrinsic(m, "llvm.maximum", et, 2)  # (NaN-propagating, as the row kernels' max)
+        acc = alloca(self.fn, et, "acc")
+        scale = const(self.dt, self.scale)
+        with for_range(b, c64(0), rows, "i") as i:
+            row = self.ptr(S, b.mul(i, c64(L)))
+            # columns 0..valid-1 (the causal diagonal, or every key); the rest of the nc
+            # columns the block's products read are zeroed.  (Running the passes over all nc
+            # columns with the masked ones read as -inf, whole vectors without scalar tails,
+            # measured slower: 50 % more exp work for L = 64 in blocks of 32.)
+            valid = b.add(b.add(r0, i), c64(1)) if self.causal else nc
+            b.store(const(self.dt, -math.inf), acc)
+            with for_range(b, c64(0), valid, "j1", known_nonempty=True) as j:
+                p = self.ptr(row, j)
+                x = b.fmul(b.load(p, typ=et), scale, flags=FM)
+                b.store(x, p)
+                b.store(b.call(maximum, [b.load(acc, typ=et), x]), acc)
+            mx = b.load(acc, typ=et)
+            b.store(const(self.dt, 0.0), acc)
+            with for_range(b, c64(0), valid, "j2", known_nonempty=True) as j:
+                p = self.ptr(row, j)
+                e = b.call(exp, [b.fsub(b.load(p, typ=et), mx, flags=FM)], fastmath=FM)
+                b.store(e, p)
+                b.store(b.fadd(b.load(acc, typ=et), e, flags=FM_REDUCE), acc)
+            inv = b.fdiv(const(self.dt, 1.0), b.load(acc, typ=et))
+            with for_range(b, c64(0), valid, "j3", known_nonempty=True) as j:
+                p = self.ptr(row, j)
+                b.store(b.fmul(b.load(p, typ=et), inv, flags=FM), p)
+            if self.causal:
+                with for_range(b, valid, nc, "j4") as j:
+                    b.store(const(self.dt, 0.0), self.ptr(row, j))
+
+    def finish(self, names, strategy):
+        self.b.ret_void()
+        close_function(self.fn)
+        k = _finish_custom(self.kb, self.fn, names, self.items, self.tasks, self.per, strategy,
+                           fname=self.kb.name + ".main" if self.stages else None)
+        return _chain(self.kb, self.stages, k) if self.stages else k
+
+
+class Attention(Lowering):
+    """One kernel per attention: for each (batch, head) and block of query rows, the scores
+    by the GEMM into the task's workspace, the softmax in place, and P @ V by the GEMM
+    straight into the output.  No (L x L) tensor reaches memory outside the workspace."""
+
+    kind = "opaque"
+
+    def kernel(self, kb: KernelBuilder) -> Kernel:
+        node = kb.root
+        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v"), ws_rows=1, ws_extra=0)
+        (qb, _, qs), (kbuf, _, ks), (vb, _, vs) = ak.ops
+        names = [qb, kbuf, vb, node.name, "__workspace__"]
+        Q0, K0, V0, O, W, lo, hi = ak.open(5)
+        b = ak.b
+        HD = ak.H * ak.D
+        for bi, h, ws in ak.items_loop(lo, hi, W):
+            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
+            K = ak.ptr(K0, ak.operand_base(1, bi, h))
+            V = ak.ptr(V0, ak.operand_base(2, bi, h))
+            Ob = ak.ptr(O, b.add(b.mul(bi, c64(ak.L * HD)), b.mul(h, c64(ak.D))))
+            S = b.bitcast(ws, PTR)
+            gws = b.gep(ws, [c64(ak.gemm_off)], source_etype=I8)
+            for r0, rows, nc in ak.blocks():
+                ak.probabilities(Q, K, S, r0, rows, nc, gws)
+                # O[r0:r0+rows] = P @ V[0:nc]
+                ak.call_gemm(S, V, ak.ptr(Ob, b.mul(r0, c64(HD))), rows, c64(ak.D), nc, c64(ak.L), c64(1),
+                             c64(vs[1]), c64(vs[3]), c64(HD), gws)
+        return ak.finish(names, "attention")
+
+
+class AttentionGrad(Lowering):
+    """The backward of ``Attention``, also one kernel: per (batch, head) and query block the
+    probabilities again (nothing of the forward's is stored), dP = dO V^T, dS = P (dP - rowsum(dO * O))
+    * scale, then dQ = dS K written directly, and dS^T Q, P^T dO added into dK, dV."""
+
+    kind = "opaque"
+
+    def kernel(self, kb: KernelBuilder) -> Kernel:
+        node = kb.root
+        L_, D_ = kb.graph.types[node.inputs[0]].shape[1], kb.graph.types[node.inputs[0]].shape[3]
+        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v", "o", "g"), ws_rows=2, ws_extra=L_ * D_ + 64)
+        (qb, _, qs), (kbuf, _, ks), (vb, _, vs), (ob, _, os_), (gb, _, gs) = ak.ops
+        names = [qb, kbuf, vb, ob, gb, node.name, "__workspace__"]
+        Q0, K0, V0, O0, G0, OUT, W, lo, hi = ak.open(7)
+        b, et, L, D, H = ak.b, ak.et, ak.L, ak.D, ak.H
+        HD = H * D
+        ld = 3 * HD  # row stride of the (B, L, 3, H, D) output
+        acc = alloca(ak.fn, et, "rowsum")
+        scale = const(ak.dt, ak.scale)
+        for bi, h, ws in ak.items_loop(lo, hi, W):
+            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
+            K = ak.ptr(K0, ak.operand_base(1, bi, h))
+            V = ak.ptr(V0, ak.operand_base(2, bi, h))
+            Ob = ak.ptr(O0, ak.operand_base(3, bi, h))
+            G = ak.ptr(G0, ak.operand_base(4, bi, h))
+            base = ak.ptr(OUT, b.add(b.mul(bi, c64(L * ld)), b.mul(h, c64(D))))
+            dQ, dK, dV = base, ak.ptr(base, c64(HD)), ak.ptr(base, c64(2 * HD))
+            S = b.bitcast(ws, PTR)
+            dP = b.gep(ws, [c64(ak.block_elems * ITEMSIZE[ak.dt])], source_etype=I8)
+            tmp = b.gep(ws, [c64(ak.extra_off * ITEMSIZE[ak.dt])], source_etype=I8)
+            gws = b.gep(ws, [c64(ak.gemm_off)], source_etype=I8)
+            zero = const(ak.dt, 0.0)
+            with for_range(b, c64(0), c64(L), "zl", known_nonempty=True) as l:
+                with for_range(b, c64(0), c64(D), "zd", known_nonempty=True) as d:
+                    off = b.add(b.mul(l, c64(ld)), d)
+                    b.store(zero, ak.ptr(dK, off))
+                    b.store(zero, ak.ptr(dV, off))
+            for r0, rows, nc in ak.blocks():
+                ak.probabilities(Q, K, S, r0, rows, nc, gws)
+                Gr = ak.ptr(G, b.mul(r0, c64(gs[1])))
+                Qr = ak.ptr(Q, b.mul(r0, c64(qs[1])))
+                # dP = dO[r0:] @ V[0:nc]^T
+                ak.call_gemm(Gr, V, dP, rows, nc, c64(D), c64(gs[1]), c64(gs[3]), c64(vs[3]), c64(vs[1]),
+                             c64(L), gws)
+                # dS = P * (dP - rowsum(dO * O)) * scale, in place of dP
+                with for_range(b, c64(0), rows, "i") as i:
+                    gi = b.add(r0, i)
+                    b.store(zero, acc)
+                    with for_range(b, c64(0), c64(D), "d", known_nonempty=True) as d:
+                        gv = b.load(ak.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
+                        ov = b.load(ak.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
+                        b.store(b.fadd(b.load(acc, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), acc)
+                    rs = b.load(acc, typ=et)
+                    prow = ak.ptr(S, b.mul(i, c64(L)))
+                    drow = ak.ptr(dP, b.mul(i, c64(L)))
+                    with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
+                        pj = b.load(ak.ptr(prow, j), typ=et)
+                        dp = ak.ptr(drow, j)
+                        v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
+                        b.store(v, dp)
+                # dQ[r0:] = dS @ K[0:nc]
+                ak.call_gemm(dP, K, ak.ptr(dQ, b.mul(r0, c64(ld))), rows, c64(D), nc, c64(L), c64(1),
+                             c64(ks[1]), c64(ks[3]), c64(ld), gws)
+                # dK[0:nc] += dS^T @ Q[r0:], dV[0:nc] += P^T @ dO[r0:]
+                for A_, B_, sb, acc_out in ((dP, Qr, qs, dK), (S, Gr, gs, dV)):
+                    ak.call_gemm(A_, B_, tmp, nc, c64(D), rows, c64(1), c64(L), c64(sb[1]), c64(sb[3]),
+                                 c64(D), gws)
+                    with for_range(b, c64(0), nc, "al", known_nonempty=True) as l:
+                        with for_range(b, c64(0), c64(D), "ad", known_nonempty=True) as d:
+                            dst = ak.ptr(acc_out, b.add(b.mul(l, c64(ld)), d))
+                            t = b.load(ak.ptr(tmp, b.add(b.mul(l, c64(D)), d)), typ=et)
+                            b.store(b.fadd(b.load(dst, typ=et), t, flags=FM), dst)
+        return ak.finish(names, "attention-grad")
+
+
 # ============================================================================ scatter_add
 
 
@@ -985,6 +1240,8 @@ LOWERINGS: dict[str, Lowering] = {
     "gather": Gather(),
     "scatter_add": ScatterAdd(),
     "matmul": Matmul(),
+    "attention": Attention(),
+    "attention_grad": AttentionGrad(),
     "full": Full(),
     "iota": Iota(),
     "constant": Constant(),

@@ -655,6 +655,108 @@ primitive("matmul", kind="matmul", shape=_matmul_shape, ref=lambda a, b, out: np
           doc="(..., m, k) @ (..., k, n) with numpy broadcasting of the batch dims")
 
 
+# ============================================================================ fused attention
+
+def _attention_check(op, q, k, v, scale, causal):
+    _require_float(op, q, k, v)
+    if q.ndim != 4:
+        raise ShapeError(op, f"expects (batch, length, heads, head_dim) tensors, got q of shape {q.shape}")
+    if not (q.shape == k.shape == v.shape):
+        raise ShapeError(op, f"q, k and v must have one shape (self-attention), got {q.shape}, {k.shape} "
+                             f"and {v.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DTypeError(op, f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not isinstance(causal, bool):
+        raise ShapeError(op, f"causal must be a bool, got {causal!r}")
+    if not (isinstance(scale, float) and math.isfinite(scale)):
+        raise ShapeError(op, f"scale must be a finite float, got {scale!r}")
+
+
+def _attention_shape(q, k, v, scale, causal):
+    _attention_check("attention", q, k, v, scale, causal)
+    return q
+
+
+def _attention_probs(q, k, scale, causal):
+    """softmax(q k^T * scale) per (batch, head) in float64: (B, H, L, L)."""
+    s = np.einsum("blhd,bmhd->bhlm", q.astype(np.float64), k.astype(np.float64)) * scale
+    if causal:
+        L = q.shape[1]
+        s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+    if s.size:
+        s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _attention_ref(q, k, v, out, scale, causal):
+    p = _attention_probs(q, k, scale, causal)
+    return np.einsum("bhlm,bmhd->blhd", p, v.astype(np.float64)).astype(out.dtype)
+
+
+def _attention_vjp(g, out, q, k, v, scale, causal):
+    grads = bind("attention_grad", q, k, v, out, g, scale=scale, causal=causal)
+    B, L, H, D = q.shape
+
+    def part(i):
+        return bind("reshape", bind("slice", grads, starts=(0, 0, i, 0, 0), stops=(B, L, i + 1, H, D),
+                                    steps=(1,) * 5), shape=(B, L, H, D))
+    return part(0), part(1), part(2)
+
+
+def _gen_attention(s):
+    shape = (s.int(1, 2), s.int(1, 6), s.int(1, 3), s.int(1, 5))
+    return Case(tuple(s.array(shape, lo=-1.5, hi=1.5) for _ in range(3)),
+                {"scale": s.choice([0.5, 1.0, -0.75]), "causal": s.bool()})
+
+
+primitive("attention", kind="opaque", shape=_attention_shape, ref=_attention_ref, vjp=_attention_vjp,
+          spec=Spec(_gen_attention, rtol=1e-5, atol=1e-5),
+          doc="softmax(q k^T * scale [causal: key j <= query i]) v per (batch, head), over "
+              "(batch, length, heads, head_dim) tensors; one kernel, no (length x length) "
+              "tensor in memory (the backward recomputes the probabilities)")
+
+
+def _attention_grad_shape(q, k, v, o, g, scale, causal):
+    _attention_check("attention_grad", q, k, v, scale, causal)
+    if o.shape != q.shape or g.shape != q.shape or o.dtype != q.dtype or g.dtype != q.dtype:
+        raise ShapeError("attention_grad", f"the output and its gradient must be {q.dtype}{list(q.shape)}, got "
+                                           f"{o.dtype}{list(o.shape)} and {g.dtype}{list(g.shape)}")
+    B, L, H, D = q.shape
+    return TensorType((B, L, 3, H, D), q.dtype)
+
+
+def _attention_grad_ref(q, k, v, o, g, out, scale, causal):
+    p = _attention_probs(q, k, scale, causal)
+    g64 = g.astype(np.float64)
+    dv = np.einsum("bhlm,blhd->bmhd", p, g64)
+    dp = np.einsum("blhd,bmhd->bhlm", g64, v.astype(np.float64))
+    rows = np.einsum("blhd,blhd->bhl", g64, o.astype(np.float64))[..., None]
+    ds = p * (dp - rows) * scale
+    dq = np.einsum("bhlm,bmhd->blhd", ds, k.astype(np.float64))
+    dk = np.einsum("bhlm,blhd->bmhd", ds, q.astype(np.float64))
+    return np.stack([dq, dk, dv], axis=2).astype(out.dtype)
+
+
+def _attention_grad_vjp(g, out, *inputs, scale, causal):
+    raise ShapeError("attention_grad", "second derivatives through the fused attention are not supported; "
+                                       "differentiate F.scaled_dot_product_attention with a mask (the "
+                                       "composite) for those")
+
+
+def _gen_attention_grad(s):
+    case = _gen_attention(s)
+    q, k, v = case.inputs
+    o = _attention_ref(q, k, v, TensorType(q.shape, "float32"), **case.attrs)
+    return Case((q, k, v, o, s.array(q.shape, lo=-1.0, hi=1.0)), case.attrs)
+
+
+primitive("attention_grad", kind="opaque", shape=_attention_grad_shape, ref=_attention_grad_ref,
+          vjp=_attention_grad_vjp, spec=Spec(_gen_attention_grad, rtol=1e-4, atol=1e-5, grad=False),
+          doc="(dq, dk, dv) of attention stacked on axis 2: (batch, length, 3, heads, head_dim); o is "
+              "attention's output and g its gradient (rowsum(g * o) is the softmax's correction)")
+
+
 # ============================================================================ sources
 
 def _full_shape(shape, value, dtype="float32"):

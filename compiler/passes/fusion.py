@@ -35,6 +35,9 @@ from .remat import is_recomputed
 LOOP_KINDS = ("elementwise", "broadcast", "injective")
 # index remaps a matmul reads through with strides (codegen/lowering.py Matmul.operand)
 AFFINE_REMAPS = ("reshape", "transpose", "broadcast_to", "slice")
+# opaque ops whose kernels read their operands through such remaps too (lowering.py
+# strided_operands)
+STRIDED_READERS = ("attention", "attention_grad")
 
 
 @dataclass
@@ -265,10 +268,10 @@ def fuse(graph: Graph, enabled: bool = True) -> FusionPlan:
             continue
         if kind in LOOP_KINDS:
             if n.op in AFFINE_REMAPS and n.name not in outputs and users.get(n.name) and \
-                    all(kind_of[u] == "matmul" for u in users[n.name]):
+                    all(kind_of[u] == "matmul" or prod[u].op in STRIDED_READERS for u in users[n.name]):
                 inlined.add(n.name)
-                decisions.append(Decision(n.name, True, f"{n.op} is read only by matmuls, which read through it "
-                                                        f"with strides: inlined, not materialised"))
+                decisions.append(Decision(n.name, True, f"{n.op} is read only by matmuls and attentions, which "
+                                                        f"read through it with strides: inlined, not materialised"))
                 continue
             if n.op == "broadcast_to" and n.name not in outputs:
                 inlined.add(n.name)

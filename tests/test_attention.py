@@ -1,0 +1,138 @@
+"""The fused attention (primitives attention / attention_grad, codegen lowering.Attention):
+compiled against the interpreter and the composite (scores, mask, softmax, product) it
+replaces, on shapes with several causal row blocks and tasks, with q, k, v read in place
+from one projection as GPT-2 does."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from neural_arch.compiler import functional as F, trace
+from neural_arch.compiler.codegen import lowering
+from neural_arch.compiler.ir import TensorType
+from neural_arch.compiler.ops.registry import ShapeError
+from neural_arch.compiler.trace import value_and_grad
+from neural_arch.runtime.interpreter import interpret
+from neural_arch.compiler.tensor import bind
+from neural_arch.runtime.program import Program, clear_memory_cache
+
+
+def composite(q, k, v, causal, scale):
+    """What the fused op replaces, heads-first as models wrote it before."""
+    q, k, v = (F.transpose(t, 0, 2, 1, 3) for t in (q, k, v))
+    s = F.matmul(q, F.swapaxes(k, -1, -2)) * scale
+    if causal:
+        L = q.shape[2]
+        s = F.where(F.ge(F.iota((L, L), 0), F.iota((L, L), 1)), s, -math.inf)
+    return F.transpose(F.matmul(F.softmax(s, -1), v), 0, 2, 1, 3)
+
+
+# L = 70 with 32-row causal blocks: three blocks, the last partial; D = 24 is no multiple of
+# the GEMM's 16 columns; B * H = 6 items over two tasks
+SHAPES = [(2, 70, 3, 24), (1, 5, 2, 3), (3, 33, 1, 8)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_gradients_match_the_composite(shape, causal):
+    rng = np.random.default_rng(hash((shape, causal)) % 2**32)
+    q, k, v, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
+    scale = 1.0 / math.sqrt(shape[-1])
+    T = TensorType(shape)
+
+    def loss(fn):
+        return lambda q, k, v, g: (fn(q, k, v) * g).sum()
+    fused = value_and_grad(loss(lambda q, k, v: F.attention(q, k, v, causal=causal, scale=scale)), (0, 1, 2))
+    comp = value_and_grad(loss(lambda q, k, v: composite(q, k, v, causal, scale)), (0, 1, 2))
+    gf, gc = trace(fused, T, T, T, T), trace(comp, T, T, T, T)
+    prog = Program(gf)
+    ops = sorted(k.strategy for k in prog.kernels if k.strategy.startswith("attention"))
+    assert ops == ["attention", "attention-grad"], [k.strategy for k in prog.kernels]
+    got = prog(q, k, v, g)
+    want = interpret(gc, [q, k, v, g])
+    for name, a, b in zip(("loss", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4, err_msg=name)
+    np.testing.assert_allclose(got[1:], interpret(gf, [q, k, v, g])[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_qkv_read_in_place_from_one_projection():
+    """GPT-2's pattern: q, k, v are slices of one (B, L, 3C) tensor reshaped to heads; the
+    kernels read them through strides (no copies), the output feeds the projection as a
+    reshape, and the backward writes (B, L, 3, H, D), which is dqkv reshaped."""
+    B, L, H, D = 2, 40, 4, 16
+    C = H * D
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, L, C)).astype(np.float32)
+    w = (rng.standard_normal((C, 3 * C)) * 0.2).astype(np.float32)
+    wo = (rng.standard_normal((C, C)) * 0.2).astype(np.float32)
+
+    def block(attn):
+        def f(x, w, wo):
+            q, k, v = (t.reshape(B, L, H, D) for t in F.split(F.matmul(x, w), 3, axis=-1))
+            return (F.matmul(attn(q, k, v).reshape(B, L, C), wo) ** 2).sum()
+        return f
+    fused = value_and_grad(block(lambda q, k, v: F.attention(q, k, v, causal=True)), (0, 1, 2))
+    comp = value_and_grad(block(lambda q, k, v: composite(q, k, v, True, 1 / math.sqrt(D))), (0, 1, 2))
+    types = [TensorType(a.shape) for a in (x, w, wo)]
+    prog = Program(trace(fused, *types))
+    att = [k for k in prog.kernels if k.strategy.startswith("attention")]
+    assert len(att) == 2 and all(not k.buffers for k in att), att  # nothing materialised for them
+    assert all(len(k.inputs) <= 3 for k in att), [k.inputs for k in att]  # qkv (+ o, dO): no copies
+    got = prog(x, w, wo)
+    want = interpret(trace(comp, *types), [x, w, wo])
+    for name, a, b in zip(("loss", "dx", "dw", "dwo"), got, want):
+        np.testing.assert_allclose(a, b, rtol=3e-4, atol=3e-4, err_msg=name)
+
+
+def test_row_block_size_does_not_change_the_numbers(monkeypatch):
+    """Causal blocks of 8 rows (9 blocks for L = 70) against one block of all rows (the
+    disk cache is off: its key does not hold the module constant)."""
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
+    shape = (1, 70, 2, 8)
+    rng = np.random.default_rng(5)
+    ins = [rng.standard_normal(shape).astype(np.float32) for _ in range(5)]
+    T = TensorType(shape)
+    outs = []
+    for rb in (8, 128):
+        monkeypatch.setattr(lowering, "ATTENTION_ROW_BLOCK", rb)
+        clear_memory_cache()
+        fwd = Program(trace(lambda q, k, v: F.attention(q, k, v, causal=True, scale=0.3), T, T, T))
+        bwd = Program(trace(lambda q, k, v, o, g: bind("attention_grad", q, k, v, o, g, scale=0.3, causal=True),
+                            T, T, T, T, T))
+        outs.append((fwd(*ins[:3])[0], bwd(*ins)[0]))
+    clear_memory_cache()
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused_with_the_ops_name():
+    T = TensorType
+    with pytest.raises(ShapeError, match=r"attention: q, k and v must have one shape.*\(2, 5, 2, 4\).*\(2, 6, 2, 4\)"):
+        trace(lambda q, k, v: F.attention(q, k, v), T((2, 5, 2, 4)), T((2, 6, 2, 4)), T((2, 6, 2, 4)))
+    with pytest.raises(ShapeError, match=r"attention: expects \(batch, length, heads, head_dim\)"):
+        trace(lambda q, k, v: F.attention(q, k, v), T((5, 4)), T((5, 4)), T((5, 4)))
+
+
+def test_second_derivatives_are_refused_clearly():
+    T = TensorType((1, 3, 1, 2))
+
+    def inner(q, k, v):
+        return F.attention(q, k, v, causal=True).sum()
+    with pytest.raises(ShapeError, match="second derivatives through the fused attention"):
+        trace(lambda q, k, v: value_and_grad(lambda q: value_and_grad(inner)(q, k, v)[1].sum())(q)[1], T, T, T)
+
+
+def test_sdpa_without_a_mask_uses_the_fused_kernel_and_with_one_the_composite():
+    shape = (2, 3, 9, 4)  # (B, H, L, D), torch's layout
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    T = TensorType(shape)
+    plain = Program(trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), T, T, T))
+    # (the map writes the heads-first result the caller gets back)
+    assert [k.strategy for k in plain.kernels] == ["attention", "map"]
+    mask = np.tril(np.ones((9, 9), bool))
+    masked = Program(trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=mask), T, T, T))
+    assert "attention" not in [k.strategy for k in masked.kernels]
+    np.testing.assert_allclose(plain(q, k, v)[0], masked(q, k, v)[0], rtol=1e-5, atol=1e-6)
