@@ -86,16 +86,19 @@ def test_qkv_read_in_place_from_one_projection():
         np.testing.assert_allclose(a, b, rtol=3e-4, atol=3e-4, err_msg=name)
 
 
-def test_row_block_size_does_not_change_the_numbers(monkeypatch):
-    """Causal blocks of 8 rows (9 blocks for L = 70) against one block of all rows (the
-    disk cache is off: its key does not hold the module constant)."""
+def test_tiled_and_blocked_kernels_agree(monkeypatch):
+    """Sequences up to ATTENTION_TILED_MAX run the tiled kernels (6-row tiles through the
+    GEMM's micro-kernel); longer ones run blocks of query rows through the whole GEMM.  Both
+    against each other, the blocked one with causal blocks of 8 rows (9 blocks for L = 70)
+    and of all rows (the disk cache is off: its key does not hold the module constants)."""
     monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
-    shape = (1, 70, 2, 8)
+    shape = (1, 70, 2, 20)
     rng = np.random.default_rng(5)
     ins = [rng.standard_normal(shape).astype(np.float32) for _ in range(5)]
     T = TensorType(shape)
     outs = []
-    for rb in (8, 128):
+    for tiled_max, rb in ((512, 32), (0, 8), (0, 128)):
+        monkeypatch.setattr(lowering, "ATTENTION_TILED_MAX", tiled_max)
         monkeypatch.setattr(lowering, "ATTENTION_ROW_BLOCK", rb)
         clear_memory_cache()
         fwd = Program(trace(lambda q, k, v: F.attention(q, k, v, causal=True, scale=0.3), T, T, T))
@@ -103,8 +106,11 @@ def test_row_block_size_does_not_change_the_numbers(monkeypatch):
                             T, T, T, T, T))
         outs.append((fwd(*ins[:3])[0], bwd(*ins)[0]))
     clear_memory_cache()
-    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    ref = interpret(trace(lambda q, k, v, o, g: bind("attention_grad", q, k, v, o, g, scale=0.3, causal=True),
+                          T, T, T, T, T), ins)[0]
+    for fo, bo in outs:
+        np.testing.assert_allclose(fo, outs[0][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bo, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_shapes_are_refused_with_the_ops_name():

@@ -53,7 +53,7 @@ import llvmlite.ir as ir
 import numpy as np
 
 __all__ = ["emit_gemm", "gemm_workspace_bytes", "gemm_threads", "compile_gemm", "GemmKernel",
-           "GemmBlocking", "BLOCKING", "PARALLEL_MIN_FLOPS_PER_THREAD"]
+           "GemmBlocking", "BLOCKING", "PARALLEL_MIN_FLOPS_PER_THREAD", "GemmParts", "emit_gemm_parts"]
 
 I1 = ir.IntType(1)
 I64 = ir.IntType(64)
@@ -743,6 +743,33 @@ def _direct_a(b: ir.IRBuilder, M, N, K, sam, sak):
                   b.icmp_signed("<=", b.mul(M, K), _c(DIRECT_A_MAX_MK)))
     return b.and_(unit, small, name="direct_a")
 
+
+@dataclass(frozen=True)
+class GemmParts:
+    """The GEMM's building blocks emitted into a module, for kernels that drive them with
+    their own loops (the fused attention): ``ukr`` the micro-kernel, ``pack_a`` / ``pack_b``
+    (signatures in their emitters' docstrings), the blocking, and the A modes."""
+    ukr: ir.Function
+    pack_a: ir.Function
+    pack_b: ir.Function
+    blocking: GemmBlocking
+    A_PACKED: int = A_PACKED
+    A_ROWS: int = A_ROWS
+    A_COLS: int = A_COLS
+
+
+def emit_gemm_parts(module: ir.Module, name: str, dtype: str = "float32") -> GemmParts:
+    """``name.ukr``, ``name.pack_a``, ``name.pack_b`` (internal) in ``module``, once."""
+    try:
+        return GemmParts(module.get_global(f"{name}.ukr"), module.get_global(f"{name}.pack_a"),
+                         module.get_global(f"{name}.pack_b"), _blocking(dtype))
+    except KeyError:
+        pass
+    elem, size = _ELEM[dtype]
+    bl = _blocking(dtype)
+    return GemmParts(_emit_microkernel(module, f"{name}.ukr", elem, size, bl),
+                     _emit_pack_a(module, f"{name}.pack_a", elem, size, bl),
+                     _emit_pack_b(module, f"{name}.pack_b", elem, size, bl), bl)
 
 def _emit_parallel(module, name, b: ir.IRBuilder, fn, body, bl: GemmBlocking, size: int,
                    threads: int, extra_types, out):

@@ -19,6 +19,7 @@ a group of nodes is just a loop nest over the group output that inlines these fa
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import llvmlite.ir as ir
 
@@ -905,33 +906,46 @@ def _finish_custom(kb, bfn, names, n0, tasks, per, strategy, fname=None, after=N
 # blocks skip more of the masked triangle (L = 64 in blocks of 32: 3/4 of the products)
 # while each block's GEMM calls repack their operands.
 ATTENTION_ROW_BLOCK = 32
+# sequence lengths and head dims up to this run the tiled kernels (K^T and V packed once per
+# (batch, head), 6-row tiles driven through the GEMM's micro-kernel)
+ATTENTION_TILED_MAX = 512
 ATTENTION_MIN_FLOPS_PARALLEL = 1 << 18
 
+
+@contextmanager
+def _for_step(b: ir.IRBuilder, lo, hi, step: int, name: str):
+    """``for (i = lo; i < hi; i += step)``; yields i."""
+    fn = b.function
+    pre = b.block
+    body = fn.append_basic_block(name + ".body")
+    done = fn.append_basic_block(name + ".done")
+    b.cbranch(b.icmp_signed("<", lo, hi), body, done)
+    b.position_at_end(body)
+    iv = b.phi(I64, name=name)
+    iv.add_incoming(lo, pre)
+    yield iv
+    nxt = b.add(iv, c64(step), name=name + ".next")
+    iv.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_signed("<", nxt, hi), body, done)
+    b.position_at_end(done)
 
 class _AttentionKernel:
     """What the forward and backward attention kernels share: the operands read in place
     through strides, the work items (batch, head) split over tasks, each task's workspace
     (score rows, then the GEMM's packing buffers), and the causal row blocks."""
 
-    def __init__(self, kb: KernelBuilder, operands, names, ws_rows: int, ws_extra: int):
+    def __init__(self, kb: KernelBuilder, operands, names):
         node = kb.root
         self.kb, self.node = kb, node
         self.dt = node.type.dtype
         self.et = reg_type(self.dt)
+        self.it = ITEMSIZE[self.dt]
         q = kb.graph.types[node.inputs[0]]
         self.B, self.L, self.H, self.D = q.shape
         self.scale, self.causal = float(node.attr["scale"]), bool(node.attr["causal"])
         self.stages, self.ops = strided_operands(kb, operands, names)
-        _, ws_bytes, _ = gemm_provider()
-        self.gemm = gemm_function(kb, self.dt, 1)
-        it = ITEMSIZE[self.dt]
         self.rb = ATTENTION_ROW_BLOCK if self.causal else self.L
         self.rb = max(1, min(self.rb, self.L))
-        # workspace per task: ws_rows score blocks (rb x L), ws_extra more elements, the GEMM's
-        self.block_elems = -(-(self.rb * self.L) // 16) * 16
-        self.extra_off = ws_rows * self.block_elems
-        self.gemm_off = -(-((self.extra_off + ws_extra) * it) // 64) * 64
-        self.wsb = self.gemm_off + -(-ws_bytes(self.dt, 1) // 64) * 64
         items = self.B * self.H
         flops = 4 * self.B * self.H * self.L * self.L * self.D
         self.tasks = 1
@@ -939,7 +953,21 @@ class _AttentionKernel:
             self.tasks = max(1, min(MATMUL_MAX_TASKS, items))
         self.per = -(-items // self.tasks)
         self.items = items
-        kb.workspace_bytes = self.wsb * self.tasks
+
+    def layout(self, *regions):
+        """Each task's workspace: regions of the given element counts, each 64-byte aligned;
+        a region given as ("bytes", n) is n bytes.  Returns their byte offsets."""
+        offs, at = [], 0
+        for r in regions:
+            n = r[1] if isinstance(r, tuple) else r * self.it
+            offs.append(at)
+            at += -(-n // 64) * 64
+        self.wsb = at + 64  # (slack to align each task's start)
+        self.kb.workspace_bytes = self.wsb * self.tasks
+        return offs
+
+    def region(self, ws, off):
+        return self.b.gep(ws, [c64(off)], source_etype=I8)
 
     def open(self, nptrs):
         self.fn = _body_function(self.kb, nptrs)
@@ -955,8 +983,36 @@ class _AttentionKernel:
         b = self.b
         return b.add(c64(base), b.add(b.mul(bi, c64(st[0])), b.mul(h, c64(st[2]))))
 
-    def call_gemm(self, A, B_, C, M, N, K, sam, sak, sbk, sbn, scm, ws):
-        self.b.call(self.gemm, [A, B_, C, M, N, K, sam, sak, sbk, sbn, scm, ws])
+    def use_gemm(self):
+        """The serial GEMM, as a call emitter: gemm(A, B, C, M, N, K, sam, sak, sbk, sbn, scm, ws)."""
+        fn = gemm_function(self.kb, self.dt, 1)
+        return lambda *args: self.b.call(fn, list(args))
+
+    def parts(self):
+        from .gemm import emit_gemm_parts
+        return emit_gemm_parts(self.kb.module, f"narch.attn.{self.dt}", self.dt)
+
+    def row_tiles(self, MR):
+        """Yields (i0, mr, nc): a tile of mr <= MR query rows and the keys it needs."""
+        b, L = self.b, self.L
+        with _for_step(b, c64(0), c64(L), MR, "i0") as i0:
+            mr = b.sub(c64(L), i0)
+            mr = b.select(b.icmp_signed("<", mr, c64(MR)), mr, c64(MR))
+            yield i0, mr, (b.add(i0, mr) if self.causal else c64(L))
+
+    def a_operand(self, parts, A, mr, kc, sam: int, sak: int, Ap):
+        """(ap, sa, mode) for the micro-kernel: a full tile of a row-major A read in place;
+        otherwise packed into Ap (zero rows past mr)."""
+        b = self.b
+        MR = parts.blocking.mr
+        full = b.icmp_signed("==", mr, c64(MR))
+        if sak == 1:
+            with b.if_then(b.not_(full)):
+                b.call(parts.pack_a, [A, mr, kc, c64(sam), c64(1), Ap])
+            return (b.select(full, A, Ap), c64(sam),
+                    b.select(full, c64(parts.A_ROWS), c64(parts.A_PACKED)))
+        b.call(parts.pack_a, [A, mr, kc, c64(sam), c64(sak), Ap])
+        return Ap, c64(0), c64(parts.A_PACKED)
 
     def items_loop(self, lo, hi, W):
         """Yields (bi, h, task workspace) per work item."""
@@ -965,7 +1021,11 @@ class _AttentionKernel:
             bi = b.udiv(item, c64(self.H))
             h = b.urem(item, c64(self.H))
             task = b.udiv(item, c64(self.per))
-            yield bi, h, b.gep(W, [b.mul(task, c64(self.wsb))], source_etype=I8)
+            ws = b.gep(W, [b.mul(task, c64(self.wsb))], source_etype=I8)
+            # 64-byte aligned (the program's workspace need not be; packed panels are read
+            # with aligned vector loads): layout() keeps 64 bytes of slack per task
+            pad = b.and_(b.sub(c64(0), b.ptrtoint(ws, I64)), c64(63))
+            yield bi, h, b.gep(ws, [pad], source_etype=I8)
 
     def blocks(self):
         """Yields (r0, rows, nc): the row block, its row count and the keys it needs."""
@@ -979,13 +1039,19 @@ class _AttentionKernel:
 
     def probabilities(self, Q, K, S, r0, rows, nc, gws):
         """S[i, j] (row stride L) = softmax_j(q_{r0+i} . k_j * scale) for j < nc, 0 past the
-        causal diagonal: the GEMM, then three passes per row (scale and max; exp and sum;
-        normalise), each vectorised."""
-        b, et, L = self.b, self.et, self.L
+        causal diagonal: the GEMM, then the softmax passes."""
+        b, L = self.b, self.L
         _, _, qs = self.ops[0]
         _, _, ks = self.ops[1]
-        self.call_gemm(self.ptr(Q, b.mul(r0, c64(qs[1]))), K, S, rows, nc, c64(self.D), c64(qs[1]), c64(qs[3]),
-                       c64(ks[3]), c64(ks[1]), c64(L), gws)
+        self.use_gemm()(self.ptr(Q, b.mul(r0, c64(qs[1]))), K, S, rows, nc, c64(self.D), c64(qs[1]),
+                        c64(qs[3]), c64(ks[3]), c64(ks[1]), c64(L), gws)
+        self.softmax_rows(S, L, r0, rows, nc)
+
+    def softmax_rows(self, S, ld, r0, rows, nc):
+        """Rows i < rows of S (row stride ld; query r0 + i) become softmax(S * scale) over
+        their keys (j <= r0 + i when causal, else all nc), then 0 up to nc: three passes per
+        row (scale and max; exp and sum; normalise), each vectorised."""
+        b, et, L = self.b, self.et, ld
         m = self.kb.module
         from . import mathlib
         exp = mathlib.get(m, "exp", self.dt)
@@ -993,7 +1059,7 @@ class _AttentionKernel:
         acc = alloca(self.fn, et, "acc")
         scale = const(self.dt, self.scale)
         with for_range(b, c64(0), rows, "i") as i:
-            row = self.ptr(S, b.mul(i, c64(L)))
+            row = self.ptr(S, b.mul(i, c64(L)))  # (L: the row stride here)
             # columns 0..valid-1 (the causal diagonal, or every key); the rest of the nc
             # columns the block's products read are zeroed.  (Running the passes over all nc
             # columns with the masked ones read as -inf, whole vectors without scalar tails,
@@ -1029,16 +1095,24 @@ class _AttentionKernel:
 
 
 class Attention(Lowering):
-    """One kernel per attention: for each (batch, head) and block of query rows, the scores
-    by the GEMM into the task's workspace, the softmax in place, and P @ V by the GEMM
-    straight into the output.  No (L x L) tensor reaches memory outside the workspace."""
+    """One kernel per attention, per (batch, head): K^T and V packed once into the GEMM's
+    micro-panel layout; then per tile of MR = 6 query rows the scores by the GEMM's
+    micro-kernel into a strip of the workspace (only the 16-key panels a causal tile
+    needs), the softmax on the strip, and P @ V by the micro-kernel straight into the
+    output.  Longer sequences (or head dims) than ``ATTENTION_TILED_MAX`` run in blocks of
+    query rows through the whole GEMM instead.  No (L x L) tensor reaches memory outside
+    the workspace."""
 
     kind = "opaque"
 
     def kernel(self, kb: KernelBuilder) -> Kernel:
         node = kb.root
-        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v"), ws_rows=1, ws_extra=0)
+        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v"))
+        if max(ak.L, ak.D) <= ATTENTION_TILED_MAX:
+            return self._tiled(kb, ak)
         (qb, _, qs), (kbuf, _, ks), (vb, _, vs) = ak.ops
+        gemm = ak.use_gemm()
+        s_off, g_off = ak.layout(ak.rb * ak.L, ("bytes", gemm_provider()[1](ak.dt, 1)))
         names = [qb, kbuf, vb, node.name, "__workspace__"]
         Q0, K0, V0, O, W, lo, hi = ak.open(5)
         b = ak.b
@@ -1048,13 +1122,52 @@ class Attention(Lowering):
             K = ak.ptr(K0, ak.operand_base(1, bi, h))
             V = ak.ptr(V0, ak.operand_base(2, bi, h))
             Ob = ak.ptr(O, b.add(b.mul(bi, c64(ak.L * HD)), b.mul(h, c64(ak.D))))
-            S = b.bitcast(ws, PTR)
-            gws = b.gep(ws, [c64(ak.gemm_off)], source_etype=I8)
+            S, gws = ak.region(ws, s_off), ak.region(ws, g_off)
             for r0, rows, nc in ak.blocks():
                 ak.probabilities(Q, K, S, r0, rows, nc, gws)
                 # O[r0:r0+rows] = P @ V[0:nc]
-                ak.call_gemm(S, V, ak.ptr(Ob, b.mul(r0, c64(HD))), rows, c64(ak.D), nc, c64(ak.L), c64(1),
-                             c64(vs[1]), c64(vs[3]), c64(HD), gws)
+                gemm(S, V, ak.ptr(Ob, b.mul(r0, c64(HD))), rows, c64(ak.D), nc, c64(ak.L), c64(1),
+                     c64(vs[1]), c64(vs[3]), c64(HD), gws)
+        return ak.finish(names, "attention")
+
+    @staticmethod
+    def _tiled(kb, ak) -> Kernel:
+        node = kb.root
+        (qb, _, qs), (kbuf, _, ks), (vb, _, vs) = ak.ops
+        parts = ak.parts()
+        MR, NR = parts.blocking.mr, parts.blocking.nr
+        L, D, H = ak.L, ak.D, ak.H
+        Lp, Dp = -(-L // NR) * NR, -(-D // NR) * NR
+        kt_off, v_off, s_off, a_off, t_off = ak.layout(Lp * D, Dp * L, MR * Lp, MR * max(L, D), MR * NR)
+        names = [qb, kbuf, vb, node.name, "__workspace__"]
+        Q0, K0, V0, O, W, lo, hi = ak.open(5)
+        b = ak.b
+        HD = H * D
+        for bi, h, ws in ak.items_loop(lo, hi, W):
+            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
+            K = ak.ptr(K0, ak.operand_base(1, bi, h))
+            V = ak.ptr(V0, ak.operand_base(2, bi, h))
+            Ob = ak.ptr(O, b.add(b.mul(bi, c64(L * HD)), b.mul(h, c64(D))))
+            KT, Vp, S, Ap, tile = (ak.region(ws, o) for o in (kt_off, v_off, s_off, a_off, t_off))
+            b.call(parts.pack_b, [K, c64(D), c64(L), c64(ks[3]), c64(ks[1]), KT])  # K^T: D x L
+            b.call(parts.pack_b, [V, c64(L), c64(D), c64(vs[1]), c64(vs[3]), Vp])  # V: L x D
+            for i0, mr, nc in ak.row_tiles(MR):
+                # scores: the strip's mr rows against the nc keys they need
+                a, sa, mode = ak.a_operand(parts, ak.ptr(Q, b.mul(i0, c64(qs[1]))), mr, c64(D), qs[1], qs[3], Ap)
+                with _for_step(b, c64(0), nc, NR, "jp") as jp:
+                    nr = b.sub(nc, jp)
+                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                    b.call(parts.ukr, [a, sa, mode, ak.ptr(KT, b.mul(jp, c64(D))), c64(D), ak.ptr(S, jp),
+                                       c64(Lp), mr, nr, ir.Constant(ir.IntType(1), 0), tile])
+                ak.softmax_rows(S, Lp, i0, mr, nc)
+                # O[i0:i0+mr] = P @ V[0:nc]
+                a, sa, mode = ak.a_operand(parts, S, mr, nc, Lp, 1, Ap)
+                with _for_step(b, c64(0), c64(D), NR, "dp") as dp:
+                    nr = b.sub(c64(D), dp)
+                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                    b.call(parts.ukr, [a, sa, mode, ak.ptr(Vp, b.mul(dp, c64(L))), nc,
+                                       ak.ptr(Ob, b.add(b.mul(i0, c64(HD)), dp)), c64(HD), mr, nr,
+                                       ir.Constant(ir.IntType(1), 0), tile])
         return ak.finish(names, "attention")
 
 
@@ -1067,8 +1180,12 @@ class AttentionGrad(Lowering):
 
     def kernel(self, kb: KernelBuilder) -> Kernel:
         node = kb.root
-        L_, D_ = kb.graph.types[node.inputs[0]].shape[1], kb.graph.types[node.inputs[0]].shape[3]
-        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v", "o", "g"), ws_rows=2, ws_extra=L_ * D_ + 64)
+        ak = _AttentionKernel(kb, node.inputs, ("q", "k", "v", "o", "g"))
+        if max(ak.L, ak.D) <= ATTENTION_TILED_MAX:
+            return self._tiled(kb, ak)
+        gemm = ak.use_gemm()
+        p_off, dp_off, t_off, g_off = ak.layout(ak.rb * ak.L, ak.rb * ak.L, ak.L * ak.D,
+                                                ("bytes", gemm_provider()[1](ak.dt, 1)))
         (qb, _, qs), (kbuf, _, ks), (vb, _, vs), (ob, _, os_), (gb, _, gs) = ak.ops
         names = [qb, kbuf, vb, ob, gb, node.name, "__workspace__"]
         Q0, K0, V0, O0, G0, OUT, W, lo, hi = ak.open(7)
@@ -1085,10 +1202,7 @@ class AttentionGrad(Lowering):
             G = ak.ptr(G0, ak.operand_base(4, bi, h))
             base = ak.ptr(OUT, b.add(b.mul(bi, c64(L * ld)), b.mul(h, c64(D))))
             dQ, dK, dV = base, ak.ptr(base, c64(HD)), ak.ptr(base, c64(2 * HD))
-            S = b.bitcast(ws, PTR)
-            dP = b.gep(ws, [c64(ak.block_elems * ITEMSIZE[ak.dt])], source_etype=I8)
-            tmp = b.gep(ws, [c64(ak.extra_off * ITEMSIZE[ak.dt])], source_etype=I8)
-            gws = b.gep(ws, [c64(ak.gemm_off)], source_etype=I8)
+            S, dP, tmp, gws = (ak.region(ws, o) for o in (p_off, dp_off, t_off, g_off))
             zero = const(ak.dt, 0.0)
             with for_range(b, c64(0), c64(L), "zl", known_nonempty=True) as l:
                 with for_range(b, c64(0), c64(D), "zd", known_nonempty=True) as d:
@@ -1100,7 +1214,7 @@ class AttentionGrad(Lowering):
                 Gr = ak.ptr(G, b.mul(r0, c64(gs[1])))
                 Qr = ak.ptr(Q, b.mul(r0, c64(qs[1])))
                 # dP = dO[r0:] @ V[0:nc]^T
-                ak.call_gemm(Gr, V, dP, rows, nc, c64(D), c64(gs[1]), c64(gs[3]), c64(vs[3]), c64(vs[1]),
+                gemm(Gr, V, dP, rows, nc, c64(D), c64(gs[1]), c64(gs[3]), c64(vs[3]), c64(vs[1]),
                              c64(L), gws)
                 # dS = P * (dP - rowsum(dO * O)) * scale, in place of dP
                 with for_range(b, c64(0), rows, "i") as i:
@@ -1119,17 +1233,105 @@ class AttentionGrad(Lowering):
                         v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
                         b.store(v, dp)
                 # dQ[r0:] = dS @ K[0:nc]
-                ak.call_gemm(dP, K, ak.ptr(dQ, b.mul(r0, c64(ld))), rows, c64(D), nc, c64(L), c64(1),
+                gemm(dP, K, ak.ptr(dQ, b.mul(r0, c64(ld))), rows, c64(D), nc, c64(L), c64(1),
                              c64(ks[1]), c64(ks[3]), c64(ld), gws)
                 # dK[0:nc] += dS^T @ Q[r0:], dV[0:nc] += P^T @ dO[r0:]
                 for A_, B_, sb, acc_out in ((dP, Qr, qs, dK), (S, Gr, gs, dV)):
-                    ak.call_gemm(A_, B_, tmp, nc, c64(D), rows, c64(1), c64(L), c64(sb[1]), c64(sb[3]),
+                    gemm(A_, B_, tmp, nc, c64(D), rows, c64(1), c64(L), c64(sb[1]), c64(sb[3]),
                                  c64(D), gws)
                     with for_range(b, c64(0), nc, "al", known_nonempty=True) as l:
                         with for_range(b, c64(0), c64(D), "ad", known_nonempty=True) as d:
                             dst = ak.ptr(acc_out, b.add(b.mul(l, c64(ld)), d))
                             t = b.load(ak.ptr(tmp, b.add(b.mul(l, c64(D)), d)), typ=et)
                             b.store(b.fadd(b.load(dst, typ=et), t, flags=FM), dst)
+        return ak.finish(names, "attention-grad")
+
+
+    @staticmethod
+    def _tiled(kb, ak) -> Kernel:
+        """Per (batch, head): K^T, V^T, K, Q and dO packed once; per 6-row query tile the
+        probabilities (micro-kernel and softmax) into rows of a full P, dP = dO V^T by the
+        micro-kernel, dS = P (dP - rowsum(dO * O)) * scale into rows of a full dS, and dQ =
+        dS K written directly; then per 6-key tile dK = dS^T Q and dV = P^T dO, reading the
+        transposes in place and, when causal, only the queries at or after the tile."""
+        node = kb.root
+        (qb, _, qs), (kbuf, _, ks), (vb, _, vs), (ob, _, os_), (gb, _, gs) = ak.ops
+        parts = ak.parts()
+        MR, NR = parts.blocking.mr, parts.blocking.nr
+        L, D, H = ak.L, ak.D, ak.H
+        Lp, Dp = -(-L // NR) * NR, -(-D // NR) * NR
+        offs = ak.layout(Lp * D, Lp * D, Dp * L, Dp * L, Dp * L, L * Lp, L * Lp, MR * max(L, D), MR * NR)
+        names = [qb, kbuf, vb, ob, gb, node.name, "__workspace__"]
+        Q0, K0, V0, O0, G0, OUT, W, lo, hi = ak.open(7)
+        b, et = ak.b, ak.et
+        HD = H * D
+        ld = 3 * HD  # row stride of the (B, L, 3, H, D) output
+        rowsum = alloca(ak.fn, et, "rowsum")
+        scale = const(ak.dt, ak.scale)
+        off = ir.Constant(ir.IntType(1), 0)
+
+        def ukr_cols(a, sa, mode, panels, kc, C, ldc, mr, ncols, krow=None):
+            """C[0:mr, 0:ncols] = A @ (packed panels, kc rows from row krow)."""
+            with _for_step(b, c64(0), ncols, NR, "np") as n0:
+                nr = b.sub(ncols, n0)
+                nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                pan = b.mul(n0, c64(panels[1]))
+                if krow is not None:
+                    pan = b.add(pan, b.mul(krow, c64(NR)))
+                b.call(parts.ukr, [a, sa, mode, ak.ptr(panels[0], pan), kc, ak.ptr(C, n0), ldc, mr, nr, off,
+                                   tile])
+
+        for bi, h, ws in ak.items_loop(lo, hi, W):
+            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
+            K = ak.ptr(K0, ak.operand_base(1, bi, h))
+            V = ak.ptr(V0, ak.operand_base(2, bi, h))
+            Ob = ak.ptr(O0, ak.operand_base(3, bi, h))
+            G = ak.ptr(G0, ak.operand_base(4, bi, h))
+            base = ak.ptr(OUT, b.add(b.mul(bi, c64(L * ld)), b.mul(h, c64(D))))
+            dQ, dK, dV = base, ak.ptr(base, c64(HD)), ak.ptr(base, c64(2 * HD))
+            KT, VT, Kp, Qp, Gp, P, dS, Ap, tile = (ak.region(ws, o) for o in offs)
+            b.call(parts.pack_b, [K, c64(D), c64(L), c64(ks[3]), c64(ks[1]), KT])  # K^T: D x L
+            b.call(parts.pack_b, [V, c64(D), c64(L), c64(vs[3]), c64(vs[1]), VT])  # V^T: D x L
+            b.call(parts.pack_b, [K, c64(L), c64(D), c64(ks[1]), c64(ks[3]), Kp])  # K: L x D
+            b.call(parts.pack_b, [Q, c64(L), c64(D), c64(qs[1]), c64(qs[3]), Qp])  # Q: L x D
+            b.call(parts.pack_b, [G, c64(L), c64(D), c64(gs[1]), c64(gs[3]), Gp])  # dO: L x D
+            for i0, mr, nc in ak.row_tiles(MR):
+                Prow, dSrow = ak.ptr(P, b.mul(i0, c64(Lp))), ak.ptr(dS, b.mul(i0, c64(Lp)))
+                a, sa, mode = ak.a_operand(parts, ak.ptr(Q, b.mul(i0, c64(qs[1]))), mr, c64(D), qs[1], qs[3], Ap)
+                ukr_cols(a, sa, mode, (KT, D), c64(D), Prow, c64(Lp), mr, nc)
+                ak.softmax_rows(Prow, Lp, i0, mr, nc)
+                a, sa, mode = ak.a_operand(parts, ak.ptr(G, b.mul(i0, c64(gs[1]))), mr, c64(D), gs[1], gs[3], Ap)
+                ukr_cols(a, sa, mode, (VT, D), c64(D), dSrow, c64(Lp), mr, nc)  # dP
+                with for_range(b, c64(0), mr, "i") as i:
+                    gi = b.add(i0, i)
+                    b.store(const(ak.dt, 0.0), rowsum)
+                    with for_range(b, c64(0), c64(D), "d", known_nonempty=True) as d:
+                        gv = b.load(ak.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
+                        ov = b.load(ak.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
+                        b.store(b.fadd(b.load(rowsum, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), rowsum)
+                    rs = b.load(rowsum, typ=et)
+                    prow, drow = ak.ptr(Prow, b.mul(i, c64(Lp))), ak.ptr(dSrow, b.mul(i, c64(Lp)))
+                    with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
+                        dp = ak.ptr(drow, j)
+                        pj = b.load(ak.ptr(prow, j), typ=et)
+                        v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
+                        b.store(v, dp)
+                # dQ[i0:i0+mr] = dS[i0:i0+mr, 0:nc] @ K[0:nc]
+                a, sa, mode = ak.a_operand(parts, dSrow, mr, nc, Lp, 1, Ap)
+                ukr_cols(a, sa, mode, (Kp, L), nc, ak.ptr(dQ, b.mul(i0, c64(ld))), c64(ld), mr, c64(D))
+            # per tile of keys j0..j0+mr-1: dK = dS^T Q, dV = P^T dO over the queries that see them
+            for j0, mr, _ in ak.row_tiles(MR):
+                k_lo = j0 if ak.causal else c64(0)
+                kk = b.sub(c64(L), k_lo)
+                full = b.icmp_signed("==", mr, c64(MR))
+                for M_, Bp, out in ((dS, Qp, dK), (P, Gp, dV)):
+                    At = ak.ptr(M_, b.add(b.mul(k_lo, c64(Lp)), j0))  # A[m, k] = M_[k_lo + k, j0 + m]
+                    with b.if_then(b.not_(full)):
+                        b.call(parts.pack_a, [At, mr, kk, c64(1), c64(Lp), Ap])
+                    a = b.select(full, At, Ap)
+                    mode = b.select(full, c64(parts.A_COLS), c64(parts.A_PACKED))
+                    ukr_cols(a, c64(Lp), mode, (Bp, L), kk, ak.ptr(out, b.mul(j0, c64(ld))), c64(ld), mr, c64(D),
+                             krow=k_lo)
         return ak.finish(names, "attention-grad")
 
 
