@@ -67,8 +67,7 @@ class GPT2Attention(nn.Module):
     def forward(self, x, cache=None, pos=None):
         b, t, c = x.shape
         hd = c // self.n_head
-        drop = self.attn_dropout
-        if cache is None and (drop.p == 0.0 or not drop.training):
+        if cache is None and self.attn_dropout.inactive:
             # the fused causal attention, reading q, k, v in place from c_attn's output
             # (batch, t, 3, heads, hd) and writing (batch, t, heads, hd): no head transposes
             q, k, v = (z.reshape(b, t, self.n_head, hd) for z in F.split(self.c_attn(x), 3, axis=-1))

@@ -344,8 +344,13 @@ class Dropout(Module):
             raise ValueError(f"Dropout: p must lie in [0, 1], got {p}")
         self.p = p
 
+    @property
+    def inactive(self) -> bool:
+        """True when forward is the identity (eval mode or p == 0)."""
+        return not self.training or self.p == 0.0
+
     def forward(self, x):
-        if not self.training or self.p == 0.0:
+        if self.inactive:
             return x
         seed, stream = _next_dropout_seed()
         return F.dropout(x, self.p, True, seed, stream)
@@ -417,6 +422,13 @@ class MultiHeadAttention(Module):
         key = query if key is None else key
         value = key if value is None else value
         b, lq, _ = query.shape
+        if kv_cache is None and key_padding_mask is None and attn_mask is None and \
+                query.shape == key.shape == value.shape and self.attn_dropout.inactive:
+            # the fused attention over (batch, seq, heads, head_dim) views: no head transposes
+            q, k, v = (t.reshape(b, lq, self.num_heads, self.head_dim)
+                       for t in (self.q_proj(query), self.k_proj(key), self.v_proj(value)))
+            out = F.attention(q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim))
+            return self.out_proj(out.reshape(b, lq, self.embed_dim))
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))

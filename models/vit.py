@@ -220,6 +220,9 @@ class ViTSelfAttention(nn.Module):
         def heads(t):
             return t.reshape(b, s, self.num_heads, hd).transpose(0, 2, 1, 3)
 
+        if self.dropout.inactive:  # the fused attention, on (batch, seq, heads, hd) views
+            q, k, v = (t(x).reshape(b, s, self.num_heads, hd) for t in (self.query, self.key, self.value))
+            return F.attention(q, k, v, scale=1.0 / math.sqrt(hd)).reshape(b, s, d)
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
         att = self.dropout(F.softmax(scores, -1))
