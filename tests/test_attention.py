@@ -142,3 +142,21 @@ def test_sdpa_without_a_mask_uses_the_fused_kernel_and_with_one_the_composite():
     masked = Program(trace(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=mask), T, T, T))
     assert "attention" not in [k.strategy for k in masked.kernels]
     np.testing.assert_allclose(plain(q, k, v)[0], masked(q, k, v)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_edge_shapes_and_float64(dtype):
+    """One position, one head dim, head dims past the GEMM's panel width, and a sequence
+    past ATTENTION_TILED_MAX (the blocked kernels), causal or not, against the interpreter."""
+    rng = np.random.default_rng(11)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    for shape in [(1, 1, 1, 1), (3, 1, 2, 5), (1, 13, 1, 1), (2, 9, 3, 17), (1, 600, 1, 4)]:
+        for causal in (False, True):
+            T = TensorType(shape, dtype)
+            ins = [rng.standard_normal(shape).astype(dtype) for _ in range(5)]
+            fwd = trace(lambda q, k, v: F.attention(q, k, v, causal=causal, scale=0.4), T, T, T)
+            bwd = trace(lambda q, k, v, o, g: bind("attention_grad", q, k, v, o, g, scale=0.4, causal=causal),
+                        T, T, T, T, T)
+            for g, x in ((fwd, ins[:3]), (bwd, ins)):
+                np.testing.assert_allclose(Program(g)(*x)[0], interpret(g, x)[0], rtol=tol, atol=tol,
+                                           err_msg=f"{shape} causal={causal}")

@@ -910,6 +910,7 @@ ATTENTION_ROW_BLOCK = 32
 # (batch, head), 6-row tiles driven through the GEMM's micro-kernel)
 ATTENTION_TILED_MAX = 512
 ATTENTION_MIN_FLOPS_PARALLEL = 1 << 18
+ATTENTION_MAX_TASKS = 2
 
 
 @contextmanager
@@ -950,7 +951,7 @@ class _AttentionKernel:
         flops = 4 * self.B * self.H * self.L * self.L * self.D
         self.tasks = 1
         if flops >= ATTENTION_MIN_FLOPS_PARALLEL and not kb.options.get("serial"):
-            self.tasks = max(1, min(MATMUL_MAX_TASKS, items))
+            self.tasks = max(1, min(ATTENTION_MAX_TASKS, items))
         self.per = -(-items // self.tasks)
         self.items = items
 
