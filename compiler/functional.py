@@ -843,17 +843,20 @@ def embedding(ids, weight):
     return gather(weight, ids, axis=0)
 
 
-def attention(q, k, v, causal=False, scale=None):
+def attention(q, k, v, causal=False, scale=None, key_bias=None):
     """Fused self-attention over (batch, length, heads, head_dim) tensors of one shape:
-    softmax(q k^T * scale) v per (batch, head), keys j <= i only for query i when
-    ``causal``; ``scale`` defaults to 1/sqrt(head_dim).  One kernel forward and one
+    softmax(q k^T * scale + key_bias) v per (batch, head), keys j <= i only for query i
+    when ``causal``; ``scale`` defaults to 1/sqrt(head_dim).  ``key_bias``: an optional
+    (batch, length) tensor added to every query's score of each key (a padding mask as
+    -inf or a large negative number at padded keys).  One kernel forward and one
     backward, which recomputes the probabilities: no (length x length) tensor is stored.
     q, k and v may be views (slices of one projection, reshapes): the kernel reads them in
-    place.  Masks other than causal, cross-attention and attention dropout:
+    place.  Other masks, cross-attention and attention dropout:
     ``scaled_dot_product_attention``."""
     q, k, v = _float(q), _float(k), _float(v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return bind("attention", q, k, v, scale=scale, causal=bool(causal))
+    bias = () if key_bias is None else (cast(_as_tensor(key_bias), q.dtype),)
+    return bind("attention", q, k, v, *bias, scale=scale, causal=bool(causal))
 
 
 def scaled_dot_product_attention(q, k, v, mask=None, is_causal=False, scale=None):

@@ -119,9 +119,10 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x, mask_bias=None):
         b, t, c = x.shape
-        if mask_bias is None and self.dropout.inactive:  # the fused attention, on (b, t, heads, hd) views
+        if self.dropout.inactive:  # the fused attention, on (b, t, heads, hd) views; padding as a key bias
             q, k, v = (lin(x).reshape(b, t, self.num_heads, self.head_dim) for lin in (self.query, self.key, self.value))
-            return F.attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim)).reshape(b, t, c)
+            bias = None if mask_bias is None else mask_bias.reshape(b, t)
+            return F.attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim), key_bias=bias).reshape(b, t, c)
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(self.head_dim))
         if mask_bias is not None:

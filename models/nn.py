@@ -422,12 +422,19 @@ class MultiHeadAttention(Module):
         key = query if key is None else key
         value = key if value is None else value
         b, lq, _ = query.shape
-        if kv_cache is None and key_padding_mask is None and attn_mask is None and \
-                query.shape == key.shape == value.shape and self.attn_dropout.inactive:
-            # the fused attention over (batch, seq, heads, head_dim) views: no head transposes
+        if kv_cache is None and attn_mask is None and query.shape == key.shape == value.shape and \
+                self.attn_dropout.inactive:
+            # the fused attention over (batch, seq, heads, head_dim) views: no head transposes;
+            # padded keys as a -inf key bias
+            bias = None
+            if key_padding_mask is not None:
+                kpm = key_padding_mask if isinstance(key_padding_mask, Tensor) else Tensor(np.asarray(key_padding_mask))
+                if kpm.shape != (b, lq):
+                    raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lq)}")
+                bias = F.where(kpm, -math.inf, 0.0)
             q, k, v = (t.reshape(b, lq, self.num_heads, self.head_dim)
                        for t in (self.q_proj(query), self.k_proj(key), self.v_proj(value)))
-            out = F.attention(q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim))
+            out = F.attention(q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), key_bias=bias)
             return self.out_proj(out.reshape(b, lq, self.embed_dim))
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))

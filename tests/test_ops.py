@@ -217,11 +217,17 @@ if HAVE_TORCH:
         r = torch.arange(shape[axis], dtype=_TD[dtype])
         return r.reshape([-1 if i == axis else 1 for i in range(len(shape))]).expand(*shape)
 
-    def _t_attention(q, k, v, scale, causal):  # ours is (batch, length, heads, dim); torch's heads-first
+    def _t_attention(q, k, v, *bias, scale, causal):  # ours is (batch, length, heads, dim); torch's heads-first
         # q pre-scaled: torch 2.13 masks (-inf) before scaling, so a negative scale turns a
-        # causal row's masked scores into +inf (NaN rows); softmax(q k^T * s) is the same
+        # causal row's masked scores into +inf (NaN rows); softmax(q k^T * s) is the same.
+        # The key bias and the causal mask as one additive mask (torch takes one or the other)
+        L = q.shape[1]
+        mask = torch.zeros((L, L), dtype=q.dtype)
+        if causal:
+            mask = mask.masked_fill(~torch.tril(torch.ones((L, L), dtype=torch.bool)), -math.inf)
+        mask = mask[None, None] + (bias[0][:, None, None, :] if bias else 0.0)
         o = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q * scale, k, v)),
-                                                             is_causal=causal, scale=1.0)
+                                                             attn_mask=mask, scale=1.0)
         return o.transpose(1, 2)
 
     TORCH = {

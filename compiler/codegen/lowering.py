@@ -944,7 +944,11 @@ class _AttentionKernel:
         q = kb.graph.types[node.inputs[0]]
         self.B, self.L, self.H, self.D = q.shape
         self.scale, self.causal = float(node.attr["scale"]), bool(node.attr["causal"])
-        self.stages, self.ops = strided_operands(kb, operands, names)
+        # an optional key bias (batch, keys) follows the named operands
+        self.has_bias = len(operands) > len(names)
+        self.stages, self.ops = strided_operands(kb, operands, tuple(names) + ("bias",) * self.has_bias)
+        self.bias_op = self.ops.pop() if self.has_bias else None
+        self.item_bias = None
         self.rb = ATTENTION_ROW_BLOCK if self.causal else self.L
         self.rb = max(1, min(self.rb, self.L))
         items = self.B * self.H
@@ -971,9 +975,13 @@ class _AttentionKernel:
         return self.b.gep(ws, [c64(off)], source_etype=I8)
 
     def open(self, nptrs):
-        self.fn = _body_function(self.kb, nptrs)
+        """The body function; its arguments but the bias pointer (kept for items_loop)."""
+        self.fn = _body_function(self.kb, nptrs + self.has_bias)
         self.b = open_function(self.fn)
-        return self.fn.args
+        args = list(self.fn.args)
+        if self.has_bias:
+            self.bias_arg = args.pop(nptrs)
+        return args
 
     def ptr(self, base, off):
         return self.b.gep(base, [off], source_etype=self.et)
@@ -1026,6 +1034,9 @@ class _AttentionKernel:
             # 64-byte aligned (the program's workspace need not be; packed panels are read
             # with aligned vector loads): layout() keeps 64 bytes of slack per task
             pad = b.and_(b.sub(c64(0), b.ptrtoint(ws, I64)), c64(63))
+            if self.has_bias:  # this batch's row of key biases
+                _, bbase, bst = self.bias_op
+                self.item_bias = self.ptr(self.bias_arg, b.add(c64(bbase), b.mul(bi, c64(bst[0]))))
             yield bi, h, b.gep(ws, [pad], source_etype=I8)
 
     def blocks(self):
@@ -1049,8 +1060,8 @@ class _AttentionKernel:
         self.softmax_rows(S, L, r0, rows, nc)
 
     def softmax_rows(self, S, ld, r0, rows, nc):
-        """Rows i < rows of S (row stride ld; query r0 + i) become softmax(S * scale) over
-        their keys (j <= r0 + i when causal, else all nc), then 0 up to nc: three passes per
+        """Rows i < rows of S (row stride ld; query r0 + i) become softmax(S * scale + the
+        key bias, if any) over their keys (j <= r0 + i when causal, else all nc), then 0 up to nc: three passes per
         row (scale and max; exp and sum; normalise), each vectorised."""
         b, et, L = self.b, self.et, ld
         m = self.kb.module
@@ -1070,6 +1081,9 @@ class _AttentionKernel:
             with for_range(b, c64(0), valid, "j1", known_nonempty=True) as j:
                 p = self.ptr(row, j)
                 x = b.fmul(b.load(p, typ=et), scale, flags=FM)
+                if self.has_bias:
+                    bv = b.load(self.ptr(self.item_bias, b.mul(j, c64(self.bias_op[2][1]))), typ=et)
+                    x = b.fadd(x, bv, flags=FM)
                 b.store(x, p)
                 b.store(b.call(maximum, [b.load(acc, typ=et), x]), acc)
             mx = b.load(acc, typ=et)
@@ -1088,6 +1102,8 @@ class _AttentionKernel:
                     b.store(const(self.dt, 0.0), self.ptr(row, j))
 
     def finish(self, names, strategy):
+        if self.has_bias:
+            names = list(names) + [self.bias_op[0]]
         self.b.ret_void()
         close_function(self.fn)
         k = _finish_custom(self.kb, self.fn, names, self.items, self.tasks, self.per, strategy,

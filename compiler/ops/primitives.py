@@ -657,7 +657,7 @@ primitive("matmul", kind="matmul", shape=_matmul_shape, ref=lambda a, b, out: np
 
 # ============================================================================ fused attention
 
-def _attention_check(op, q, k, v, scale, causal):
+def _attention_check(op, q, k, v, bias, scale, causal):
     _require_float(op, q, k, v)
     if q.ndim != 4:
         raise ShapeError(op, f"expects (batch, length, heads, head_dim) tensors, got q of shape {q.shape}")
@@ -666,59 +666,96 @@ def _attention_check(op, q, k, v, scale, causal):
                              f"and {v.shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise DTypeError(op, f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if bias is not None and (bias.shape != (q.shape[0], q.shape[1]) or bias.dtype != q.dtype):
+        raise ShapeError(op, f"the key bias must be {q.dtype}{[q.shape[0], q.shape[1]]} (batch, keys), got "
+                             f"{bias.dtype}{list(bias.shape)}")
     if not isinstance(causal, bool):
         raise ShapeError(op, f"causal must be a bool, got {causal!r}")
     if not (isinstance(scale, float) and math.isfinite(scale)):
         raise ShapeError(op, f"scale must be a finite float, got {scale!r}")
 
 
-def _attention_shape(q, k, v, scale, causal):
-    _attention_check("attention", q, k, v, scale, causal)
+def _attention_shape(q, k, v, *bias, scale, causal):
+    if len(bias) > 1:
+        raise ShapeError("attention", f"takes q, k, v and at most one key bias, got {3 + len(bias)} inputs")
+    _attention_check("attention", q, k, v, bias[0] if bias else None, scale, causal)
     return q
 
 
-def _attention_probs(q, k, scale, causal):
-    """softmax(q k^T * scale) per (batch, head) in float64: (B, H, L, L)."""
+def _attention_probs(q, k, bias, scale, causal):
+    """softmax(q k^T * scale + bias) per (batch, head) in float64: (B, H, L, L)."""
     s = np.einsum("blhd,bmhd->bhlm", q.astype(np.float64), k.astype(np.float64)) * scale
+    if bias is not None:
+        s = s + bias.astype(np.float64)[:, None, None, :]
     if causal:
         L = q.shape[1]
         s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
     if s.size:
-        s = s - s.max(-1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # a row of -inf (every key masked) is NaN, as in torch
+            s = s - s.max(-1, keepdims=True)
     e = np.exp(s)
     return e / e.sum(-1, keepdims=True)
 
 
-def _attention_ref(q, k, v, out, scale, causal):
-    p = _attention_probs(q, k, scale, causal)
+def _attention_ref(q, k, v, *bias, out, scale, causal):
+    p = _attention_probs(q, k, bias[0] if bias else None, scale, causal)
     return np.einsum("bhlm,bmhd->blhd", p, v.astype(np.float64)).astype(out.dtype)
 
 
-def _attention_vjp(g, out, q, k, v, scale, causal):
-    grads = bind("attention_grad", q, k, v, out, g, scale=scale, causal=causal)
+def _bias_grad(q, k, v, bias, out, g, scale, causal):
+    """d loss / d bias[b, j] = sum over heads and queries of P (dP - rowsum(dO * O)), written
+    with primitives: only built into a graph that differentiates the bias (dead code, and
+    removed, otherwise)."""
+    B, L, H, D = q.shape
+    heads = (0, 2, 1, 3)
+    qh, kh, vh, gh = (bind("transpose", t, perm=heads) for t in (q, k, v, g))
+    s = bind("matmul", qh, bind("transpose", kh, perm=(0, 1, 3, 2)))
+    s = bind("mul", s, scalar_like(s, scale))
+    s = bind("add", s, bind("broadcast_to", bind("reshape", bias, shape=(B, 1, 1, L)), shape=(B, H, L, L)))
+    if causal:
+        allowed = bind("ge", bind("iota", shape=(B, H, L, L), axis=2), bind("iota", shape=(B, H, L, L), axis=3))
+        s = bind("where", allowed, s, full_like(s, -math.inf))
+    m = bind("stop_gradient", bind("max", s, axes=(3,), keepdims=True))
+    e = bind("exp", bind("sub", s, bind("broadcast_to", m, shape=(B, H, L, L))))
+    z = bind("sum", e, axes=(3,), keepdims=True)
+    p = bind("div", e, bind("broadcast_to", z, shape=(B, H, L, L)))
+    dp = bind("matmul", gh, bind("transpose", vh, perm=(0, 1, 3, 2)))
+    rows = bind("sum", bind("mul", gh, bind("transpose", out, perm=heads)), axes=(3,), keepdims=True)
+    ds = bind("mul", p, bind("sub", dp, bind("broadcast_to", rows, shape=(B, H, L, L))))
+    return bind("sum", ds, axes=(1, 2), keepdims=False)
+
+
+def _attention_vjp(g, out, q, k, v, *bias, scale, causal):
+    grads = bind("attention_grad", q, k, v, out, g, *bias, scale=scale, causal=causal)
     B, L, H, D = q.shape
 
     def part(i):
         return bind("reshape", bind("slice", grads, starts=(0, 0, i, 0, 0), stops=(B, L, i + 1, H, D),
                                     steps=(1,) * 5), shape=(B, L, H, D))
+    if bias:
+        return part(0), part(1), part(2), _bias_grad(q, k, v, bias[0], out, g, scale, causal)
     return part(0), part(1), part(2)
 
 
 def _gen_attention(s):
     shape = (s.int(1, 2), s.int(1, 6), s.int(1, 3), s.int(1, 5))
-    return Case(tuple(s.array(shape, lo=-1.5, hi=1.5) for _ in range(3)),
-                {"scale": s.choice([0.5, 1.0, -0.75]), "causal": s.bool()})
+    ins = tuple(s.array(shape, lo=-1.5, hi=1.5) for _ in range(3))
+    if s.bool():
+        ins += (s.array(shape[:2], lo=-2.0, hi=1.0),)
+    return Case(ins, {"scale": s.choice([0.5, 1.0, -0.75]), "causal": s.bool()})
 
 
 primitive("attention", kind="opaque", shape=_attention_shape, ref=_attention_ref, vjp=_attention_vjp,
           spec=Spec(_gen_attention, rtol=1e-5, atol=1e-5),
-          doc="softmax(q k^T * scale [causal: key j <= query i]) v per (batch, head), over "
-              "(batch, length, heads, head_dim) tensors; one kernel, no (length x length) "
+          doc="softmax(q k^T * scale [+ bias[batch, key]] [causal: key j <= query i]) v per (batch, "
+              "head), over (batch, length, heads, head_dim) tensors; one kernel, no (length x length) "
               "tensor in memory (the backward recomputes the probabilities)")
 
 
-def _attention_grad_shape(q, k, v, o, g, scale, causal):
-    _attention_check("attention_grad", q, k, v, scale, causal)
+def _attention_grad_shape(q, k, v, o, g, *bias, scale, causal):
+    if len(bias) > 1:
+        raise ShapeError("attention_grad", f"takes q, k, v, o, g and at most one key bias, got {5 + len(bias)} inputs")
+    _attention_check("attention_grad", q, k, v, bias[0] if bias else None, scale, causal)
     if o.shape != q.shape or g.shape != q.shape or o.dtype != q.dtype or g.dtype != q.dtype:
         raise ShapeError("attention_grad", f"the output and its gradient must be {q.dtype}{list(q.shape)}, got "
                                            f"{o.dtype}{list(o.shape)} and {g.dtype}{list(g.shape)}")
@@ -726,8 +763,8 @@ def _attention_grad_shape(q, k, v, o, g, scale, causal):
     return TensorType((B, L, 3, H, D), q.dtype)
 
 
-def _attention_grad_ref(q, k, v, o, g, out, scale, causal):
-    p = _attention_probs(q, k, scale, causal)
+def _attention_grad_ref(q, k, v, o, g, *bias, out, scale, causal):
+    p = _attention_probs(q, k, bias[0] if bias else None, scale, causal)
     g64 = g.astype(np.float64)
     dv = np.einsum("bhlm,blhd->bmhd", p, g64)
     dp = np.einsum("blhd,bmhd->bhlm", g64, v.astype(np.float64))
@@ -746,9 +783,9 @@ def _attention_grad_vjp(g, out, *inputs, scale, causal):
 
 def _gen_attention_grad(s):
     case = _gen_attention(s)
-    q, k, v = case.inputs
-    o = _attention_ref(q, k, v, TensorType(q.shape, "float32"), **case.attrs)
-    return Case((q, k, v, o, s.array(q.shape, lo=-1.0, hi=1.0)), case.attrs)
+    q, k, v, *bias = case.inputs
+    o = _attention_ref(q, k, v, *bias, out=TensorType(q.shape, "float32"), **case.attrs)
+    return Case((q, k, v, o, s.array(q.shape, lo=-1.0, hi=1.0), *bias), case.attrs)
 
 
 primitive("attention_grad", kind="opaque", shape=_attention_grad_shape, ref=_attention_grad_ref,
