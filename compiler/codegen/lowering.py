@@ -930,10 +930,12 @@ def _for_step(b: ir.IRBuilder, lo, hi, step: int, name: str):
     b.cbranch(b.icmp_signed("<", nxt, hi), body, done)
     b.position_at_end(done)
 
+
 class _AttentionKernel:
     """What the forward and backward attention kernels share: the operands read in place
-    through strides, the work items (batch, head) split over tasks, each task's workspace
-    (score rows, then the GEMM's packing buffers), and the causal row blocks."""
+    through strides (and the optional key bias), the work items (batch, head) split over
+    tasks, each task's 64-byte aligned workspace regions, the query row tiles (tiled
+    kernels) or blocks (blocked ones), and the softmax passes."""
 
     def __init__(self, kb: KernelBuilder, operands, names):
         node = kb.root
