@@ -156,6 +156,44 @@ def test_algebra_transposed_product_is_computed_transposed():
         }""")
 
 
+
+SPLIT_VJP = """
+    graph f(%g: f32[2, 4, 3, 2, 5]) {
+      %0: f32[2, 4, 1, 2, 5] = slice(%g) {starts=[0, 0, 0, 0, 0], stops=[2, 4, 1, 2, 5], steps=[1, 1, 1, 1, 1]}
+      %1: f32[2, 4, 1, 2, 5] = slice(%g) {starts=[0, 0, 1, 0, 0], stops=[2, 4, 2, 2, 5], steps=[1, 1, 1, 1, 1]}
+      %2: f32[2, 4, 1, 2, 5] = slice(%g) {starts=[0, 0, 2, 0, 0], stops=[2, 4, 3, 2, 5], steps=[1, 1, 1, 1, 1]}
+      %3: f32[2, 4, 10] = reshape(%0) {shape=[2, 4, 10]}
+      %4: f32[2, 4, 10] = reshape(%1) {shape=[2, 4, 10]}
+      %5: f32[2, 4, 10] = reshape(%2) {shape=[2, 4, 10]}
+      %6: f32[2, 4, 30] = pad(%PIECE_A) {lo=[0, 0, LO_A], hi=[0, 0, HI_A], interior=[0, 0, 0], value=0.0}
+      %7: f32[2, 4, 30] = pad(%4) {lo=[0, 0, 10], hi=[0, 0, 10], interior=[0, 0, 0], value=0.0}
+      %8: f32[2, 4, 30] = add(%6, %7)
+      %9: f32[2, 4, 30] = pad(%PIECE_C) {lo=[0, 0, LO_C], hi=[0, 0, HI_C], interior=[0, 0, 0], value=0.0}
+      %10: f32[2, 4, 30] = add(%8, %9)
+      return (%10)
+    }"""
+
+
+def test_algebra_reassembles_a_split_gradient():
+    """The VJP of split over pieces cut from one tensor (a sum of pads of reshaped slices)
+    is that tensor reshaped; swapped pieces or a piece twice are not, and keep their sum."""
+    def graph(a, c):
+        text = SPLIT_VJP
+        for k, v in {"PIECE_A": a[0], "LO_A": a[1], "HI_A": 20 - a[1], "PIECE_C": c[0], "LO_C": c[1],
+                     "HI_C": 20 - c[1]}.items():
+            text = text.replace(k, str(v))
+        return g(text)
+    gin = np.random.default_rng(0).standard_normal((2, 4, 3, 2, 5)).astype(np.float32)
+    ok = graph(("3", 0), ("5", 20))
+    simple = dead_code_elimination(algebraic_simplify(ok))
+    assert [n.op for n in simple.nodes] == ["reshape"], simple
+    np.testing.assert_array_equal(interpret(simple, [gin])[0], interpret(ok, [gin])[0])
+    for a, c in ((("5", 0), ("3", 20)), (("3", 0), ("3", 20))):  # pieces swapped; one piece twice
+        other = graph(a, c)
+        kept = dead_code_elimination(algebraic_simplify(other))
+        assert "pad" in [n.op for n in kept.nodes], kept
+        np.testing.assert_array_equal(interpret(kept, [gin])[0], interpret(other, [gin])[0])
+
 def test_pass_manager_dumps_prints_and_times(tmp_path, capsys):
     x = tensor(np.ones((2, 3), np.float32))
     graph = trace(lambda x: (x * 1.0 + 0.0).sum(), x)

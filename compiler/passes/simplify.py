@@ -160,11 +160,72 @@ _ALGEBRA_OPS = frozenset(("transpose", "add", "sub", "mul", "div", "neg", "resha
                           "where"))  # the ops ``algebraic`` has rules for
 
 
+def _reassembled(n: Node, prod: dict, graph: Graph):
+    """The tensor G when the sum ``n`` of zero pads puts back together consecutive slices of
+    G along one axis, each reshaped: the VJP of ``split`` (a sum of pads of the pieces'
+    gradients) over pieces cut from one tensor, e.g. GPT-2's dq, dk, dv from the fused
+    attention's (B, L, 3, H, D) gradient, which is dqkv (B, L, 3C) reshaped.  Then
+    ``n == reshape(G, n.shape)``; None otherwise.  Conditions: every leaf of the add tree
+    is a zero pad along one axis a (the last of n), of a slice of G along one axis s (step
+    1, whole elsewhere), optionally reshaped; G.shape[:s] == n.shape[:a]; the pieces,
+    ordered, cover G's axis s and, scaled by the elements per index of s, n's axis a."""
+    leaves, stack = [], [n]
+    while stack:  # the add tree's leaves (inner adds may be used elsewhere: they are only read)
+        m = stack.pop()
+        if m.op == "add":
+            for i in m.inputs:
+                p = prod.get(i)
+                if p is None:
+                    return None
+                stack.append(p)
+        else:
+            leaves.append(m)
+        if len(leaves) > 64:
+            return None
+    out = n.type
+    a = out.ndim - 1
+    if out.ndim == 0 or len(leaves) < 2:
+        return None
+    pieces, src_axis, whole = [], None, None
+    for pad in leaves:
+        if pad.op != "pad" or pad.attr.get("value", 0.0) != 0.0 or any(pad.attr["interior"]):
+            return None
+        lo, hi = pad.attr["lo"], pad.attr["hi"]
+        if any(lo[d] or hi[d] for d in range(a)):
+            return None
+        src = prod.get(pad.inputs[0])
+        if src is not None and src.op == "reshape":
+            src = prod.get(src.inputs[0])
+        if src is None or src.op != "slice" or any(st != 1 for st in src.attr["steps"]):
+            return None
+        g = src.inputs[0]
+        gt = graph_type(prod, graph, g)
+        cut = [d for d in range(gt.ndim) if (src.attr["starts"][d], src.attr["stops"][d]) != (0, gt.shape[d])]
+        if len(cut) > 1 or (whole is not None and g != whole):
+            return None
+        s_ax = cut[0] if cut else 0
+        if src_axis is not None and s_ax != src_axis:
+            return None
+        whole, src_axis = g, s_ax
+        pieces.append((lo[a], src.attr["starts"][s_ax], src.attr["stops"][s_ax]))
+    gt = graph_type(prod, graph, whole)
+    if gt.dtype != out.dtype or gt.size != out.size or tuple(gt.shape[:src_axis]) != tuple(out.shape[:a]):
+        return None
+    inner = math.prod(gt.shape[src_axis + 1:])
+    at = 0
+    for lo_a, j0, j1 in sorted(pieces):
+        if j0 != at or lo_a != j0 * inner:
+            return None
+        at = j1
+    return whole if at == gt.shape[src_axis] else None
+
+
 @register_pass("algebraic")
 def algebraic_simplify(graph: Graph) -> Graph:
     """Algebra: x*1, x+0, x-0, x/1, double neg, neg/sub canonical forms, division by a power
     of two, chains of transpose / reshape / broadcast_to, a transposed product computed
-    transposed ((A @ B)^T = B^T @ A^T), no-op casts and selects."""
+    transposed ((A @ B)^T = B^T @ A^T), no-op casts and selects, and a sum of zero pads that
+    reassembles consecutive slices of one tensor (``_reassembled``)."""
     counter = [0]
     uses: dict[str, int] = {}
     for m in graph.nodes:
@@ -202,6 +263,9 @@ def algebraic_simplify(graph: Graph) -> Graph:
                 return ins[0]
             if _is_full(prod, ins[0], 0):
                 return ins[1]
+            whole = _reassembled(n, prod, graph)
+            if whole is not None:
+                return [Node.make(n.name, "reshape", (whole,), n.type, {"shape": n.type.shape}, n.loc)]
             if p[1] is not None and p[1].op == "neg":
                 return [_with(n, op="sub", inputs=(ins[0], p[1].inputs[0]))]
             if p[0] is not None and p[0].op == "neg":
