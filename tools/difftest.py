@@ -105,7 +105,10 @@ def compare(got, want, rtol: float, atol: float, names=None) -> tuple[float, flo
             with np.errstate(invalid="ignore", over="ignore"):
                 d = np.where(same, 0.0, np.abs(g64 - w64))
                 d = np.where(np.isnan(d), np.inf, d)
-                r_all = np.where(same, 0.0, d / np.maximum(np.abs(w64), np.finfo(np.float64).tiny))
+                # relative to |want|, floored at atol: a value near zero (which passes on atol)
+                # does not report an error of 1e300
+                floor = atol if atol > 0 else np.finfo(np.float64).tiny
+                r_all = np.where(same, 0.0, d / np.maximum(np.abs(w64), floor))
                 a, r = float(d.max()), float(r_all.max())
                 excess_all = d - (atol + rtol * np.abs(np.where(np.isfinite(w64), w64, 0.0)))
                 excess = float(excess_all.max())
