@@ -392,6 +392,14 @@ class Flatten(Module):
         return F.flatten(x, self.start_axis, self.end_axis)
 
 
+def _key_padding_mask(mask, b: int, lk: int) -> Tensor:
+    """A (batch, keys) key-padding mask (True at padding) as a tensor, its shape checked."""
+    kpm = mask if isinstance(mask, Tensor) else Tensor(np.asarray(mask))
+    if kpm.shape != (b, lk):
+        raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lk)}")
+    return kpm
+
+
 class MultiHeadAttention(Module):
     """Multi-head attention over (batch, seq, embed) tensors (batch first).
 
@@ -428,10 +436,7 @@ class MultiHeadAttention(Module):
             # padded keys as a -inf key bias
             bias = None
             if key_padding_mask is not None:
-                kpm = key_padding_mask if isinstance(key_padding_mask, Tensor) else Tensor(np.asarray(key_padding_mask))
-                if kpm.shape != (b, lq):
-                    raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lq)}")
-                bias = F.where(kpm, -math.inf, 0.0)
+                bias = F.where(_key_padding_mask(key_padding_mask, b, lq), -math.inf, 0.0)
             q, k, v = (t.reshape(b, lq, self.num_heads, self.head_dim)
                        for t in (self.q_proj(query), self.k_proj(key), self.v_proj(value)))
             out = F.attention(q, k, v, causal=is_causal, scale=1.0 / math.sqrt(self.head_dim), key_bias=bias)
@@ -444,10 +449,7 @@ class MultiHeadAttention(Module):
         lk = k.shape[2]
         mask = None
         if key_padding_mask is not None:
-            kpm = key_padding_mask if isinstance(key_padding_mask, Tensor) else Tensor(np.asarray(key_padding_mask))
-            if kpm.shape != (b, lk):
-                raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lk)}")
-            mask = F.logical_not(kpm.reshape(b, 1, 1, lk))
+            mask = F.logical_not(_key_padding_mask(key_padding_mask, b, lk).reshape(b, 1, 1, lk))
         if attn_mask is not None:
             am = attn_mask if isinstance(attn_mask, Tensor) else Tensor(np.asarray(attn_mask))
             if am.dtype == "bool":

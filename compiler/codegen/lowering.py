@@ -1103,6 +1103,36 @@ class _AttentionKernel:
                 with for_range(b, valid, nc, "j4") as j:
                     b.store(const(self.dt, 0.0), self.ptr(row, j))
 
+    def grad_pointers(self, bases, OUT, bi, h):
+        """The backward's pointers for item (bi, h): q, k, v, o, dO at (bi, 0, h, 0), and
+        dq, dk, dv in the (B, L, 3, H, D) output."""
+        b, D, HD = self.b, self.D, self.H * self.D
+        Q, K, V, Ob, G = (self.ptr(base, self.operand_base(k, bi, h)) for k, base in enumerate(bases))
+        out = self.ptr(OUT, b.add(b.mul(bi, c64(self.L * 3 * HD)), b.mul(h, c64(D))))
+        return Q, K, V, Ob, G, out, self.ptr(out, c64(HD)), self.ptr(out, c64(2 * HD))
+
+    def ds_rows(self, G, Ob, P, dP, ld, r0, rows, nc, acc):
+        """dP[i, j] = P[i, j] (dP[i, j] - rowsum(dO * O)[r0 + i]) * scale for rows i < rows,
+        keys j < nc (row stride ld), in place of dP."""
+        b, et = self.b, self.et
+        _, _, gs = self.ops[4]
+        _, _, os_ = self.ops[3]
+        scale = const(self.dt, self.scale)
+        with for_range(b, c64(0), rows, "i") as i:
+            gi = b.add(r0, i)
+            b.store(const(self.dt, 0.0), acc)
+            with for_range(b, c64(0), c64(self.D), "d", known_nonempty=True) as d:
+                gv = b.load(self.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
+                ov = b.load(self.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
+                b.store(b.fadd(b.load(acc, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), acc)
+            rs = b.load(acc, typ=et)
+            prow, drow = self.ptr(P, b.mul(i, c64(ld))), self.ptr(dP, b.mul(i, c64(ld)))
+            with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
+                dp = self.ptr(drow, j)
+                pj = b.load(self.ptr(prow, j), typ=et)
+                v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
+                b.store(v, dp)
+
     def finish(self, names, strategy):
         if self.has_bias:
             names = list(names) + [self.bias_op[0]]
@@ -1212,15 +1242,8 @@ class AttentionGrad(Lowering):
         HD = H * D
         ld = 3 * HD  # row stride of the (B, L, 3, H, D) output
         acc = alloca(ak.fn, et, "rowsum")
-        scale = const(ak.dt, ak.scale)
         for bi, h, ws in ak.items_loop(lo, hi, W):
-            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
-            K = ak.ptr(K0, ak.operand_base(1, bi, h))
-            V = ak.ptr(V0, ak.operand_base(2, bi, h))
-            Ob = ak.ptr(O0, ak.operand_base(3, bi, h))
-            G = ak.ptr(G0, ak.operand_base(4, bi, h))
-            base = ak.ptr(OUT, b.add(b.mul(bi, c64(L * ld)), b.mul(h, c64(D))))
-            dQ, dK, dV = base, ak.ptr(base, c64(HD)), ak.ptr(base, c64(2 * HD))
+            Q, K, V, Ob, G, dQ, dK, dV = ak.grad_pointers((Q0, K0, V0, O0, G0), OUT, bi, h)
             S, dP, tmp, gws = (ak.region(ws, o) for o in (p_off, dp_off, t_off, g_off))
             zero = const(ak.dt, 0.0)
             with for_range(b, c64(0), c64(L), "zl", known_nonempty=True) as l:
@@ -1235,22 +1258,7 @@ class AttentionGrad(Lowering):
                 # dP = dO[r0:] @ V[0:nc]^T
                 gemm(Gr, V, dP, rows, nc, c64(D), c64(gs[1]), c64(gs[3]), c64(vs[3]), c64(vs[1]),
                              c64(L), gws)
-                # dS = P * (dP - rowsum(dO * O)) * scale, in place of dP
-                with for_range(b, c64(0), rows, "i") as i:
-                    gi = b.add(r0, i)
-                    b.store(zero, acc)
-                    with for_range(b, c64(0), c64(D), "d", known_nonempty=True) as d:
-                        gv = b.load(ak.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
-                        ov = b.load(ak.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
-                        b.store(b.fadd(b.load(acc, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), acc)
-                    rs = b.load(acc, typ=et)
-                    prow = ak.ptr(S, b.mul(i, c64(L)))
-                    drow = ak.ptr(dP, b.mul(i, c64(L)))
-                    with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
-                        pj = b.load(ak.ptr(prow, j), typ=et)
-                        dp = ak.ptr(drow, j)
-                        v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
-                        b.store(v, dp)
+                ak.ds_rows(G, Ob, S, dP, L, r0, rows, nc, acc)  # dS, in place of dP
                 # dQ[r0:] = dS @ K[0:nc]
                 gemm(dP, K, ak.ptr(dQ, b.mul(r0, c64(ld))), rows, c64(D), nc, c64(L), c64(1),
                              c64(ks[1]), c64(ks[3]), c64(ld), gws)
@@ -1286,7 +1294,6 @@ class AttentionGrad(Lowering):
         HD = H * D
         ld = 3 * HD  # row stride of the (B, L, 3, H, D) output
         rowsum = alloca(ak.fn, et, "rowsum")
-        scale = const(ak.dt, ak.scale)
         off = ir.Constant(ir.IntType(1), 0)
 
         def ukr_cols(a, sa, mode, panels, kc, C, ldc, mr, ncols, krow=None):
@@ -1301,13 +1308,7 @@ class AttentionGrad(Lowering):
                                    tile])
 
         for bi, h, ws in ak.items_loop(lo, hi, W):
-            Q = ak.ptr(Q0, ak.operand_base(0, bi, h))
-            K = ak.ptr(K0, ak.operand_base(1, bi, h))
-            V = ak.ptr(V0, ak.operand_base(2, bi, h))
-            Ob = ak.ptr(O0, ak.operand_base(3, bi, h))
-            G = ak.ptr(G0, ak.operand_base(4, bi, h))
-            base = ak.ptr(OUT, b.add(b.mul(bi, c64(L * ld)), b.mul(h, c64(D))))
-            dQ, dK, dV = base, ak.ptr(base, c64(HD)), ak.ptr(base, c64(2 * HD))
+            Q, K, V, Ob, G, dQ, dK, dV = ak.grad_pointers((Q0, K0, V0, O0, G0), OUT, bi, h)
             KT, VT, Kp, Qp, Gp, P, dS, Ap, tile = (ak.region(ws, o) for o in offs)
             b.call(parts.pack_b, [K, c64(D), c64(L), c64(ks[3]), c64(ks[1]), KT])  # K^T: D x L
             b.call(parts.pack_b, [V, c64(D), c64(L), c64(vs[3]), c64(vs[1]), VT])  # V^T: D x L
@@ -1321,20 +1322,7 @@ class AttentionGrad(Lowering):
                 ak.softmax_rows(Prow, Lp, i0, mr, nc)
                 a, sa, mode = ak.a_operand(parts, ak.ptr(G, b.mul(i0, c64(gs[1]))), mr, c64(D), gs[1], gs[3], Ap)
                 ukr_cols(a, sa, mode, (VT, D), c64(D), dSrow, c64(Lp), mr, nc)  # dP
-                with for_range(b, c64(0), mr, "i") as i:
-                    gi = b.add(i0, i)
-                    b.store(const(ak.dt, 0.0), rowsum)
-                    with for_range(b, c64(0), c64(D), "d", known_nonempty=True) as d:
-                        gv = b.load(ak.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
-                        ov = b.load(ak.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
-                        b.store(b.fadd(b.load(rowsum, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), rowsum)
-                    rs = b.load(rowsum, typ=et)
-                    prow, drow = ak.ptr(Prow, b.mul(i, c64(Lp))), ak.ptr(dSrow, b.mul(i, c64(Lp)))
-                    with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
-                        dp = ak.ptr(drow, j)
-                        pj = b.load(ak.ptr(prow, j), typ=et)
-                        v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
-                        b.store(v, dp)
+                ak.ds_rows(G, Ob, Prow, dSrow, Lp, i0, mr, nc, rowsum)  # dS, in place of dP
                 # dQ[i0:i0+mr] = dS[i0:i0+mr, 0:nc] @ K[0:nc]
                 a, sa, mode = ak.a_operand(parts, dSrow, mr, nc, Lp, 1, Ap)
                 ukr_cols(a, sa, mode, (Kp, L), nc, ak.ptr(dQ, b.mul(i0, c64(ld))), c64(ld), mr, c64(D))
