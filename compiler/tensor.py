@@ -111,6 +111,21 @@ class TraceError(RuntimeError):
 
 # ----------------------------------------------------------------------------- Tensor
 
+# Counts replacements of an existing tensor's array (the ``data`` setter) and changes to the
+# optimizers' state dicts: a compiled training step that updates parameter and state arrays
+# in place reads it once per step, and while it is unchanged knows without looking at each
+# tensor (a GPT-2 step has 84 of them) that they still hold the arrays it updates.
+_GENERATION = [0]
+
+
+def data_generation() -> int:
+    return _GENERATION[0]
+
+
+def bump_data_generation() -> None:
+    _GENERATION[0] += 1
+
+
 
 class Tensor:
     """An n-d array of one dtype, eager (holds data) or traced (names a graph value)."""
@@ -194,6 +209,7 @@ class Tensor:
         if arr.shape != self.shape:
             raise ValueError(f"data assignment: shape {arr.shape} does not match the tensor's {self.shape}")
         self._data = np.array(arr, dtype=self.dtype, order="C", copy=True)
+        _GENERATION[0] += 1
 
     def numpy(self) -> np.ndarray:
         return self.data

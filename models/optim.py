@@ -12,7 +12,49 @@ from typing import Iterable
 import numpy as np
 
 from neural_arch.compiler import functional as F
-from neural_arch.compiler.tensor import Tensor, no_grad
+from neural_arch.compiler.tensor import Tensor, bump_data_generation, no_grad
+
+
+class StateDict(dict):
+    """A dict that counts its changes in the tensors' data generation
+    (``compiler.tensor.data_generation``): ``Optimizer.state`` and each parameter's state are
+    these, so a compiled training step, which updates the state arrays in place, sees in one
+    comparison per step whether any of them was replaced (a loaded checkpoint, a user's
+    assignment) and only then looks at them again."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        bump_data_generation()
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        bump_data_generation()
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        bump_data_generation()
+        return dict.__ior__(self, other)
+
+    def update(self, *args, **kwargs):
+        bump_data_generation()
+        dict.update(self, *args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        bump_data_generation()
+        return dict.setdefault(self, key, default)
+
+    def pop(self, *args):
+        bump_data_generation()
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        bump_data_generation()
+        return dict.popitem(self)
+
+    def clear(self):
+        bump_data_generation()
+        dict.clear(self)
 
 
 class Optimizer:
@@ -27,11 +69,11 @@ class Optimizer:
         self.lr = float(lr)
         self.step_count = 0
         # per-parameter state: {"exp_avg": Tensor, ..., "step": int}
-        self.state: dict[int, dict] = {id(p): self.init_state(p) for p in self.params}
+        self.state: dict[int, dict] = StateDict({id(p): self.init_state(p) for p in self.params})
 
     def init_state(self, p) -> dict:
-        st = {name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names}
-        st["step"] = 0
+        st = StateDict({name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names})
+        dict.__setitem__(st, "step", 0)
         return st
 
     def state_for(self, p) -> dict:

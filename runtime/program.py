@@ -25,6 +25,7 @@ import bisect
 import ctypes
 import functools
 import hashlib
+import itertools
 import operator
 import os
 import sys
@@ -597,6 +598,7 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
 
 
 _WRITEABLE = operator.attrgetter("flags.writeable")
+_META = operator.attrgetter("shape", "strides", "dtype")  # an input array's layout, compared call to call
 
 _shared: dict = {}
 _shared_lock = threading.Lock()
@@ -982,65 +984,17 @@ class Program:
         order) to write into instead of fresh ones (benchmarks, steady-state loops).
 
         A training step calls this with the same parameter and state arrays every time, so
-        an input that is the very object of the previous call (same shape, dtype, still
-        C-contiguous) keeps its data pointer without asking NumPy (``a.ctypes.data`` costs
-        ~1 us; an MLP step has 22 inputs), and an output updated in place takes its input's
+        inputs that are the very objects of the previous call, with the same shape, strides
+        and dtype, keep their data pointers without asking NumPy (``a.ctypes.data`` costs
+        ~1 us; an MLP step has 23 inputs), and an output updated in place takes its input's
         pointer.  What is per program (the inputs' types, the outputs' sources) is planned
         on the first call."""
-        in_slots = self._in_slots
-        if len(arrays) != len(in_slots):
-            raise TypeError(f"{self.graph.name} takes {len(in_slots)} inputs, got {len(arrays)}")
         if out is not None:
-            out = list(out)
-            if len(out) != len(self._out_alloc):
-                raise TypeError(f"out= needs {len(self._out_alloc)} arrays, got {len(out)}")
-            want_out = self.__dict__.get("_out_want")
-            if want_out is None:
-                want_out = self._out_want = [(tuple(shape), np.dtype(dtype)) for _, _, shape, dtype in self._out_alloc]
-            for k, (o, (shape, dtype)) in enumerate(zip(out, want_out)):
-                flags = o.flags if isinstance(o, np.ndarray) else None
-                if flags is None or o.shape != shape or o.dtype != dtype or not (flags.c_contiguous and flags.writeable):
-                    raise TypeError(f"out= array for %{self._out_alloc[k][1]} must be a writeable C-contiguous "
-                                    f"{dtype}{list(shape)} array")
-        address = self._address
+            out = self._check_out(out)
         with self._lock:
-            plan = self.__dict__.get("_call_plan") or self._plan_call()
-            want, dts, results_plan, simple, aliased_by_input = plan
-            ptrs = self._ptrs
-            # the object passed last time, its shape then, and the array accepted for it (a
-            # view reshaped to the input's type when it came with another shape of that size)
-            last, last_shape, accepted = self._last_inputs, self._last_shapes, self._accepted
-            for k, (a, seen, seen_shape, dt) in enumerate(zip(arrays, last, last_shape, dts)):
-                if a is seen and a.shape == seen_shape and a.dtype is dt and a.flags.c_contiguous:
-                    continue  # an array's data pointer is fixed for its lifetime (we hold it)
-                shape, dt, size = want[k]
-                if isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous and \
-                        (a.shape == shape or a.size == size):
-                    # a view if the shape differs (np.ascontiguousarray makes 0-d arrays 1-d)
-                    acc = a if a.shape == shape else a.reshape(shape)
-                else:
-                    gi = self.graph.inputs[k]
-                    got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
-                    raise TypeError(f"{self.graph.name}: input %{gi.name} expects a C-contiguous {gi.type}, got {got}")
-                ptrs[in_slots[k]] = ptr = address(acc)
-                for slot in aliased_by_input.get(k, ()):  # outputs written over this input
-                    ptrs[slot] = ptr
-                last[k], last_shape[k], accepted[k] = a, a.shape, acc
-            fresh = []
-            for k, (slot, name, shape, dtype) in enumerate(self._out_alloc):
-                arr = np.empty(shape, dtype=dtype) if out is None else out[k]
-                fresh.append(arr)
-                ptrs[slot] = address(arr)
-            # inputs updated in place (their pointers were set with the input's) must be writeable
-            if aliased_by_input and not all(map(_WRITEABLE, map(accepted.__getitem__, aliased_by_input))):
-                i = next(i for i in aliased_by_input if not accepted[i].flags.writeable)
-                raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
-                                f"and must be writeable")
-            rc = self._entry(ptrs)
-            if self._prof is not None:
-                self.calls += 1
-            if rc:
-                raise self._error(rc)
+            fresh = self._run(arrays, out)
+            _, _, results_plan, simple, _ = self._call_plan
+            accepted = self._accepted
             if simple:  # fresh outputs and inputs updated in place, each returned once
                 sources = (fresh, accepted)
                 return [sources[kind][i] for kind, i in results_plan]
@@ -1057,6 +1011,139 @@ class Program:
                 else:            # a materialised constant
                     results.append(np.array(i.attr["value"], dtype=i.type.dtype).reshape(i.type.shape))
             return results
+
+    def _check_out(self, out) -> list[np.ndarray]:
+        out = list(out)
+        if len(out) != len(self._out_alloc):
+            raise TypeError(f"out= needs {len(self._out_alloc)} arrays, got {len(out)}")
+        want_out = self.__dict__.get("_out_want")
+        if want_out is None:
+            want_out = self._out_want = [(tuple(shape), np.dtype(dtype)) for _, _, shape, dtype in self._out_alloc]
+        for k, (o, (shape, dtype)) in enumerate(zip(out, want_out)):
+            flags = o.flags if isinstance(o, np.ndarray) else None
+            if flags is None or o.shape != shape or o.dtype != dtype or not (flags.c_contiguous and flags.writeable):
+                raise TypeError(f"out= array for %{self._out_alloc[k][1]} must be a writeable C-contiguous "
+                                f"{dtype}{list(shape)} array")
+        return out
+
+    def fresh_outputs(self) -> tuple[str, ...]:
+        """The outputs computed into fresh arrays on every call, in output order (what
+        ``run_inplace`` returns); the others are inputs updated in place, or constants."""
+        return tuple(name for _, name, _, _ in self._out_alloc)
+
+    def run_inplace(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """``__call__`` for a loop that reads its in-place outputs from its own input arrays:
+        the same run, returning only the outputs computed into fresh arrays (in output order),
+        without building the list of every output (a training step's parameters and
+        optimizer moments are all outputs written over their inputs: 85 of the tiny GPT-2
+        step's 86).  Every other output is an input updated in place, or a constant or input
+        returned as it is."""
+        with self._lock:
+            return self._run(arrays, None)
+
+    def run_fixed(self, *head: np.ndarray, out=None) -> list[np.ndarray]:
+        """``run_inplace`` with the last call's inputs except the first ``len(head)``, which
+        are given: the others are not looked at.  For a caller that knows they are the very
+        arrays of the last call, unchanged -- a training step whose parameters and optimizer
+        state were not replaced since (``compiler.tensor.data_generation``): their data
+        pointers are the ones taken then, and the program still holds the arrays.  A GPT-2
+        step leaves the Python objects of its 84 parameter and state arrays out of cache;
+        looking at them again cost the tiny step ~0.2 ms.  Returns the fresh outputs, or
+        writes them into ``out`` (arrays of their types, checked on first use: a loop that
+        passes the same ones every call allocates nothing)."""
+        with self._lock:
+            if not self.__dict__.get("_ran"):
+                raise RuntimeError(f"{self.graph.name}: run_fixed needs a previous call (it reuses that call's inputs)")
+            n = len(head)
+            if n > len(self._in_slots):
+                raise TypeError(f"{self.graph.name} takes {len(self._in_slots)} inputs, got {n}")
+            self._take(head)
+            aliased = self._aliased_below.get(n)
+            if aliased is None:  # (inputs updated in place among those given)
+                aliased = self._aliased_below[n] = [i for i in self._call_plan[4] if i < n]
+            if out is not None and not all(map(operator.is_, out, self._last_out)):
+                out = self._check_out(out)
+            return self._launch(out, aliased)
+
+    def _run(self, arrays, out) -> list[np.ndarray]:
+        """Accept the inputs, allocate the fresh outputs, run; the caller holds the lock."""
+        in_slots = self._in_slots
+        if len(arrays) != len(in_slots):
+            raise TypeError(f"{self.graph.name} takes {len(in_slots)} inputs, got {len(arrays)}")
+        plan = self.__dict__.get("_call_plan") or self._plan_call()
+        self._take(arrays)
+        fresh = self._launch(out, plan[4])
+        self._ran = True  # every input taken: run_fixed may reuse them
+        return fresh
+
+    def _take(self, arrays) -> None:
+        """Take the data pointers of inputs 0 .. len(arrays)-1 (the caller holds the lock)."""
+        # the very arrays of the last call with their shapes, strides and dtypes then (an
+        # array's data pointer is fixed for its lifetime, and we hold it): nothing to do.  A
+        # step after a heavy one finds these objects out of cache, so this is one pass over
+        # them, in C, rather than a Python loop
+        try:
+            meta = list(map(_META, arrays))
+        except AttributeError:  # not an array: _accept says which input
+            meta = [None] * len(arrays)
+        last, last_meta = self._last_inputs, self._last_meta
+        if not (all(map(operator.is_, arrays, last)) and all(map(operator.eq, meta, last_meta))):
+            # (a training loop's new batch: only those inputs are looked at)
+            same = map(operator.and_, map(operator.is_, arrays, last), map(operator.eq, meta, last_meta))
+            self._accept(arrays, meta, itertools.compress(range(len(arrays)), map(operator.not_, same)))
+
+    def _launch(self, out, aliased) -> list[np.ndarray]:
+        """Allocate the fresh outputs (or take ``out``'s), check that the inputs ``aliased``
+        (updated in place) are writeable, and run the native entry point."""
+        ptrs, accepted, address = self._ptrs, self._accepted, self._address
+        last_out = self._last_out
+        if out is None:
+            fresh = []
+            for k, (slot, name, shape, dtype) in enumerate(self._out_alloc):
+                arr = np.empty(shape, dtype=dtype)
+                fresh.append(arr)
+                ptrs[slot] = address(arr)
+            last_out[:] = [None] * len(last_out)
+        else:  # (the very arrays of the last call: their pointers are set)
+            fresh = out
+            if not all(map(operator.is_, out, last_out)):
+                for k, (slot, _, _, _) in enumerate(self._out_alloc):
+                    ptrs[slot] = address(out[k])
+                last_out[:] = out
+        # inputs updated in place (their pointers were set with the input's) must be writeable
+        if aliased and not all(map(_WRITEABLE, map(accepted.__getitem__, aliased))):
+            i = next(i for i in aliased if not accepted[i].flags.writeable)
+            raise TypeError(f"{self.graph.name}: input %{self.graph.inputs[i].name} is updated in place "
+                            f"and must be writeable")
+        rc = self._entry(ptrs)
+        if self._prof is not None:
+            self.calls += 1
+        if rc:
+            raise self._error(rc)
+        return fresh
+
+    def _accept(self, arrays, meta, changed) -> None:
+        """Check inputs ``changed`` (indices: not the last call's arrays, or their shape,
+        strides or dtype changed since) against the graph's input types and take their data
+        pointers."""
+        want, _, _, _, aliased_by_input = self._call_plan
+        ptrs, in_slots, address = self._ptrs, self._in_slots, self._address
+        last, last_meta, accepted = self._last_inputs, self._last_meta, self._accepted
+        for k in changed:
+            a, m = arrays[k], meta[k]
+            shape, dt, size = want[k]
+            if isinstance(a, np.ndarray) and a.dtype == dt and a.flags.c_contiguous and \
+                    (a.shape == shape or a.size == size):
+                # a view if the shape differs (np.ascontiguousarray makes 0-d arrays 1-d)
+                acc = a if a.shape == shape else a.reshape(shape)
+            else:
+                gi = self.graph.inputs[k]
+                got = f"{a.dtype}{list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise TypeError(f"{self.graph.name}: input %{gi.name} expects a C-contiguous {gi.type}, got {got}")
+            ptrs[in_slots[k]] = ptr = address(acc)
+            for slot in aliased_by_input.get(k, ()):  # outputs written over this input
+                ptrs[slot] = ptr
+            last[k], last_meta[k], accepted[k] = a, m, acc
 
     def _plan_call(self):
         """What ``__call__`` needs per program: each input's (shape, dtype, size), and where each
@@ -1079,13 +1166,15 @@ class Program:
                 plan.append((4, self.graph.producer()[o]))
             seen.add(o)
         n = len(want)
-        self._last_shapes, self._accepted = [None] * n, [None] * n
+        self._last_meta, self._accepted = [None] * n, [None] * n
         self._last_inputs = [None] * n  # (pointers of aliased outputs are set with their input's)
         by_input: dict = {}
         for slot, _, i in self._aliased:
             by_input.setdefault(i, []).append(slot)
         simple = all(kind in (0, 1) for kind, _ in plan)
         self._call_plan = (want, [dt for _, dt, _ in want], plan, simple, by_input)
+        self._aliased_below = {}
+        self._last_out = [None] * len(self._out_alloc)  # out= arrays whose pointers are set
         return self._call_plan
 
     @staticmethod

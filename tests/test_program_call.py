@@ -148,3 +148,36 @@ def test_out_arrays_are_written_and_checked():
             prog(a, b, out=[first, outs[1]])
     with pytest.raises(TypeError, match="out= needs 2 arrays, got 1"):
         prog(a, b, out=outs[:1])
+
+
+def test_run_inplace_and_run_fixed_return_only_the_fresh_outputs():
+    """run_inplace is __call__ returning only the outputs computed into fresh arrays;
+    run_fixed reruns on the last call's inputs except the first ones, which it is given (a
+    training step's scalars and batch), and can write its fresh outputs into ``out``."""
+    g = trace(lambda x, w: (F.exp(x).sum(), w * 0.5), T, T)
+    p = Program(g, options={"inplace": {1: 1}})
+    assert p.inplace == {1: 1} and p.fresh_outputs() == (g.outputs[0],)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    w = np.full((4, 8), 8.0, np.float32)
+    with pytest.raises(RuntimeError, match="needs a previous call"):
+        p.run_fixed(x)
+    (s,) = p.run_inplace(x, w)
+    np.testing.assert_allclose(s, np.exp(x).sum(), rtol=1e-5)
+    np.testing.assert_array_equal(w, 4.0)  # updated in place
+    x2 = x + 1.0
+    out = [np.empty((), np.float32)]
+    for k in range(2):  # w is the last call's array, not looked at again
+        (s2,) = p.run_fixed(x2, out=out)
+        assert s2 is out[0]
+        np.testing.assert_allclose(s2, np.exp(x2).sum(), rtol=1e-5)
+        np.testing.assert_array_equal(w, 2.0 / 2 ** k)
+    x2[0, 0] = 5.0  # new values in the same array are read
+    (s3,) = p.run_fixed(x2)
+    np.testing.assert_allclose(s3, np.exp(x2).sum(), rtol=1e-5)
+    with pytest.raises(TypeError, match="expects a C-contiguous"):
+        p.run_fixed(x2.astype(np.float64))
+    with pytest.raises(TypeError, match="out= array"):
+        p.run_fixed(x2, out=[np.empty((2,), np.float32)])
+    with pytest.raises(TypeError, match="takes 2 inputs, got 3"):
+        p.run_fixed(x2, w, w)

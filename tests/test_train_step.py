@@ -282,3 +282,65 @@ def test_compiled_step_feeds_the_same_arrays_each_step():
         seen = list(prog._last_inputs[:3])
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)
+
+
+def test_compiled_step_reruns_on_unchanged_arrays_and_sees_every_replacement():
+    """Once a step has updated every parameter and state array in place, the next ones run the
+    program on them without looking at them (Program.run_fixed) while nothing replaced any
+    (compiler.tensor.data_generation); values changed in place, a replaced parameter array, a
+    replaced moment, a replaced state dict, a plain dict in its place and changes to it are
+    all seen, and each parameter's step count advances."""
+    from neural_arch.compiler.tensor import data_generation
+
+    def train(backend):
+        m = mlp()
+        o = optim.AdamW(m.parameters(), lr=0.01)
+        step = compile_train_step(m, mlp_loss, o, *BATCHES[0], backend=backend)
+        losses, fast = [], []
+        for k in range(9):
+            x, y = BATCHES[k % len(BATCHES)]
+            p0, p1 = m.parameters()[0], m.parameters()[1]
+            if k == 2:
+                p0.data[...] *= 0.5  # in place: no replacement
+            if k == 3:
+                p0.data = p0.data * 0.5
+            if k == 4:
+                o.state_for(p1)["exp_avg_sq"] = Tensor(o.state_for(p1)["exp_avg_sq"].data * 2.0)
+            if k == 5:  # a new state dict for a parameter, a plain one
+                o.state[id(p1)] = {key: (Tensor(v.data.copy()) if isinstance(v, Tensor) else v)
+                                   for key, v in o.state_for(p1).items()}
+            if k == 6:  # the plain dict changes without counting: the step must not trust it
+                o.state_for(p1)["exp_avg"] = Tensor(o.state_for(p1)["exp_avg"].data * 0.5)
+            if k == 7:  # back to a counting dict
+                o.state[id(p1)] = optim.StateDict(o.state_for(p1))
+            fast.append(step.__dict__.get("_fast") is not None and step._fast[0] == data_generation())
+            losses.append(step(x, y))
+            assert [o.state_for(p)["step"] for p in m.parameters()] == [k + 1] * len(m.parameters())
+        return losses, fast, m
+
+    # (one after the other: the interpreted step replaces the arrays every step, which the
+    # compiled one, run in between, would see as replacements)
+    want, _, m1 = train("interpreter")
+    got, fast, m2 = train("llvm")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert fast == [False, True, True, False, False, False, False, False, True]
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)
+
+
+def test_state_dicts_count_their_changes():
+    from neural_arch.compiler.tensor import data_generation
+    st = optim.AdamW(mlp().parameters()).state
+    inner = next(iter(st.values()))
+    assert type(st) is optim.StateDict and type(inner) is optim.StateDict
+    changes = [lambda: inner.__setitem__("exp_avg", inner["exp_avg"]), lambda: inner.update(step=3),
+               lambda: inner.setdefault("x", 1), lambda: inner.pop("x"), lambda: inner.__ior__({"y": 2}),
+               lambda: inner.__delitem__("y"), lambda: inner.popitem(), lambda: st.clear()]
+    for change in changes:
+        g = data_generation()
+        change()
+        assert data_generation() > g
+    t = Tensor(np.zeros(3, np.float32))
+    g = data_generation()
+    t.data = np.ones(3, np.float32)
+    assert data_generation() > g

@@ -227,6 +227,9 @@ def worker_ours(case: str, size: str, steps: int, weights_dir: str, profile: boo
                 step.runtime_program = program
                 return program(*inputs)  # (a bug fixed: the fast path skipped step._run, and the
                 #                            vit and clip cases failed looking for these inputs)
+
+            def __getattr__(self, name):  # the rest of the program's face (fresh_outputs, ...)
+                return getattr(program, name)
         if program is not None:
             step.runtime_program = FirstCall()
         losses = []
