@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -116,6 +117,7 @@ class TraceError(RuntimeError):
 # in place reads it once per step, and while it is unchanged knows without looking at each
 # tensor (a GPT-2 step has 84 of them) that they still hold the arrays it updates.
 _GENERATION = [0]
+_GENERATIONS = itertools.count(1)  # (next() is atomic: each bump stores a value never stored before)
 
 
 def data_generation() -> int:
@@ -123,7 +125,7 @@ def data_generation() -> int:
 
 
 def bump_data_generation() -> None:
-    _GENERATION[0] += 1
+    _GENERATION[0] = next(_GENERATIONS)
 
 
 
@@ -209,7 +211,7 @@ class Tensor:
         if arr.shape != self.shape:
             raise ValueError(f"data assignment: shape {arr.shape} does not match the tensor's {self.shape}")
         self._data = np.array(arr, dtype=self.dtype, order="C", copy=True)
-        _GENERATION[0] += 1
+        _GENERATION[0] = next(_GENERATIONS)
 
     def numpy(self) -> np.ndarray:
         return self.data

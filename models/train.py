@@ -126,23 +126,25 @@ class TrainStep:
     def __call__(self, *batch) -> float:
         opt = self.optimizer
         fast = self.__dict__.get("_fast")
+        program = self.runtime_program
         if fast is not None and fast[0] == data_generation() and opt.state is fast[1] and \
-                len(batch) == self.program.n_batch:
+                program.runs == fast[3] and len(batch) == self.program.n_batch:
             # no parameter or state array replaced since the last step, which updated them
-            # all in place: the program runs on them again without looking at them, and only
-            # the scalars, the batch and the step counts are touched
-            _, _, states, step_no, (lr, sn, sd), loss = fast
-            step_no += 1
+            # all in place, and nobody else ran the program since: it runs on them again
+            # without looking at them, and only the scalars, the batch and the step counts
+            # are touched (the count is read: another step sharing the optimizer moves it)
+            _, _, states, _, (lr, sn, sd), loss = fast
+            step_no = states[0]["step"] + 1
             opt.step_count += 1
             self.seed += 1
             lr[()] = opt.lr
             sn[()] = step_no
             sd[()] = self.seed
-            self.runtime_program.run_fixed(
+            program.run_fixed(
                 lr, sn, sd, *[np.ascontiguousarray(b.data if isinstance(b, Tensor) else b) for b in batch], out=loss)
             for st in states:  # (dict's own setter: the count is no replacement of an array)
                 dict.__setitem__(st, "step", step_no)
-            self._fast = (fast[0], fast[1], states, step_no, fast[4], loss)
+            self._fast = (fast[0], fast[1], states, program.runs, fast[4], loss)
             return float(loss[0])
         self._fast = None
         opt.step_count += 1
@@ -195,7 +197,7 @@ class TrainStep:
                 if tracked and len(batch) == self.program.n_batch and \
                         program.fresh_outputs() == (self.graph.outputs[0],):
                     # (the loss goes into one array, allocated once)
-                    self._fast = (data_generation(), opt.state, states, step_no, scalars, [np.empty_like(outs[0])])
+                    self._fast = (data_generation(), opt.state, states, program.runs, scalars, [np.empty_like(outs[0])])
                 return float(outs[0])
         loss = float(outs[0])
         k = 1

@@ -598,7 +598,8 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
 
 
 _WRITEABLE = operator.attrgetter("flags.writeable")
-_META = operator.attrgetter("shape", "strides", "dtype")  # an input array's layout, compared call to call
+_META = operator.attrgetter("shape", "strides", "dtype")
+_UNSET = object()  # the last call's input and its layout before any call: equal to nothing passed  # an input array's layout, compared call to call
 
 _shared: dict = {}
 _shared_lock = threading.Lock()
@@ -773,7 +774,8 @@ class Program:
                 self._ptrs[lay.slots[n.name]] = arr.ctypes.data
         self._records = None
         self._in_slots = [lay.slots[i.name] for i in graph.inputs]
-        self._last_inputs = [None] * len(self._in_slots)
+        self._last_inputs = [_UNSET] * len(self._in_slots)
+        self.runs = 0  # calls so far, failed ones included: a caller of run_fixed can tell whether anyone else ran it
         self._want = [(tuple(i.type.shape), np.dtype(i.type.dtype)) for i in graph.inputs]
         self._outputs = list(graph.outputs)
         self._inputs = inputs
@@ -1012,6 +1014,11 @@ class Program:
                     results.append(np.array(i.attr["value"], dtype=i.type.dtype).reshape(i.type.shape))
             return results
 
+    def _same_out(self, out) -> bool:
+        """``out`` is the very list of arrays of the last call's ``out=``."""
+        last_out = self._last_out
+        return len(out) == len(last_out) and all(map(operator.is_, out, last_out))
+
     def _check_out(self, out) -> list[np.ndarray]:
         out = list(out)
         if len(out) != len(self._out_alloc):
@@ -1053,15 +1060,17 @@ class Program:
         passes the same ones every call allocates nothing)."""
         with self._lock:
             if not self.__dict__.get("_ran"):
-                raise RuntimeError(f"{self.graph.name}: run_fixed needs a previous call (it reuses that call's inputs)")
+                raise RuntimeError(f"{self.graph.name}: run_fixed needs a previous call that took every input "
+                                   f"(it reuses that call's inputs)")
             n = len(head)
             if n > len(self._in_slots):
                 raise TypeError(f"{self.graph.name} takes {len(self._in_slots)} inputs, got {n}")
+            self.runs += 1
             self._take(head)
             aliased = self._aliased_below.get(n)
             if aliased is None:  # (inputs updated in place among those given)
                 aliased = self._aliased_below[n] = [i for i in self._call_plan[4] if i < n]
-            if out is not None and not all(map(operator.is_, out, self._last_out)):
+            if out is not None and not self._same_out(out):
                 out = self._check_out(out)
             return self._launch(out, aliased)
 
@@ -1071,6 +1080,8 @@ class Program:
         if len(arrays) != len(in_slots):
             raise TypeError(f"{self.graph.name} takes {len(in_slots)} inputs, got {len(arrays)}")
         plan = self.__dict__.get("_call_plan") or self._plan_call()
+        self.runs += 1
+        self._ran = False  # (until every input is taken: a call failing halfway leaves some old)
         self._take(arrays)
         fresh = self._launch(out, plan[4])
         self._ran = True  # every input taken: run_fixed may reuse them
@@ -1085,7 +1096,8 @@ class Program:
         try:
             meta = list(map(_META, arrays))
         except AttributeError:  # not an array: _accept says which input
-            meta = [None] * len(arrays)
+            self._accept(arrays, [object()] * len(arrays), range(len(arrays)))
+            return
         last, last_meta = self._last_inputs, self._last_meta
         if not (all(map(operator.is_, arrays, last)) and all(map(operator.eq, meta, last_meta))):
             # (a training loop's new batch: only those inputs are looked at)
@@ -1106,7 +1118,7 @@ class Program:
             last_out[:] = [None] * len(last_out)
         else:  # (the very arrays of the last call: their pointers are set)
             fresh = out
-            if not all(map(operator.is_, out, last_out)):
+            if not self._same_out(out):
                 for k, (slot, _, _, _) in enumerate(self._out_alloc):
                     ptrs[slot] = address(out[k])
                 last_out[:] = out
@@ -1166,8 +1178,8 @@ class Program:
                 plan.append((4, self.graph.producer()[o]))
             seen.add(o)
         n = len(want)
-        self._last_meta, self._accepted = [None] * n, [None] * n
-        self._last_inputs = [None] * n  # (pointers of aliased outputs are set with their input's)
+        self._last_meta, self._accepted = [_UNSET] * n, [None] * n
+        self._last_inputs = [_UNSET] * n  # (pointers of aliased outputs are set with their input's)
         by_input: dict = {}
         for slot, _, i in self._aliased:
             by_input.setdefault(i, []).append(slot)

@@ -181,3 +181,23 @@ def test_run_inplace_and_run_fixed_return_only_the_fresh_outputs():
         p.run_fixed(x2, out=[np.empty((2,), np.float32)])
     with pytest.raises(TypeError, match="takes 2 inputs, got 3"):
         p.run_fixed(x2, w, w)
+
+
+def test_a_non_array_input_and_a_short_out_list_are_refused():
+    p = program()
+    w = np.ones((4, 8), np.float32)
+    with pytest.raises(TypeError, match="expects a C-contiguous"):
+        p(None, w)  # (before any call: nothing to compare it with)
+    x = np.ones((4, 8), np.float32)
+    p(x, w)
+    with pytest.raises(TypeError, match="expects a C-contiguous"):
+        p([[1.0] * 8] * 4, w)
+    with pytest.raises(RuntimeError, match="needs a previous call"):
+        p.run_fixed(x)  # the failed call left the inputs half taken
+    p(x, w)
+    out = p.output_arrays()
+    p.run_fixed(x, out=out)
+    with pytest.raises(TypeError, match="out= needs 3 arrays, got 2"):
+        p.run_fixed(x, out=out[:2])
+    with pytest.raises(TypeError, match="out= needs 3 arrays, got 4"):
+        p.run_fixed(x, out=out + [out[0]])

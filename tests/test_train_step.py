@@ -344,3 +344,34 @@ def test_state_dicts_count_their_changes():
     g = data_generation()
     t.data = np.ones(3, np.float32)
     assert data_generation() > g
+
+
+def test_compiled_steps_sharing_an_optimizer_and_a_program_run_by_hand():
+    """Two compiled steps over one optimizer (a last, smaller batch) keep each parameter's
+    step count, as the interpreted ones do; and a call of the step's program by anyone else
+    in between (a replay on copies of its inputs) makes the next step look at the parameter
+    and state arrays again instead of updating the copies."""
+    b8 = [(RNG.standard_normal((8, 6)).astype(np.float32), RNG.integers(0, 3, 8)) for _ in range(3)]
+    b4 = (RNG.standard_normal((4, 6)).astype(np.float32), RNG.integers(0, 3, 4))
+
+    def train(backend, replay):
+        m = mlp()
+        o = optim.Adam(m.parameters(), lr=0.01)
+        s8 = compile_train_step(m, mlp_loss, o, *b8[0], backend=backend)
+        s4 = compile_train_step(m, mlp_loss, o, *b4, backend=backend)
+        losses = []
+        for epoch in range(2):
+            for x, y in b8:
+                losses.append(s8(x, y))
+            losses.append(s4(*b4))
+            if replay and epoch == 0:
+                prog = s8.runtime_program
+                prog(*[np.array(a, copy=True) for a in prog._last_inputs])
+        return losses, [o.state_for(p)["step"] for p in m.parameters()], m
+    want, want_steps, m1 = train("interpreter", False)
+    for replay in (False, True):
+        got, steps, m2 = train("llvm", replay)
+        assert steps == want_steps == [8] * len(steps)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+            np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)

@@ -252,11 +252,11 @@ _MAGIC = 12582912.0  # 1.5 * 2^23: t = v + MAGIC rounds v to an integer, held in
 
 
 def _exp_f32(m: M, x, bounded=None):
-    """float32 e^x with a shorter dependency chain than the float64 code (12 % faster on
-    262K elements, the same error: at most 1.05 ulp over 2M points): NaN passes the clamps
-    (a compare and select, false for NaN) instead of being fixed up after them, rint and
-    the float-to-int conversion become one fma with a magic number and an integer
-    subtraction, and the polynomial is evaluated in Estrin's form."""
+    """float32 e^x with a shorter dependency chain than the float64 code: 12 % faster on
+    262K elements, with the same error as before (at most 1.06 ulp over 2M random points).
+    NaN passes the clamps (a compare and select, false for NaN) instead of being fixed up
+    after them; rint and the float-to-int conversion become one fma with a magic number and
+    an integer subtraction; the polynomial is evaluated in Estrin's form."""
     lo, hi = bounded or (-104.0, 88.8)
     b = m.b
     xc = x
