@@ -20,6 +20,12 @@ Step times are medians over the timed steps; the compile time of our step is mea
 (an empty kernel cache) and cached (a fresh process reading the disk cache).
 
     narch bench train [--only small,tiny,mlp,generate] [--steps 10] [--torch-compile] [--rounds 3]
+                      [--interleave 12]
+
+``--interleave N``: ours and PyTorch also run in two live workers (``--serve``) that take
+turns, N blocks each, the side going first alternating; a drift of the host's speed, which
+lasts minutes, then hits both alike, and the median of the per-block ratios is the steadier
+reading.
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ import time
 import numpy as np
 
 from neural_arch.tools.bench.common import have, ratio_row, spawn_worker, time_steps
+
+INTERLEAVE_STEPS = {"small": 3, "tiny": 20, "mlp": 300}  # steps per block of --interleave (~1-2 s for us)
 
 GPT_CONFIGS = {  # n_embd, n_layer, n_head, context, batch, vocab
     "small": (384, 6, 6, 128, 8, 256),
@@ -87,6 +95,15 @@ def worker_gpt_ours(cfg, backend: str, steps: int) -> dict:
 
 
 def worker_gpt_torch(cfg, steps: int, compiled: bool) -> dict:
+    step, compile_s = _torch_gpt(cfg, compiled)
+    res = time_steps(step, steps)
+    if compiled:
+        res["compile_s"] = compile_s
+    return res
+
+
+def _torch_gpt(cfg, compiled: bool):
+    """PyTorch's training step for ``cfg`` (and torch.compile's compile time, if compiled)."""
     import torch
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -113,11 +130,7 @@ def worker_gpt_torch(cfg, steps: int, compiled: bool) -> dict:
     t = time.perf_counter()
     if compiled:
         step()
-    compile_s = time.perf_counter() - t
-    res = time_steps(step, steps)
-    if compiled:
-        res["compile_s"] = compile_s
-    return res
+    return step, time.perf_counter() - t
 
 
 def _mlp_data():
@@ -135,7 +148,7 @@ def _mlp_data():
     return x[:64], y[:64], source
 
 
-def worker_mlp_ours(steps: int) -> dict:
+def _ours_mlp():
     from neural_arch.compiler import functional as F
     from neural_arch.models import compile_train_step, nn, optim
     x, y, source = _mlp_data()
@@ -144,13 +157,11 @@ def worker_mlp_ours(steps: int) -> dict:
     opt = optim.AdamW(model.parameters(), lr=1e-3)
     t = time.perf_counter()
     step = compile_train_step(model, lambda m, a, b: F.cross_entropy(m(a), b), opt, x, y)
-    compile_s = time.perf_counter() - t
-    res = time_steps(lambda: step(x, y), steps, warmup=20)
-    res.update(compile_s=compile_s, data=source, kernels=len(step.runtime_program.kernels))
-    return res
+    info = {"compile_s": time.perf_counter() - t, "data": source, "kernels": len(step.runtime_program.kernels)}
+    return (lambda: step(x, y)), info
 
 
-def worker_mlp_torch(steps: int) -> dict:
+def _torch_mlp():
     import torch
     torch.set_num_threads(int(os.environ.get("NARCH_BENCH_THREADS", "2")))
     x, y, source = _mlp_data()
@@ -164,8 +175,20 @@ def worker_mlp_torch(steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
+    return step, {"data": source}
+
+
+def worker_mlp_ours(steps: int) -> dict:
+    step, info = _ours_mlp()
     res = time_steps(step, steps, warmup=20)
-    res["data"] = source
+    res.update(info)
+    return res
+
+
+def worker_mlp_torch(steps: int) -> dict:
+    step, info = _torch_mlp()
+    res = time_steps(step, steps, warmup=20)
+    res.update(info)
     return res
 
 
@@ -235,6 +258,85 @@ def run_worker(spec: list[str]) -> dict:
     raise SystemExit(f"unknown worker {spec}")
 
 
+def make_step(spec: list[str]):
+    """The step a serving worker times: ["gpt", name, "llvm" | "torch"] or ["mlp", "ours" | "torch"]."""
+    if spec[0] == "gpt":
+        cfg = GPT_CONFIGS[spec[1]]
+        return _ours_gpt(cfg, "llvm")[0] if spec[2] == "llvm" else _torch_gpt(cfg, False)[0]
+    if spec[0] == "mlp":
+        return _ours_mlp()[0] if spec[1] == "ours" else _torch_mlp()[0]
+    raise SystemExit(f"unknown serving worker {spec}")
+
+
+def serve(spec: list[str]) -> None:
+    """A worker that stays alive: builds its step, says it is ready, then for each line N
+    on stdin times N steps and answers their times (JSON lines on stdout), until EOF."""
+    step = make_step(spec)
+    for _ in range(3):
+        step()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+        print(json.dumps({"times": ts}), flush=True)
+
+
+def interleave(ours_spec: list[str], torch_spec: list[str], blocks: int, per: int, env=None, log=print) -> dict:
+    """Ours and PyTorch, each in its own live worker, taking turns: ``blocks`` blocks of
+    ``per`` steps each, the side going first alternating.  Both workers exist throughout, so
+    a block of one is followed seconds later by a block of the other: a drift of the host's
+    speed, which lasts minutes, hits both alike.  Returns each side's block medians (s) and
+    the per-block ratios (PyTorch's median / ours)."""
+    import subprocess
+    procs = {}
+    for side, spec, e in (("ours", ours_spec, env), ("torch", torch_spec, None)):
+        procs[side] = subprocess.Popen([sys.executable, "-m", "neural_arch.tools.bench.train", "--serve", *spec],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       env={**os.environ, **(e or {})})
+    try:
+        for side, p in procs.items():
+            line = p.stdout.readline()
+            if not line or not json.loads(line).get("ready"):
+                return {"error": f"the {side} worker did not start (exit status {p.poll()})"}
+        med = {"ours": [], "torch": []}
+        for b in range(blocks):
+            for side in (("ours", "torch") if b % 2 == 0 else ("torch", "ours")):
+                p = procs[side]
+                p.stdin.write(f"{per}\n")
+                p.stdin.flush()
+                line = p.stdout.readline()
+                if not line:
+                    return {"error": f"the {side} worker died (exit status {p.poll()})"}
+                med[side].append(float(np.median(json.loads(line)["times"])))
+            if (b + 1) % 5 == 0:
+                log(f"  interleaved block {b + 1} of {blocks} ...")
+        return {"ours": med["ours"], "torch": med["torch"], "per": per,
+                "ratios": [t / o for o, t in zip(med["ours"], med["torch"])]}
+    finally:
+        for p in procs.values():
+            if p.stdin and not p.stdin.closed:
+                p.stdin.close()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def format_interleaved(res: dict) -> str:
+    if "error" in res:
+        return f"  interleaved: failed: {res['error']}"
+    r = np.array(res["ratios"])
+    o, t = np.median(res["ours"]), np.median(res["torch"])
+    unit, scale = ("ms", 1e3)
+    return (f"  ours vs torch interleaved, {len(r)} blocks of {res['per']} steps (two live workers taking turns): "
+            f"block ratios median {np.median(r):.2f}x (quartiles {np.percentile(r, 25):.2f}x-"
+            f"{np.percentile(r, 75):.2f}x); block medians ours {o * scale:.3f} {unit}, torch {t * scale:.3f} {unit}")
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -263,7 +365,8 @@ def format_rounds(pairs: list) -> str:
             + ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {float(np.median(ratios)):.2f}x")
 
 
-def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print, rounds: int = 1) -> dict:
+def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print, rounds: int = 1,
+              blocks: int = 0) -> dict:
     cache = tempfile.mkdtemp(prefix="narch-bench-cache-")
     env = {"NEURAL_ARCH_CACHE_DIR": cache}
     log(f"[{name}] our step, cold kernel cache ...")
@@ -277,6 +380,10 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
         if rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
             rows["rounds"] = alternate(["gpt", name, "llvm", str(steps)], ["gpt", name, "torch", str(steps)],
                                        (ours["median_s"], rows["torch"]["median_s"]), rounds, env, log)
+        if blocks:
+            log(f"[{name}] ours and PyTorch interleaved ...")
+            rows["interleaved"] = interleave(["gpt", name, "llvm"], ["gpt", name, "torch"], blocks,
+                                             INTERLEAVE_STEPS[name], env, log)
         if torch_compile:
             log(f"[{name}] torch.compile ...")
             rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
@@ -312,6 +419,8 @@ def format_gpt(name: str, rows: dict) -> str:
                      f"{ours['compile_s']:.2f} s (trace + passes + codegen lookup)")
         if rows.get("rounds"):
             lines.append(format_rounds(rows["rounds"]))
+        if rows.get("interleaved"):
+            lines.append(format_interleaved(rows["interleaved"]))
         tc = rows.get("torch.compile")
         if tc and "compile_s" in tc:
             lines.append(f"  torch.compile: first call (compile) {tc['compile_s']:.1f} s")
@@ -329,12 +438,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="time ours and PyTorch this many times in alternation (GPT-2 steps, MLP) and print "
                          "each round's ratio and their median (default 1)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="BLOCKS",
+                    help="also time ours and PyTorch in two live workers taking turns, BLOCKS blocks each "
+                         "(GPT-2 small 3 steps a block, tiny 20, MLP 300), and print the block ratios' median")
     ap.add_argument("--json", help="also write the raw measurements to this file")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args.worker)))
         return 0
+    if args.serve:
+        serve(args.serve)
+        return 0
+    if args.interleave < 0:
+        raise SystemExit("narch bench train: --interleave needs a block count >= 0")
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in cases if c not in ("small", "tiny", "mlp", "generate")]
     if unknown:
@@ -346,7 +464,8 @@ def main(argv=None) -> int:
                       "(pip install torch==2.13.0 for the comparisons)")
     for name in ("small", "tiny"):
         if name in cases:
-            out[name] = bench_gpt(name, args.steps, args.torch_compile, not args.no_interpreter, log, args.rounds)
+            out[name] = bench_gpt(name, args.steps, args.torch_compile, not args.no_interpreter, log, args.rounds,
+                                  args.interleave)
             report.append(format_gpt(name, out[name]))
     if "mlp" in cases:
         log("[mlp] ours, PyTorch eager ...")
@@ -357,10 +476,14 @@ def main(argv=None) -> int:
             if args.rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
                 rows["rounds"] = alternate(["mlp", "ours", "300"], ["mlp", "torch", "300"],
                                            (ours["median_s"], rows["torch"]["median_s"]), args.rounds, None, log)
+            if args.interleave:
+                log("[mlp] ours and PyTorch interleaved ...")
+                rows["interleaved"] = interleave(["mlp", "ours"], ["mlp", "torch"], args.interleave,
+                                                 INTERLEAVE_STEPS["mlp"], None, log)
         out["mlp"] = rows
         lines = [f"MLP 64-256-256-10, batch 64, AdamW ({ours.get('data', '?')}), 300 steps"]
         for k, r in rows.items():
-            if k == "rounds":
+            if k in ("rounds", "interleaved"):
                 continue
             if "error" in r:
                 lines.append(f"  {k:8} failed: {r['error']}")
@@ -369,6 +492,8 @@ def main(argv=None) -> int:
             lines.append(f"  {k:8} {r['median_s'] * 1e3:8.3f} ms/step (min {r['min_s'] * 1e3:.3f}){ratio}")
         if rows.get("rounds"):
             lines.append(format_rounds(rows["rounds"]))
+        if rows.get("interleaved"):
+            lines.append(format_interleaved(rows["interleaved"]))
         report.append("\n".join(lines))
     if "generate" in cases:
         log("[generate] ours, PyTorch eager ...")
