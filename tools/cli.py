@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  narch bench kernels --sizes 512 1024 --threads 2\n"
                                    "  narch bench ops --quick\n"
                                    "  narch bench train --only tiny,mlp --steps 20\n"
+                                   "  narch bench train --no-interpreter --interleave 12   # ours and PyTorch take turns\n"
                                    "(run with `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for a fair NumPy)")
     b.add_argument("suite", help="kernels, ops, train or models")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see narch bench SUITE --help)")
