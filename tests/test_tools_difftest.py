@@ -201,6 +201,23 @@ def test_profile_training_step_and_errors(capsys):
     assert "unknown target" in err and err.strip().count("\n") == 0
 
 
+def test_profile_and_dump_the_benchmarks_own_training_step(capsys):
+    """bench:mlp is the step `narch bench train` times: its MLP, batch and AdamW update."""
+    from neural_arch.runtime.program import Program
+    from neural_arch.tools.bench.train import bench_step_graph
+    assert main(["profile", "bench:mlp", "--iters", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    g, inputs = bench_step_graph("mlp")
+    assert out.startswith(f"bench:mlp (training step, AdamW): {len(Program(g).kernels)} kernels, 2 calls")
+    assert "sqrt" in out  # (AdamW's update in the weight-gradient kernels)
+    assert [i.name for i in g.inputs][:5] == ["lr", "step", "seed", "batch0", "batch1"]
+    assert inputs[3].shape == (64, 64) and len(g.inputs) == 5 + 6 + 12
+    assert main(["profile", "bench:huge"]) == 2
+    assert "unknown benchmark case 'huge' (small, tiny, mlp)" in capsys.readouterr().err
+    assert main(["dump", "bench:mlp", "--stage", "kernels"]) == 0
+    assert "k9" in capsys.readouterr().out
+
+
 def test_a_miss_within_float32_noise_is_settled_against_float64():
     """Two float32 evaluation orders may differ by more than the tolerance while both are as
     close to the float64 truth as float32 allows; a result farther off still fails."""

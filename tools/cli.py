@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  narch dump gpt2-tiny --format html -o gpt2.html  # the whole report, offline\n"
                               "  narch dump mlp --format svg -o mlp.svg           # needs graphviz\n"
                               "  narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
-    u.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...; see `narch difftest models --help`) "
-                                  "or path/to/file.py:function")
+    u.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...; see `narch difftest models --help`), "
+                                  "path/to/file.py:function, or bench:tiny|small|mlp (the training step "
+                                  "`narch bench train` times, with AdamW)")
     u.add_argument("--train", action="store_true",
                    help="a zoo model's whole training step (forward, loss, backward, SGD update)")
     u.add_argument("--stage", action="append", default=None,
@@ -229,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  narch profile gpt2-tiny\n"
                               "  narch profile gpt2-tiny --train --iters 100 --trace gpt2-train.json\n"
-                              "  narch profile model.py:loss --shape 64x256 --shape 256x256 --top 5")
-    r.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...) or path/to/file.py:function")
+                              "  narch profile model.py:loss --shape 64x256 --shape 256x256 --top 5\n"
+                              "  narch profile bench:mlp --iters 2000 --warmup 200   # the benchmark's own step")
+    r.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...), path/to/file.py:function, or "
+                                  "bench:tiny|small|mlp (the training step `narch bench train` times)")
     r.add_argument("--train", action="store_true", help="a zoo model's whole training step")
     r.add_argument("--iters", type=int, default=50, help="timed calls (default 50)")
     r.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")

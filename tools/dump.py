@@ -97,6 +97,14 @@ def example_array(t: TensorType, rng: np.random.Generator) -> np.ndarray:
 
 def resolve_target(target: str, train: bool = False, shapes=(), grad: bool = False) -> Target:
     from neural_arch.tools import zoo
+    if target.startswith("bench:"):  # the exact training step `narch bench train` times
+        from neural_arch.tools.bench.train import bench_step_graph
+        case = target[len("bench:"):]
+        try:
+            g, inputs = bench_step_graph(case)
+        except KeyError as e:
+            raise DumpError(str(e.args[0])) from None
+        return Target(f"{target} (training step, AdamW)", g, inputs, "train")
     if target in zoo.ZOO:
         if grad:
             raise DumpError("--grad is for path/to/file.py:function targets; a zoo model's gradient graph "

@@ -258,6 +258,42 @@ def run_worker(spec: list[str]) -> dict:
     raise SystemExit(f"unknown worker {spec}")
 
 
+def bench_step_graph(case: str):
+    """The training-step graph this benchmark compiles for ``case`` (small, tiny, mlp: the same
+    model, batch and AdamW) and example inputs (the initial parameters, zero moments, step 1),
+    for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
+    from neural_arch.compiler import functional as F
+    from neural_arch.models import GPT2, GPT2Config, nn, optim
+    from neural_arch.models.train import build_train_graph
+    nn.manual_seed(0)
+    if case in GPT_CONFIGS:
+        E, L, H, T, B, V = GPT_CONFIGS[case]
+        model = GPT2(GPT2Config(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H, dropout=0.0))
+        batch = _gpt_batch(GPT_CONFIGS[case])
+
+        def loss_fn(m, x, y):
+            return F.cross_entropy(m(x).reshape((-1, V)), y.reshape((-1,)))
+    elif case == "mlp":
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        batch = _mlp_data()[:2]
+
+        def loss_fn(m, x, y):
+            return F.cross_entropy(m(x), y)
+    else:
+        raise KeyError(f"unknown benchmark case {case!r} (small, tiny, mlp)")
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    prog = build_train_graph(model, loss_fn, opt, batch, name=f"bench_{case}_train_step")
+    params = dict(model.named_parameters())
+    values = {"lr": np.asarray(1e-3, np.float32), "step": np.asarray(1, np.int64), "seed": np.asarray(1, np.int64)}
+    values.update({f"batch{k}": np.asarray(b) for k, b in enumerate(batch)})
+    inputs = []
+    for i in prog.graph.inputs:
+        arr = values[i.name] if i.name in values else \
+            params[i.name].data if i.kind == "param" else np.zeros(i.type.shape, i.type.dtype)
+        inputs.append(np.array(arr, dtype=i.type.dtype, order="C"))
+    return prog.graph, inputs
+
+
 def make_step(spec: list[str]):
     """The step a serving worker times: ["gpt", name, "llvm" | "torch"] or ["mlp", "ours" | "torch"]."""
     if spec[0] == "gpt":
