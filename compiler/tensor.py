@@ -211,7 +211,7 @@ class Tensor:
         if arr.shape != self.shape:
             raise ValueError(f"data assignment: shape {arr.shape} does not match the tensor's {self.shape}")
         self._data = np.array(arr, dtype=self.dtype, order="C", copy=True)
-        _GENERATION[0] = next(_GENERATIONS)
+        bump_data_generation()
 
     def numpy(self) -> np.ndarray:
         return self.data

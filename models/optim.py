@@ -72,9 +72,7 @@ class Optimizer:
         self.state: dict[int, dict] = StateDict({id(p): self.init_state(p) for p in self.params})
 
     def init_state(self, p) -> dict:
-        st = StateDict({name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names})
-        dict.__setitem__(st, "step", 0)
-        return st
+        return StateDict({**{name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names}, "step": 0})
 
     def state_for(self, p) -> dict:
         return self.state[id(p)]

@@ -598,8 +598,8 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
 
 
 _WRITEABLE = operator.attrgetter("flags.writeable")
-_META = operator.attrgetter("shape", "strides", "dtype")
-_UNSET = object()  # the last call's input and its layout before any call: equal to nothing passed  # an input array's layout, compared call to call
+_META = operator.attrgetter("shape", "strides", "dtype")  # an input array's layout, compared call to call
+_UNSET = object()  # the last call's input and its layout before any call: equal to nothing passed
 
 _shared: dict = {}
 _shared_lock = threading.Lock()

@@ -122,10 +122,16 @@ def train_example(zm: ZooModel, name: str, lr: float = 0.01) -> Example:
     from neural_arch.models.train import build_train_graph
     opt = optim.SGD(zm.model.parameters(), lr=lr, momentum=0.9)
     prog = build_train_graph(zm.model, zm.loss, opt, zm.batch, name=name.replace("-", "_") + "_train_step")
-    g = prog.graph
-    params = dict(zm.model.named_parameters())
+    return Example(prog.graph, train_step_inputs(prog.graph, zm.model, zm.batch, lr), "train",
+                   {"params": prog.param_names, "state": prog.state_names})
+
+
+def train_step_inputs(g: Graph, model, batch, lr: float) -> list[np.ndarray]:
+    """Inputs of a training-step graph (``build_train_graph``) for its first step: ``lr``,
+    step 1, seed 1, the batch, the model's parameters and zero optimizer state."""
+    params = dict(model.named_parameters())
     values = {"lr": np.asarray(lr, np.float32), "step": np.asarray(1, np.int64), "seed": np.asarray(1, np.int64)}
-    for k, b in enumerate(zm.batch):
+    for k, b in enumerate(batch):
         values[f"batch{k}"] = np.asarray(b)
     inputs = []
     for i in g.inputs:
@@ -133,10 +139,10 @@ def train_example(zm: ZooModel, name: str, lr: float = 0.01) -> Example:
             arr = values[i.name]
         elif i.kind == "param":
             arr = np.asarray(params[i.name].data)
-        else:  # optimizer state (momentum buffers) starts at zero
+        else:  # optimizer state (momentum buffers, moments) starts at zero
             arr = np.zeros(i.type.shape, i.type.dtype)
         inputs.append(np.array(arr, dtype=i.type.dtype, order="C"))
-    return Example(g, inputs, "train", {"params": prog.param_names, "state": prog.state_names})
+    return inputs
 
 
 def example(name: str, train: bool = False) -> Example:

@@ -221,10 +221,9 @@ class M:
 def _exp(m: M, x, bounded=None):
     """e^x.  ``bounded=(lo, hi)``: an internal use whose argument is known to be finite
     and in a range where 2^n is a normal number: one scaling step, no NaN fix-up."""
-    f32 = m.dt == "float32"
-    if f32:
+    if m.dt == "float32":
         return _exp_f32(m, x, bounded)
-    lo, hi = bounded or ((-104.0, 88.8) if f32 else (-746.0, 710.0))
+    lo, hi = bounded or (-746.0, 710.0)
     xc = x
     if lo is not None:
         xc = m.maxnum(xc, m.c(lo))
@@ -233,19 +232,23 @@ def _exp(m: M, x, bounded=None):
     n = m.rint(m.mul(xc, m.c(LOG2E)))
     r = m.fma(n, m.c(-LN2_HI[m.dt]), xc)
     r = m.fma(n, m.c(-LN2_LO[m.dt]), r)
-    p = m.poly(r, EXP_F32 if f32 else EXP_F64)
-    e = m.add(m.fma(m.mul(r, r), p, r), m.c(1.0))
+    e = m.add(m.fma(m.mul(r, r), m.poly(r, EXP_F64), r), m.c(1.0))
+    res = _times_pow2(m, e, m.b.fptosi(n, m.it), one_step=bounded is not None)
+    return res if bounded is not None else m.select(m.isnan(x), x, res)
+
+
+def _times_pow2(m: M, e, ni, one_step: bool):
+    """e * 2^ni (ni an integer of the float's width): in one step when 2^ni is known to be a
+    normal number, else in two (2^(ni/2) twice), so that subnormal results round once."""
     b = m.b
-    mant, bias = (23, 127) if f32 else (52, 1023)
-    ni = b.fptosi(n, m.it)
-    if bounded is not None:
-        return b.fmul(e, m.from_bits(b.shl(b.add(ni, m.ci(bias)), m.ci(mant))))
+    mant, bias = (23, 127) if m.dt == "float32" else (52, 1023)
+
+    def pow2(k):
+        return m.from_bits(b.shl(b.add(k, m.ci(bias)), m.ci(mant)))
+    if one_step:
+        return b.fmul(e, pow2(ni))
     n1 = b.ashr(ni, m.ci(1))
-    n2 = b.sub(ni, n1)
-    s1 = m.from_bits(b.shl(b.add(n1, m.ci(bias)), m.ci(mant)))
-    s2 = m.from_bits(b.shl(b.add(n2, m.ci(bias)), m.ci(mant)))
-    res = b.fmul(b.fmul(e, s1), s2)
-    return m.select(m.isnan(x), x, res)
+    return b.fmul(b.fmul(e, pow2(n1)), pow2(b.sub(ni, n1)))
 
 
 _MAGIC = 12582912.0  # 1.5 * 2^23: t = v + MAGIC rounds v to an integer, held in t's low bits
@@ -278,14 +281,7 @@ def _exp_f32(m: M, x, bounded=None):
     p23 = m.fma(m.c(c[3]), r, m.c(c[2]))
     p = m.fma(r2, m.fma(r2, m.c(c[4]), p23), p01)
     e = m.add(m.fma(r2, p, r), m.c(1.0))
-    mant, bias = 23, 127
-    if bounded is not None:
-        return b.fmul(e, m.from_bits(b.shl(b.add(ni, m.ci(bias)), m.ci(mant))))
-    n1 = b.ashr(ni, m.ci(1))
-    n2 = b.sub(ni, n1)
-    s1 = m.from_bits(b.shl(b.add(n1, m.ci(bias)), m.ci(mant)))
-    s2 = m.from_bits(b.shl(b.add(n2, m.ci(bias)), m.ci(mant)))
-    return b.fmul(b.fmul(e, s1), s2)
+    return _times_pow2(m, e, ni, one_step=bounded is not None)
 
 
 def _log(m: M, x):

@@ -57,17 +57,22 @@ def _gpt_batch(cfg):
     return rng.integers(0, V, (B, T)).astype(np.int64), rng.integers(0, V, (B, T)).astype(np.int64)
 
 
-def _ours_gpt(cfg, backend: str):
+def _gpt_setup(cfg):
+    """Our side of a GPT-2 case: (model, AdamW, loss_fn, batch), seeded."""
     from neural_arch.compiler import functional as F
-    from neural_arch.models import GPT2, GPT2Config, compile_train_step, nn, optim
+    from neural_arch.models import GPT2, GPT2Config, nn, optim
     E, L, H, T, B, V = cfg
     nn.manual_seed(0)
     model = GPT2(GPT2Config(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H, dropout=0.0))
-    opt = optim.AdamW(model.parameters(), lr=1e-3)
 
     def loss_fn(m, x, y):
         return F.cross_entropy(m(x).reshape((-1, V)), y.reshape((-1,)))
-    x, y = _gpt_batch(cfg)
+    return model, optim.AdamW(model.parameters(), lr=1e-3), loss_fn, _gpt_batch(cfg)
+
+
+def _ours_gpt(cfg, backend: str):
+    from neural_arch.models import compile_train_step
+    model, opt, loss_fn, (x, y) = _gpt_setup(cfg)
     t = time.perf_counter()
     step = compile_train_step(model, loss_fn, opt, x, y, backend=backend)
     compile_s = time.perf_counter() - t
@@ -148,15 +153,21 @@ def _mlp_data():
     return x[:64], y[:64], source
 
 
-def _ours_mlp():
+def _mlp_setup():
+    """Our side of the MLP case: (model, AdamW, loss_fn, batch, data source), seeded."""
     from neural_arch.compiler import functional as F
-    from neural_arch.models import compile_train_step, nn, optim
+    from neural_arch.models import nn, optim
     x, y, source = _mlp_data()
     nn.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    return model, optim.AdamW(model.parameters(), lr=1e-3), (lambda m, a, b: F.cross_entropy(m(a), b)), (x, y), source
+
+
+def _ours_mlp():
+    from neural_arch.models import compile_train_step
+    model, opt, loss_fn, (x, y), source = _mlp_setup()
     t = time.perf_counter()
-    step = compile_train_step(model, lambda m, a, b: F.cross_entropy(m(a), b), opt, x, y)
+    step = compile_train_step(model, loss_fn, opt, x, y)
     info = {"compile_s": time.perf_counter() - t, "data": source, "kernels": len(step.runtime_program.kernels)}
     return (lambda: step(x, y)), info
 
@@ -262,36 +273,16 @@ def bench_step_graph(case: str):
     """The training-step graph this benchmark compiles for ``case`` (small, tiny, mlp: the same
     model, batch and AdamW) and example inputs (the initial parameters, zero moments, step 1),
     for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
-    from neural_arch.compiler import functional as F
-    from neural_arch.models import GPT2, GPT2Config, nn, optim
     from neural_arch.models.train import build_train_graph
-    nn.manual_seed(0)
+    from neural_arch.tools.zoo import train_step_inputs
     if case in GPT_CONFIGS:
-        E, L, H, T, B, V = GPT_CONFIGS[case]
-        model = GPT2(GPT2Config(vocab_size=V, n_positions=T, n_embd=E, n_layer=L, n_head=H, dropout=0.0))
-        batch = _gpt_batch(GPT_CONFIGS[case])
-
-        def loss_fn(m, x, y):
-            return F.cross_entropy(m(x).reshape((-1, V)), y.reshape((-1,)))
+        model, opt, loss_fn, batch = _gpt_setup(GPT_CONFIGS[case])
     elif case == "mlp":
-        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-        batch = _mlp_data()[:2]
-
-        def loss_fn(m, x, y):
-            return F.cross_entropy(m(x), y)
+        model, opt, loss_fn, batch, _ = _mlp_setup()
     else:
         raise KeyError(f"unknown benchmark case {case!r} (small, tiny, mlp)")
-    opt = optim.AdamW(model.parameters(), lr=1e-3)
     prog = build_train_graph(model, loss_fn, opt, batch, name=f"bench_{case}_train_step")
-    params = dict(model.named_parameters())
-    values = {"lr": np.asarray(1e-3, np.float32), "step": np.asarray(1, np.int64), "seed": np.asarray(1, np.int64)}
-    values.update({f"batch{k}": np.asarray(b) for k, b in enumerate(batch)})
-    inputs = []
-    for i in prog.graph.inputs:
-        arr = values[i.name] if i.name in values else \
-            params[i.name].data if i.kind == "param" else np.zeros(i.type.shape, i.type.dtype)
-        inputs.append(np.array(arr, dtype=i.type.dtype, order="C"))
-    return prog.graph, inputs
+    return prog.graph, train_step_inputs(prog.graph, model, batch, opt.lr)
 
 
 def make_step(spec: list[str]):
