@@ -61,7 +61,7 @@ _OPEN = 1 << 40  # job_entry: bit 40 = job open, low bits = workers inside the j
 _POOL_IR = r"""
 ; ---------------------------------------------------------------- shared state
 ; Every hot word sits alone in a 128-byte (two-line, adjacent-prefetch) block.
-@job_fn    = internal global [16 x i64] zeroinitializer, align 128  ; [0]=fn [1]=ctx [2]=n
+@job_fn    = internal global [16 x i64] zeroinitializer, align 128  ; [0]=fn [1]=ctx [2]=n [3]=MXCSR (x86)
 @job_next  = internal global [16 x i64] zeroinitializer, align 128  ; next task to claim
 @job_entry = internal global [16 x i64] zeroinitializer, align 128  ; OPEN bit | inside
 @pool_gen  = internal global [32 x i32] zeroinitializer, align 128  ; futex word: job generation
@@ -93,6 +93,7 @@ declare i32 @pthread_setname_np(i64, ptr)
 declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
 declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
 __PAUSE_DECL__
+__ENV_DECL__
 
 define internal void @pool_pause() alwaysinline {
   __PAUSE_CALL__
@@ -212,6 +213,9 @@ publish2:
   store atomic ptr %ctx, ptr %ctxp monotonic, align 8
   %np = getelementptr i64, ptr @job_fn, i64 2
   store atomic i64 %n, ptr %np monotonic, align 8
+  ; the caller's floating-point environment (x86: MXCSR, e.g. flush-to-zero) for the tasks
+  %envp = getelementptr i64, ptr @job_fn, i64 3
+  __ENV_PUBLISH__
   %range = shl i64 %n, 32
   store atomic i64 %range, ptr @job_next monotonic, align 8
   %o = atomicrmw or ptr @job_entry, i64 __OPEN__ seq_cst
@@ -329,6 +333,8 @@ work:
   %ctx = load atomic ptr, ptr %ctxp monotonic, align 8
   %np = getelementptr i64, ptr @job_fn, i64 2
   %n = load atomic i64, ptr %np monotonic, align 8
+  %envp = getelementptr i64, ptr @job_fn, i64 3
+  __ENV_ADOPT__
   call void @pool_run_tasks(ptr %fn, ptr %ctx, i64 %n, i1 true)
   br label %leave
 leave:
@@ -508,6 +514,16 @@ declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
 """
 
 
+# x86: a job carries its caller's MXCSR (rounding mode, flush-to-zero / denormals-are-zero),
+# and a worker runs the job's tasks under it, so a program that flushes subnormals
+# (``Program(..., options={"flush_denormals": True})``) does so on every thread.  The
+# store and the load happen once per job (stmxcsr / ldmxcsr: a few cycles each).
+_ENV_DECL = """declare void @llvm.x86.sse.stmxcsr(ptr)
+declare void @llvm.x86.sse.ldmxcsr(ptr)"""
+_ENV_PUBLISH = """call void @llvm.x86.sse.stmxcsr(ptr %envp)"""
+_ENV_ADOPT = """call void @llvm.x86.sse.ldmxcsr(ptr %envp)"""
+
+
 def _pool_ir() -> str:
     if not sys.platform.startswith("linux"):
         return _SERIAL_IR
@@ -515,6 +531,9 @@ def _pool_ir() -> str:
     return (_POOL_IR
             .replace("__PAUSE_DECL__", "declare void @llvm.x86.sse2.pause()" if x86 else "")
             .replace("__PAUSE_CALL__", "call void @llvm.x86.sse2.pause()" if x86 else "")
+            .replace("__ENV_DECL__", _ENV_DECL if x86 else "")
+            .replace("__ENV_PUBLISH__", _ENV_PUBLISH if x86 else "")
+            .replace("__ENV_ADOPT__", _ENV_ADOPT if x86 else "")
             .replace("__NOT_OPEN__", str(~_OPEN))
             .replace("__OPEN__", str(_OPEN)))
 

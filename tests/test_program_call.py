@@ -201,3 +201,32 @@ def test_a_non_array_input_and_a_short_out_list_are_refused():
         p.run_fixed(x, out=out[:2])
     with pytest.raises(TypeError, match="out= needs 3 arrays, got 4"):
         p.run_fixed(x, out=out + [out[0]])
+
+
+@pytest.mark.skipif(not __import__("platform").machine() in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+def test_flush_denormals_on_every_thread_and_only_during_the_call():
+    """``flush_denormals``: subnormal results become 0 (FTZ) and subnormal inputs count as 0
+    (DAZ) in every task of the call, on the pool's workers too; the caller's floating-point
+    environment is back when the call returns, normally or with an error."""
+    n = 1 << 20  # a parallel kernel: tasks on the worker too
+    T1 = TensorType((n,))
+    idx_t = TensorType((4,), "int64")
+    g = trace(lambda x, s, i: (x * 1e-30, s * 1e30, F.gather(x, i)), T1, T1, idx_t)
+    flush, plain = Program(g, options={"flush_denormals": True}), Program(g)
+    x = np.full(n, 1e-10, np.float32)  # x * 1e-30: 1e-40, subnormal
+    s = np.full(n, 1e-40, np.float32)  # subnormal input: * 1e30 is 1e-10, or 0 if it counts as 0
+    i = np.arange(4)
+    tiny, sub = np.float32(1e-38), np.float32(10.0)
+    a, b, _ = plain(x, s, i)
+    assert (a > 0).all() and (a < np.finfo(np.float32).tiny).all()
+    np.testing.assert_allclose(b, 1e-10, rtol=1e-3)
+    a, b, _ = flush(x, s, i)
+    assert not a.any() and not b.any()
+    assert tiny / sub > 0  # NumPy on this thread: subnormals again after the call
+    a, b, _ = plain(x, s, i)  # and in the plain program's tasks, the worker's included
+    assert (a > 0).all() and (b > 0).all()
+    with pytest.raises(IndexError):
+        flush(x, s, np.array([0, 1, 2, n]))
+    assert tiny / sub > 0  # restored on the error path too
+    a, _, _ = plain(x, s, i)
+    assert (a > 0).all()

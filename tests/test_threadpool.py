@@ -57,6 +57,40 @@ define void @run_nested(ptr %ctx, i64 %n) {
 
 _kernels = None
 
+# x86 only (MXCSR)
+_ENV_KERNELS = r"""
+declare void @narch_parallel_for(ptr, ptr, i64)
+declare i64 @pthread_self()
+; env_task: ctx[2t] = the thread, ctx[2t+1] = its MXCSR while running task t
+; run_env: runs n env tasks with the caller's MXCSR set to %mx, then restores it
+declare void @llvm.x86.sse.stmxcsr(ptr)
+declare void @llvm.x86.sse.ldmxcsr(ptr)
+
+define void @env_task(ptr %ctx, i64 %t) {
+  %i = mul i64 %t, 2
+  %p = getelementptr i64, ptr %ctx, i64 %i
+  %me = call i64 @pthread_self()
+  store i64 %me, ptr %p
+  %q = getelementptr i64, ptr %p, i64 1
+  store i64 0, ptr %q
+  call void @llvm.x86.sse.stmxcsr(ptr %q)
+  ret void
+}
+
+define i64 @run_env(ptr %ctx, i64 %n, i32 %mx) {
+  %saved = alloca i32
+  %new = alloca i32
+  call void @llvm.x86.sse.stmxcsr(ptr %saved)
+  store i32 %mx, ptr %new
+  call void @llvm.x86.sse.ldmxcsr(ptr %new)
+  call void @narch_parallel_for(ptr @env_task, ptr %ctx, i64 %n)
+  call void @llvm.x86.sse.ldmxcsr(ptr %saved)
+  %me = call i64 @pthread_self()
+  ret i64 %me
+}
+
+"""
+
 
 def kernels():
     global _kernels
@@ -104,6 +138,30 @@ def test_caller_runs_a_prefix_of_the_tasks_and_workers_the_rest():
             mine = np.flatnonzero(who == me)
             assert (who != 0).all()
             assert mine.size == 0 or (mine == np.arange(mine.size)).all(), (n, mine)
+
+
+@pytest.mark.skipif(not jit.target_machine().triple.startswith("x86_64"), reason="MXCSR is x86's")
+def test_tasks_run_under_the_callers_mxcsr():
+    """A job's tasks run under its caller's MXCSR on every thread (a program that flushes
+    subnormals does so in its workers' tasks too), and the next job's caller's MXCSR
+    replaces it."""
+    if threadpool.num_threads() < 2:
+        pytest.skip("one thread: no worker to check (NEURAL_ARCH_NUM_THREADS=1 or one CPU)")
+    kernels()
+    loaded = jit.load(jit.optimize(_ENV_KERNELS, "tp_env_test"))
+    run_env = loaded.function("run_env", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
+    n, seen_worker = 512, {0x1F80: False, 0x1F80 | 0x8040: False}
+    for _ in range(200):
+        for mx in seen_worker:
+            rec = np.zeros((n, 2), np.int64)
+            me = run_env(rec.ctypes.data, n, mx)
+            assert (rec[:, 0] != 0).all()
+            # (the exception flags, bits 0-5, are sticky per thread: compare the rest)
+            assert ((rec[:, 1] & ~0x3F) == mx).all(), (hex(mx), sorted({hex(v) for v in rec[:, 1]}))
+            seen_worker[mx] |= bool((rec[:, 0] != me).any())
+        if all(seen_worker.values()):
+            break
+    assert all(seen_worker.values()), "the worker never joined a job"
 
 
 def test_python_entry_point():

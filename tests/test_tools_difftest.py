@@ -207,8 +207,9 @@ def test_profile_and_dump_the_benchmarks_own_training_step(capsys):
     from neural_arch.tools.bench.train import bench_step_graph
     assert main(["profile", "bench:mlp", "--iters", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
-    g, inputs = bench_step_graph("mlp")
-    assert out.startswith(f"bench:mlp (training step, AdamW): {len(Program(g).kernels)} kernels, 2 calls")
+    g, inputs, options = bench_step_graph("mlp")
+    assert options["flush_denormals"] and len(options["inplace"]) == 1 + 6 + 12 - 1  # (not the loss)
+    assert out.startswith(f"bench:mlp (training step, AdamW): {len(Program(g, options=options).kernels)} kernels, 2 calls")
     assert "sqrt" in out  # (AdamW's update in the weight-gradient kernels)
     assert [i.name for i in g.inputs][:5] == ["lr", "step", "seed", "batch0", "batch1"]
     assert inputs[3].shape == (64, 64) and len(g.inputs) == 5 + 6 + 12

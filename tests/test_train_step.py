@@ -375,3 +375,26 @@ def test_compiled_steps_sharing_an_optimizer_and_a_program_run_by_hand():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
             np.testing.assert_allclose(a.data, b.data, rtol=1e-3, atol=1e-5, err_msg=n)
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+def test_compiled_step_flushes_subnormal_moments_unless_asked_not_to():
+    """An Adam moment whose gradient turns zero decays by beta1 each step into the subnormal
+    range (slow on x86) and sticks at the smallest subnormal; the compiled step flushes it
+    to 0 by default (``flush_denormals``), and keeps IEEE subnormals when asked."""
+    x1 = np.ones((4, 2), np.float32)
+    x0 = x1 * np.float32([1.0, 0.0])  # feature 1 silent from the second step on
+    y = np.zeros(4, np.int64)
+    moments = {}
+    for flush in (True, False):
+        nn.manual_seed(0)
+        model = nn.Linear(2, 2)
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        step = compile_train_step(model, mlp_loss, opt, x1, y, flush_denormals=flush)
+        assert step.runtime_program.options["flush_denormals"] is flush
+        step(x1, y)
+        for _ in range(900):  # 0.9^900 * 1e-2 is far below float32's smallest normal
+            step(x0, y)
+        moments[flush] = np.array(opt.state[id(model.weight)]["exp_avg"].data)[:, 1]
+    assert (moments[True] == 0).all()
+    assert (moments[False] != 0).all() and (np.abs(moments[False]) < np.finfo(np.float32).tiny).all()

@@ -96,7 +96,8 @@ def cmd_profile(args) -> int:
     if args.iters < 1:
         print("narch profile: --iters must be at least 1", file=sys.stderr)
         return 2
-    prof = profile.profile_program(t.graph, t.inputs, t.label, iters=args.iters, warmup=args.warmup)
+    prof = profile.profile_program(t.graph, t.inputs, t.label, iters=args.iters, warmup=args.warmup,
+                                   options=t.options)
     print(prof.table(top=args.top))
     if args.trace:
         profile.write_trace(prof, args.trace)

@@ -54,6 +54,7 @@ class Target:
     kind: str                     # "forward" | "train" | "loss" | "function" | "gradient"
     backward: Graph | None = None
     backward_note: str = ""
+    options: dict = field(default_factory=dict)  # Program options the target runs with (bench:)
 
 
 def load_user_function(spec: str):
@@ -101,10 +102,10 @@ def resolve_target(target: str, train: bool = False, shapes=(), grad: bool = Fal
         from neural_arch.tools.bench.train import bench_step_graph
         case = target[len("bench:"):]
         try:
-            g, inputs = bench_step_graph(case)
+            g, inputs, options = bench_step_graph(case)
         except KeyError as e:
             raise DumpError(str(e.args[0])) from None
-        return Target(f"{target} (training step, AdamW)", g, inputs, "train")
+        return Target(f"{target} (training step, AdamW)", g, inputs, "train", options=options)
     if target in zoo.ZOO:
         if grad:
             raise DumpError("--grad is for path/to/file.py:function targets; a zoo model's gradient graph "
@@ -195,7 +196,7 @@ class Dump:
     def program(self):
         if self._program is None:
             from neural_arch.runtime.program import Program
-            self._program = Program(self.final, options={"passes": False})
+            self._program = Program(self.final, options={"passes": False, **self.target.options})
         return self._program
 
     @property

@@ -271,9 +271,10 @@ def run_worker(spec: list[str]) -> dict:
 
 def bench_step_graph(case: str):
     """The training-step graph this benchmark compiles for ``case`` (small, tiny, mlp: the same
-    model, batch and AdamW) and example inputs (the initial parameters, zero moments, step 1),
-    for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
-    from neural_arch.models.train import build_train_graph
+    model, batch and AdamW), example inputs (the initial parameters, zero moments, step 1) and
+    the Program options ``compile_train_step`` gives it (parameters and moments updated in
+    place, subnormals flushed), for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
+    from neural_arch.models.train import build_train_graph, train_program_options
     from neural_arch.tools.zoo import train_step_inputs
     if case in GPT_CONFIGS:
         model, opt, loss_fn, batch = _gpt_setup(GPT_CONFIGS[case])
@@ -282,7 +283,8 @@ def bench_step_graph(case: str):
     else:
         raise KeyError(f"unknown benchmark case {case!r} (small, tiny, mlp)")
     prog = build_train_graph(model, loss_fn, opt, batch, name=f"bench_{case}_train_step")
-    return prog.graph, train_step_inputs(prog.graph, model, batch, opt.lr)
+    return (prog.graph, train_step_inputs(prog.graph, model, batch, opt.lr),
+            train_program_options(prog.graph, model, opt))
 
 
 def make_step(spec: list[str]):
