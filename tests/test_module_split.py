@@ -91,6 +91,31 @@ def test_canonical_body_ignores_names_but_not_code():
     assert f(1.5) == pytest.approx(1.5 * 2 + 1.5 * 2 + 1.5 * 3)
 
 
+def test_callers_of_merged_functions_print_the_kept_one_and_merge_in_turn():
+    """Internal callers of two identical functions become identical once their calls point
+    at the kept one (the next round merges them), and no text llvmlite cached while
+    comparing still names a dropped function (it once did: the module failed to parse)."""
+    m = ir.Module()
+    a, b = _function(m, "a", 2.0, "x"), _function(m, "b", 2.0, "y")
+    callers = []
+    for name, callee in (("ca", a), ("cb", b)):
+        fn = ir.Function(m, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name=name)
+        fn.linkage = "internal"
+        bb = ir.IRBuilder(fn.append_basic_block("entry"))
+        bb.ret(bb.call(callee, [fn.args[0]]))
+        callers.append(fn)
+    main = ir.Function(m, ir.FunctionType(ir.FloatType(), [ir.FloatType()]), name="main")
+    bb = ir.IRBuilder(main.append_basic_block())
+    bb.ret(bb.fadd(bb.call(callers[0], [main.args[0]]), bb.call(callers[1], [main.args[0]])))
+    str(m)  # (every function's text is now cached)
+    assert share_identical_functions(m) == {"b": "a", "cb": "ca"}
+    text = str(m)
+    assert '@"b"' not in text and '@"cb"' not in text and text.count('call float @"ca"') == 2
+    loaded = jit.load(jit.optimize(text))
+    f = loaded.function("main", ctypes.c_float, ctypes.c_float)
+    assert f(1.5) == pytest.approx(6.0)
+
+
 def test_split_parts_link_and_agree_then_load_from_the_disk_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(program, "compile_parts", lambda nbytes: 3)

@@ -41,11 +41,12 @@ def canonical_body(fn: ir.Function) -> str:
 
 
 def _calls(module: ir.Module):
+    """(function, block, call instruction) for every direct call in ``module``."""
     for f in module.functions:
         for block in f.blocks:
             for instr in block.instructions:
                 if isinstance(instr, ir.CallInstr) and isinstance(instr.callee, ir.Function):
-                    yield instr
+                    yield f, block, instr
 
 
 def share_identical_functions(module: ir.Module) -> dict[str, str]:
@@ -53,7 +54,7 @@ def share_identical_functions(module: ir.Module) -> dict[str, str]:
     {dropped function name: the name of the function now called instead}."""
     merged: dict[str, str] = {}
     # functions passed as values (a task to the thread pool) keep their own definition
-    as_value = {id(a) for call in _calls(module) for a in call.args if isinstance(a, ir.Function)}
+    as_value = {id(a) for _, _, call in _calls(module) for a in call.args if isinstance(a, ir.Function)}
     while True:
         first: dict[str, ir.Function] = {}
         dup: dict[ir.Function, ir.Function] = {}
@@ -67,9 +68,14 @@ def share_identical_functions(module: ir.Module) -> dict[str, str]:
                 first[key] = f
         if not dup:
             return merged
-        for call in _calls(module):
+        for f, block, call in _calls(module):
             if call.callee in dup:
                 call.replace_callee(dup[call.callee])
+                # llvmlite caches the text of an instruction, block and function once
+                # printed (canonical_body printed them): drop it, or the module's text
+                # would still call the dropped function
+                for v in (call, block, f):
+                    v._clear_string_cache()
         for f, keep in dup.items():
             del module.globals[f.name]
             merged[f.name] = keep.name
