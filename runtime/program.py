@@ -495,23 +495,32 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
 MXCSR_FTZ_DAZ = 0x8040
 
 
+MXCSR_FLAGS = 0x3F  # the sticky exception flags (invalid, denormal, divide, over-, underflow, inexact)
+
+
 def _flush_denormals(module: ir.Module, b: ir.IRBuilder):
     """At the entry point's start: save the caller's MXCSR and set flush-to-zero and
     denormals-are-zero (the pool runs the program's tasks under the caller's MXCSR,
-    runtime/threadpool.py).  Returns ``leave(rc)``, which restores it and returns rc.
-    Elsewhere than x86 (no MXCSR) it does nothing."""
+    runtime/threadpool.py).  Returns ``leave(rc)``, which restores the caller's control
+    bits, keeps the exception flags the call raised, and returns rc.  Elsewhere than x86
+    (no MXCSR) it does nothing; a CPU without SSE3 gets FTZ only (DAZ came with later
+    SSE2 parts: setting a bit the CPU lacks faults)."""
     if not jit.target_machine().triple.startswith(("x86_64", "i386", "i686")):
         return lambda rc: b.ret(rc)
+    bits = MXCSR_FTZ_DAZ if "+sse3" in jit.cpu_features().split(",") else 0x8000
     i32 = ir.IntType(32)
     st = declare(module, "llvm.x86.sse.stmxcsr", ir.VoidType(), [PTR])
     ld = declare(module, "llvm.x86.sse.ldmxcsr", ir.VoidType(), [PTR])
-    saved, flushing = b.alloca(i32, name="mxcsr.saved"), b.alloca(i32, name="mxcsr.flush")
+    saved, word = b.alloca(i32, name="mxcsr.saved"), b.alloca(i32, name="mxcsr")
     b.call(st, [saved])
-    b.store(b.or_(b.load(saved, typ=i32), ir.Constant(i32, MXCSR_FTZ_DAZ)), flushing)
-    b.call(ld, [flushing])
+    b.store(b.or_(b.load(saved, typ=i32), ir.Constant(i32, bits)), word)
+    b.call(ld, [word])
 
     def leave(rc):
-        b.call(ld, [saved])
+        b.call(st, [word])
+        flags = b.and_(b.load(word, typ=i32), ir.Constant(i32, MXCSR_FLAGS))
+        b.store(b.or_(b.load(saved, typ=i32), flags), word)
+        b.call(ld, [word])
         b.ret(rc)
     return leave
 

@@ -206,8 +206,10 @@ def test_a_non_array_input_and_a_short_out_list_are_refused():
 @pytest.mark.skipif(not __import__("platform").machine() in ("x86_64", "AMD64"), reason="MXCSR is x86's")
 def test_flush_denormals_on_every_thread_and_only_during_the_call():
     """``flush_denormals``: subnormal results become 0 (FTZ) and subnormal inputs count as 0
-    (DAZ) in every task of the call, on the pool's workers too; the caller's floating-point
-    environment is back when the call returns, normally or with an error."""
+    (DAZ) in every task of the call; the caller's floating-point environment is back when the
+    call returns, normally or with an error.  (That a worker runs a job's tasks under the
+    caller's MXCSR is tested directly in test_threadpool.py; here the worker takes whatever
+    part it joins in time for of a 1M-element kernel's tasks.)"""
     n = 1 << 20  # a parallel kernel: tasks on the worker too
     T1 = TensorType((n,))
     idx_t = TensorType((4,), "int64")

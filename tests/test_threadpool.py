@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,14 +62,31 @@ _kernels = None
 _ENV_KERNELS = r"""
 declare void @narch_parallel_for(ptr, ptr, i64)
 declare i64 @pthread_self()
-; env_task: ctx[2t] = the thread, ctx[2t+1] = its MXCSR while running task t
+; env_task: every task first waits (a bounded spin) until all n tasks have started, so that
+; the worker takes part; then ctx[2 + 2t] = its thread, ctx[3 + 2t] = its MXCSR
+; ctx: [0] = started counter, [1] = n
 ; run_env: runs n env tasks with the caller's MXCSR set to %mx, then restores it
 declare void @llvm.x86.sse.stmxcsr(ptr)
 declare void @llvm.x86.sse.ldmxcsr(ptr)
 
 define void @env_task(ptr %ctx, i64 %t) {
+entry:
+  %s = atomicrmw add ptr %ctx, i64 1 seq_cst
+  %np = getelementptr i64, ptr %ctx, i64 1
+  %n = load i64, ptr %np
+  br label %wait
+wait:
+  %k = phi i64 [ 0, %entry ], [ %k1, %wait ]
+  %c = load atomic i64, ptr %ctx acquire, align 8
+  %k1 = add i64 %k, 1
+  %all = icmp sge i64 %c, %n
+  %late = icmp sge i64 %k1, 200000000
+  %go = or i1 %all, %late
+  br i1 %go, label %record, label %wait
+record:
   %i = mul i64 %t, 2
-  %p = getelementptr i64, ptr %ctx, i64 %i
+  %i2 = add i64 %i, 2
+  %p = getelementptr i64, ptr %ctx, i64 %i2
   %me = call i64 @pthread_self()
   store i64 %me, ptr %p
   %q = getelementptr i64, ptr %p, i64 1
@@ -150,17 +168,18 @@ def test_tasks_run_under_the_callers_mxcsr():
     kernels()
     loaded = jit.load(jit.optimize(_ENV_KERNELS, "tp_env_test"))
     run_env = loaded.function("run_env", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
-    n, seen_worker = 512, {0x1F80: False, 0x1F80 | 0x8040: False}
-    for _ in range(200):
+    n, seen_worker = 2, {0x1F80: False, 0x1F80 | 0x8040: False}
+    deadline = time.monotonic() + 20  # (each task waits for the others: the worker joins)
+    while not all(seen_worker.values()) and time.monotonic() < deadline:
         for mx in seen_worker:
-            rec = np.zeros((n, 2), np.int64)
-            me = run_env(rec.ctypes.data, n, mx)
+            buf = np.zeros(2 + 2 * n, np.int64)
+            buf[1] = n
+            me = run_env(buf.ctypes.data, n, mx)
+            rec = buf[2:].reshape(n, 2)
             assert (rec[:, 0] != 0).all()
             # (the exception flags, bits 0-5, are sticky per thread: compare the rest)
             assert ((rec[:, 1] & ~0x3F) == mx).all(), (hex(mx), sorted({hex(v) for v in rec[:, 1]}))
             seen_worker[mx] |= bool((rec[:, 0] != me).any())
-        if all(seen_worker.values()):
-            break
     assert all(seen_worker.values()), "the worker never joined a job"
 
 
