@@ -247,7 +247,8 @@ def train_program_options(graph, model, optimizer, flush_denormals: bool = True)
     """The ``Program`` options of a compiled training step over ``graph`` (from
     ``build_train_graph``): parameters and optimizer state updated in place -- each new value
     written over the array it replaces (outputs: loss, new params in optimizer order, then
-    their states) -- and ``flush_denormals``."""
+    their states) -- ``flush_denormals``, and ``adapt_threads`` (each call on one thread or
+    all, whichever measures faster: ``runtime.program.ThreadChoice``)."""
     pos = {gi.name: k for k, gi in enumerate(graph.inputs)}
     by_id = {id(p): n for n, p in model.named_parameters()}
     order = [by_id[id(p)] for p in optimizer.params]
@@ -255,7 +256,7 @@ def train_program_options(graph, model, optimizer, flush_denormals: bool = True)
     pairs = {1 + k: pos[n] for k, n in enumerate(order)}
     pairs.update({1 + len(order) + k * len(keys) + j: pos[f"{n}.{key}"]
                   for k, n in enumerate(order) for j, key in enumerate(keys)})
-    return {"inplace": pairs, "flush_denormals": bool(flush_denormals)}
+    return {"inplace": pairs, "flush_denormals": bool(flush_denormals), "adapt_threads": True}
 
 
 def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend, flush_denormals) -> TrainStep:

@@ -568,9 +568,13 @@ def codegen_version() -> str:
     return f"codegen.{h.hexdigest()[:16]}"
 
 
+# options that change how calls run, not the code: not part of the cache key
+RUNTIME_OPTIONS = ("adapt_threads",)
+
+
 def cache_key_parts(key_text: str, options: dict) -> dict:
     return {"ir": key_text, "version": codegen_version(), "toolchain": jit.toolchain_id(),
-            "options": {str(k): repr(v) for k, v in sorted(options.items())}}
+            "options": {str(k): repr(v) for k, v in sorted(options.items()) if k not in RUNTIME_OPTIONS}}
 
 
 def _disk_cache():
@@ -599,7 +603,7 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     """Machine code for ``mod``: from this process's memory, else the disk cache, else
     optimise (O3) and compile it (then store its objects on disk).  A big module compiles
     as ``compile_parts`` parts in parallel (``split.py``), each its own object file."""
-    key = (key_text, tuple(sorted((str(k), repr(v)) for k, v in options.items())))
+    key = (key_text, tuple(sorted((str(k), repr(v)) for k, v in options.items() if k not in RUNTIME_OPTIONS)))
     with _native_lock:
         hit = _native_cache.get(key)
     if hit is not None:
@@ -708,6 +712,80 @@ def install_pool_in_background() -> None:
 # ----------------------------------------------------------------------------- the program
 
 
+class ThreadChoice:
+    """Runs a program's native entry point on all of the pool's threads or on the calling
+    thread alone, whichever its calls currently measure faster (the ``Program`` option
+    ``adapt_threads``, a training step's default).
+
+    Why: on a shared host the two-thread step can lose its advantage for seconds to minutes
+    at a time while one thread runs at full speed -- the MLP benchmark's step measured 235 us
+    on two threads and 345 on one, then for stretches 490-500 on two and still 345 on one
+    (docs/benchmarks.md, sixth session).  How: the calls in the current mode are timed (the
+    median of the last ``WINDOW``); every ``interval`` calls, ``PROBE`` calls run in the
+    other mode (the first of them warms it up: a sleeping worker's wake-up, the other
+    core's cache) and the best of the rest is compared.  The other mode wins only by more
+    than ``MARGIN``; a losing probe doubles the interval (quadruples it when the other mode
+    was more than 1.5x slower), up to ``INTERVAL_MAX``, so that a step which never gains
+    from one thread (a GPT-2 step: 17 ms on two threads, 31 on one) pays for a probe only
+    every 2048 calls.  Results do not depend on the mode: every kernel splits its work the
+    same way on one thread as on two (partial sums in task order)."""
+
+    WINDOW = 16
+    PROBE = 3
+    MARGIN = 0.95
+    INTERVAL_MIN = 32
+    INTERVAL_MAX = 2048
+
+    def __init__(self, entry):
+        from . import threadpool
+        self._entry = entry
+        self._set_serial = threadpool.set_serial
+        self.one = False          # the current mode: the calling thread alone
+        self.switches = 0         # mode changes so far (tests, diagnostics)
+        self._times: list = []    # the last WINDOW call times (ns) in the current mode
+        self._probe: list = []    # call times of the probe under way
+        self._interval = self.INTERVAL_MIN
+        self._until_probe = self.INTERVAL_MIN
+
+    def __call__(self, ptrs):
+        probing = self._until_probe <= 0
+        one = self.one != probing
+        if one:
+            self._set_serial(True)
+        t0 = time.perf_counter_ns()
+        try:
+            return self._entry(ptrs)
+        finally:
+            dt = time.perf_counter_ns() - t0
+            if one:
+                self._set_serial(False)
+            if probing:
+                self._probed(dt)
+            else:
+                self._until_probe -= 1
+                times = self._times
+                times.append(dt)
+                if len(times) > self.WINDOW:
+                    del times[0]
+
+    def _probed(self, dt: int) -> None:
+        self._probe.append(dt)
+        if len(self._probe) < self.PROBE:
+            return
+        other = min(self._probe[1:])
+        self._probe = []
+        now = sorted(self._times)[len(self._times) // 2] if self._times else None
+        if now is None or other < now * self.MARGIN:
+            self.one = not self.one
+            self.switches += 1
+            self._times = [other]
+            self._interval = self.INTERVAL_MIN
+        else:
+            grow = 4 if other > 1.5 * now else 2
+            self._interval = min(self._interval * grow, self.INTERVAL_MAX)
+        self._until_probe = self._interval
+
+
 class Program:
     """A graph compiled to native code, callable on NumPy arrays (positional, in the order
     of ``graph.inputs``).  Calls are serialised by a lock (buffers are shared)."""
@@ -721,7 +799,10 @@ class Program:
         refused, listed in ``self.inplace_refused``, and get fresh arrays),
         ``flush_denormals`` (x86: run with subnormal inputs and results taken as zero, the
         MXCSR's FTZ and DAZ bits, on every thread of the call; the caller's MXCSR is
-        restored on return; a training step's default, see ``MXCSR_FTZ_DAZ``)."""
+        restored on return; a training step's default, see ``MXCSR_FTZ_DAZ``),
+        ``adapt_threads`` (run each call on the pool's threads or on the calling thread
+        alone, whichever currently measures faster: ``ThreadChoice``, in
+        ``self.thread_choice``; a training step's default)."""
         self.source_graph = graph
         self.options = dict(options or {})
         install_pool_in_background()  # it is needed to load the code; meanwhile the passes run
@@ -823,6 +904,14 @@ class Program:
         self._inputs = inputs
         self._lock = threading.Lock()
         self._entry = self.native.entry
+        # calls on one thread when they measure faster that way (see ThreadChoice)
+        self.thread_choice = None
+        if self.options.get("adapt_threads") and not self.options.get("serial") and \
+                any(k.tasks > 1 or k.externals for k in self.module.kernels):
+            from . import threadpool
+            if threadpool.num_threads() > 1:
+                self.thread_choice = ThreadChoice(self._entry)
+                self._entry = self.thread_choice
 
     def _run_passes(self, graph: Graph, timing: bool) -> Graph:
         """``DEFAULT_PIPELINE`` on the traced graph, or its result from the disk cache, keyed

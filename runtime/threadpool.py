@@ -166,7 +166,11 @@ entry:
   br i1 %small, label %serial, label %have_workers
 have_workers:
   %nw = load atomic i64, ptr @pool_cfg monotonic, align 8
-  %none = icmp eq i64 %nw, 0
+  %serp = getelementptr i64, ptr @pool_cfg, i64 7
+  %ser = load atomic i64, ptr %serp monotonic, align 8
+  %nw0 = icmp eq i64 %nw, 0
+  %ser1 = icmp ne i64 %ser, 0
+  %none = or i1 %nw0, %ser1
   br i1 %none, label %serial, label %trylock
 trylock:
   %pair = cmpxchg ptr @pool_busy, i32 0, i32 1 acquire monotonic
@@ -451,7 +455,19 @@ define void @narch_pool_state(ptr %out) {
 define i64 @narch_num_threads() {
   %nw = load atomic i64, ptr @pool_cfg monotonic, align 8
   %t = add i64 %nw, 1
-  ret i64 %t
+  %serp = getelementptr i64, ptr @pool_cfg, i64 7
+  %ser = load atomic i64, ptr %serp monotonic, align 8
+  %one = icmp ne i64 %ser, 0
+  %r = select i1 %one, i64 1, i64 %t
+  ret i64 %r
+}
+
+; Calls run on their caller alone (the workers idle) while %on is nonzero: a program that
+; finds its calls faster that way (runtime/program.py, ThreadChoice).
+define void @narch_pool_set_serial(i64 %on) {
+  %serp = getelementptr i64, ptr @pool_cfg, i64 7
+  store atomic i64 %on, ptr %serp seq_cst, align 8
+  ret void
 }
 
 define i64 @narch_pool_alive() {
@@ -463,6 +479,8 @@ define i64 @narch_pool_alive() {
 ; In a forked child only the forking thread exists: forget the parent's workers.
 define void @narch_pool_after_fork() {
   store atomic i64 0, ptr @pool_cfg seq_cst, align 8
+  %serp = getelementptr i64, ptr @pool_cfg, i64 7
+  store atomic i64 0, ptr %serp seq_cst, align 8
   %alivep = getelementptr i64, ptr @pool_cfg, i64 3
   store atomic i64 0, ptr %alivep seq_cst, align 8
   store atomic i64 0, ptr @job_entry seq_cst, align 8
@@ -499,6 +517,9 @@ define i64 @narch_pool_alive() {
 }
 define i64 @narch_num_threads() {
   ret i64 1
+}
+define void @narch_pool_set_serial(i64 %on) {
+  ret void
 }
 define void @narch_pool_state(ptr %out) {
   call void @llvm.memset.p0.i64(ptr %out, i8 0, i64 96, i1 false)
@@ -545,6 +566,7 @@ _fns: dict = {}
 _threads = 1    # threads used by narch_parallel_for, caller included
 _parallel_for = None
 _hooks_registered = False
+_serial_on = False
 
 
 def _configured_threads() -> int:
@@ -613,8 +635,9 @@ def _stop(timeout: float = 1.0) -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    global _lock, _serial_on
     _lock = threading.RLock()
+    _serial_on = False
     if _loaded is not None:
         _fns["after_fork"]()
         _start(_configured_threads())
@@ -642,6 +665,7 @@ def install() -> None:
         _fns["steer"] = loaded.function("narch_pool_set_caller_steering", None, ctypes.c_void_p,
                                         ctypes.c_void_p, ctypes.c_int64)
         _fns["after_fork"] = loaded.function("narch_pool_after_fork", None)
+        _fns["serial"] = loaded.function("narch_pool_set_serial", None, ctypes.c_int64)
         addr = loaded.address(SYMBOL)
         _parallel_for = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(addr)
         llvm.add_symbol(SYMBOL, addr)
@@ -676,6 +700,22 @@ def num_threads() -> int:
     """Threads ``narch_parallel_for`` uses, the caller included (installs the pool)."""
     install()
     return _threads
+
+
+def set_serial(on: bool) -> None:
+    """While ``on``, ``narch_parallel_for`` runs every call's tasks on the calling thread and
+    ``narch_num_threads()`` answers 1 (the workers stay up and go to sleep): a cheap switch
+    (one store), for a caller that measures its calls faster on one thread.  Process-wide:
+    a program running in another Python thread meanwhile runs serially too."""
+    global _serial_on
+    install()
+    _fns["serial"](1 if on else 0)
+    _serial_on = bool(on)
+
+
+def serial() -> bool:
+    """Whether ``set_serial(True)`` is in effect."""
+    return _serial_on
 
 
 def set_num_threads(n: int) -> int:

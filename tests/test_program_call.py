@@ -2,6 +2,8 @@
 parameters and optimizer state of a training step), and still notices every change that
 matters: new values in the same array, a new array, an array reshaped in place, a read-only
 array updated in place."""
+import time
+
 import numpy as np
 import pytest
 
@@ -232,3 +234,64 @@ def test_flush_denormals_on_every_thread_and_only_during_the_call():
     assert tiny / sub > 0  # restored on the error path too
     a, _, _ = plain(x, s, i)
     assert (a > 0).all()
+
+
+def _spin(us):
+    end = time.perf_counter_ns() + int(us * 1000)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def test_thread_choice_follows_the_faster_mode_and_probes_less_when_it_loses():
+    """``adapt_threads``: calls run on one thread while that measures faster, probing the
+    other mode now and then (less often the more it loses), and come back when it wins."""
+    from neural_arch.runtime import threadpool
+    from neural_arch.runtime.program import ThreadChoice
+    speed = {True: 200, False: 600}  # us per call: one thread faster
+    modes = []
+
+    def entry(ptrs):
+        one = threadpool.serial()
+        modes.append(one)
+        _spin(speed[one])
+        return 0
+    choice = ThreadChoice(entry)
+    try:
+        for _ in range(ThreadChoice.INTERVAL_MIN + ThreadChoice.PROBE):
+            assert choice(None) == 0
+        assert choice.one and choice.switches == 1 and not threadpool.serial()
+        n0 = len(modes)
+        for _ in range(400):
+            choice(None)
+        on_all = modes[n0:].count(False)
+        # probes of the losing mode (3x slower): after 32 calls, then 128, then 512
+        assert choice.one and 0 < on_all <= 2 * ThreadChoice.PROBE, on_all
+        speed[False] = 100  # now all threads win: back at the next probe
+        for _ in range(1024):
+            choice(None)
+            if not choice.one:
+                break
+        assert not choice.one and choice.switches == 2
+    finally:
+        threadpool.set_serial(False)
+
+
+def test_a_program_computes_the_same_on_one_thread_and_on_all():
+    """What lets ``adapt_threads`` switch freely: every kernel splits its work the same way
+    whether its tasks run on one thread or on several (the MLP benchmark's training step:
+    parallel GEMMs, 2-64 task loops, column sums, the cross entropy's grand total)."""
+    from neural_arch.runtime import threadpool
+    from neural_arch.tools.bench.train import bench_step_graph
+    g, inputs, options = bench_step_graph("mlp")
+    p = Program(g, options={"flush_denormals": True})
+    assert any(k.tasks > 1 for k in p.kernels) and any(k.externals for k in p.kernels)
+    outs = {}
+    try:
+        for one in (False, True):
+            threadpool.set_serial(one)
+            outs[one] = p(*[np.array(a, copy=True) for a in inputs])
+    finally:
+        threadpool.set_serial(False)
+    for a, b in zip(outs[False], outs[True]):
+        assert a.tobytes() == b.tobytes()
+    assert Program(g, options=options).thread_choice is not None or threadpool.num_threads() == 1

@@ -103,7 +103,8 @@ def profile_program(graph, inputs, label: str, iters: int = 50, warmup: int = 3,
     """Run ``graph`` compiled with per-kernel timers (plus ``options``, e.g. a training step's
     in-place updates: then ``inputs`` are updated in place, as the step's are)."""
     from neural_arch.runtime.program import Program
-    prog = Program(graph, options={**(options or {}), "profile": True})
+    # (all threads throughout: per-kernel times of calls on one thread would mix in)
+    prog = Program(graph, options={**(options or {}), "profile": True, "adapt_threads": False})
     arrays = [np.require(a, requirements="C") for a in inputs]
     # outputs written into the same arrays every call, as a training loop's are: fresh ones
     # would page-fault on their first writes (a training graph's outputs are its parameters
