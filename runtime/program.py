@@ -727,12 +727,15 @@ class ThreadChoice:
     than ``MARGIN``; a losing probe doubles the interval (quadruples it when the other mode
     was more than 1.5x slower), up to ``INTERVAL_MAX``, so that a step which never gains
     from one thread (a GPT-2 step: 17 ms on two threads, 31 on one) pays for a probe only
-    every 2048 calls.  Results do not depend on the mode: every kernel splits its work the
-    same way on one thread as on two (partial sums in task order)."""
+    every 2048 calls.  A change of phase does not wait for that: every ``WINDOW`` calls the
+    median is compared with the best median seen since the mode was chosen, and one
+    ``SLOWER`` than it probes at once.  Results do not depend on the mode: every kernel
+    splits its work the same way on one thread as on two (partial sums in task order)."""
 
     WINDOW = 16
     PROBE = 3
     MARGIN = 0.95
+    SLOWER = 1.25
     INTERVAL_MIN = 32
     INTERVAL_MAX = 2048
 
@@ -746,6 +749,8 @@ class ThreadChoice:
         self._probe: list = []    # call times of the probe under way
         self._interval = self.INTERVAL_MIN
         self._until_probe = self.INTERVAL_MIN
+        self._best = None         # the best WINDOW median since the mode was chosen
+        self._count = 0           # calls in the current mode since the last check
 
     def __call__(self, ptrs):
         probing = self._until_probe <= 0
@@ -767,6 +772,20 @@ class ThreadChoice:
                 times.append(dt)
                 if len(times) > self.WINDOW:
                     del times[0]
+                self._count += 1
+                if self._count >= self.WINDOW:
+                    self._check()
+
+    def _check(self) -> None:
+        """Every WINDOW calls: a median much slower than the mode's best so far is a new
+        phase of the host: probe the other mode now."""
+        self._count = 0
+        now = sorted(self._times)[len(self._times) // 2]
+        if self._best is None or now < self._best:
+            self._best = now
+        elif now > self.SLOWER * self._best:
+            self._until_probe = 0
+            self._best = now
 
     def _probed(self, dt: int) -> None:
         self._probe.append(dt)
@@ -779,6 +798,7 @@ class ThreadChoice:
             self.one = not self.one
             self.switches += 1
             self._times = [other]
+            self._best, self._count = None, 0
             self._interval = self.INTERVAL_MIN
         else:
             grow = 4 if other > 1.5 * now else 2

@@ -272,6 +272,14 @@ def test_thread_choice_follows_the_faster_mode_and_probes_less_when_it_loses():
             if not choice.one:
                 break
         assert not choice.one and choice.switches == 2
+        for _ in range(2 * ThreadChoice.INTERVAL_MAX // 3):  # (probes back off again)
+            choice(None)
+        speed[False] = 800  # a new phase: noticed within a window or two, not 2048 calls
+        for k in range(4 * ThreadChoice.WINDOW):
+            choice(None)
+            if choice.one:
+                break
+        assert choice.one and choice.switches == 3, k
     finally:
         threadpool.set_serial(False)
 
