@@ -128,6 +128,21 @@ def bump_data_generation() -> None:
     _GENERATION[0] = next(_GENERATIONS)
 
 
+def place_data(t: "Tensor", array: np.ndarray) -> None:
+    """Make ``array`` the storage of the eager tensor ``t``, without a copy (``t.data = ...``
+    copies): same shape and dtype, C-contiguous and writeable; the values are the caller's.
+    Advances the data generation as an assignment does.  For the compiled training step,
+    which moves the parameters and optimizer state into one buffer (models/train.py)."""
+    if t._data is None:
+        raise TraceError("cannot place data under a traced tensor")
+    if array.shape != t._data.shape or array.dtype != t._data.dtype or not array.flags.c_contiguous \
+            or not array.flags.writeable:
+        raise ValueError(f"place_data: needs a writeable C-contiguous {t._data.dtype}{list(t._data.shape)} "
+                         f"array, got {array.dtype}{list(array.shape)}")
+    t._data = array
+    bump_data_generation()
+
+
 
 class Tensor:
     """An n-d array of one dtype, eager (holds data) or traced (names a graph value)."""

@@ -259,6 +259,59 @@ def train_program_options(graph, model, optimizer, flush_denormals: bool = True)
     return {"inplace": pairs, "flush_denormals": bool(flush_denormals), "adapt_threads": True}
 
 
+HUGE_PAGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> np.ndarray:
+    """``nbytes`` of zeroed memory, 2 MB aligned and (Linux) backed by transparent huge pages
+    where the kernel allows them (``madvise(MADV_HUGEPAGE)``); elsewhere, or if that fails,
+    ordinary NumPy memory."""
+    import mmap
+    try:
+        size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
+        mm = mmap.mmap(-1, size + HUGE_PAGE)
+        raw = np.frombuffer(mm, np.uint8)  # (keeps the mapping alive)
+        off = (-raw.ctypes.data) % HUGE_PAGE
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+        return raw[off:off + nbytes]
+    except (OSError, ValueError, AttributeError):
+        return np.zeros(nbytes, np.uint8)
+
+
+def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
+    """Move the optimizer's parameters and their state tensors (the moments) into one
+    buffer, 64-byte aligned each, in 2 MB pages (``huge_page_buffer``): the tensors keep their
+    values and become views of it (``compiler.tensor.place_data``).  Returns the buffer.
+
+    Why: NumPy gives each of them its own 4 KB pages, wherever they fall physically, so the
+    weight-gradient kernels that read and write a parameter and both moments at once met a
+    different share of cache conflicts in every process: the MLP benchmark's 256x256 update
+    took 66, 82, 83 or 87 us depending on the process, and 63-64 us every time once packed
+    (docs/benchmarks.md, sixth session).  Arrays taken from the tensors before are no longer
+    theirs: the step writes the new ones."""
+    tensors, seen = [], set()
+    for p in optimizer.params:
+        st = optimizer.state.get(id(p), {})
+        for t in [p] + [st.get(k) for k in optimizer.state_names]:
+            if isinstance(t, Tensor) and id(t) not in seen and t.size and t.data.dtype.kind == "f":
+                seen.add(id(t))
+                tensors.append(t)
+    if not tensors:
+        return None
+    from neural_arch.compiler.tensor import place_data
+    sizes = [-(-t.data.nbytes // 64) * 64 for t in tensors]
+    buf = huge_page_buffer(sum(sizes))
+    at = 0
+    for t, n in zip(tensors, sizes):
+        a = t.data
+        view = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        place_data(t, view)
+        at += n
+    return buf
+
+
 def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend, flush_denormals) -> TrainStep:
     if backend == "llvm":
         from neural_arch.runtime.program import install_pool_in_background
@@ -273,6 +326,7 @@ def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, bac
     elif backend == "llvm":
         from neural_arch.runtime.program import Program
         program = Program(prog.graph, options=train_program_options(prog.graph, model, optimizer, flush_denormals))
+        pack_training_state(optimizer)
 
         def runner(inputs):
             return program(*[np.ascontiguousarray(a) for a in inputs])

@@ -398,3 +398,26 @@ def test_compiled_step_flushes_subnormal_moments_unless_asked_not_to():
         moments[flush] = np.array(opt.state[id(model.weight)]["exp_avg"].data)[:, 1]
     assert (moments[True] == 0).all()
     assert (moments[False] != 0).all() and (np.abs(moments[False]) < np.finfo(np.float32).tiny).all()
+
+
+def test_compiled_step_packs_parameters_and_state_into_one_buffer():
+    """compile_train_step moves the parameters and the optimizer's moments into one 2 MB
+    aligned buffer (in huge pages where the kernel allows): same values, each a 64-byte
+    aligned view of it, and the step updates them there."""
+    from neural_arch.compiler.tensor import place_data
+    model = mlp()
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    values = [p.data.copy() for p in model.parameters()]
+    step = compile_train_step(model, mlp_loss, opt, *BATCHES[0])
+    tensors = [t for p in model.parameters() for t in (p, opt.state_for(p)["exp_avg"], opt.state_for(p)["exp_avg_sq"])]
+    bases = {id(t.data.base) for t in tensors}
+    assert len(bases) == 1 and all(t.data.ctypes.data % 64 == 0 for t in tensors)
+    start = min(t.data.ctypes.data for t in tensors)
+    assert start % (2 << 20) == 0
+    assert all(np.array_equal(p.data, v) for p, v in zip(model.parameters(), values))
+    where = [t.data.ctypes.data for t in tensors]
+    step(*BATCHES[0])
+    assert not np.array_equal(model.parameters()[0].data, values[0])
+    assert [t.data.ctypes.data for t in tensors] == where  # updated where they are
+    with pytest.raises(ValueError, match="place_data: needs a writeable C-contiguous float32"):
+        place_data(model.parameters()[0], np.zeros((3, 3), np.float32))
