@@ -263,20 +263,30 @@ HUGE_PAGE = 2 << 20
 
 
 def huge_page_buffer(nbytes: int) -> np.ndarray:
-    """``nbytes`` of zeroed memory, 2 MB aligned and (Linux) backed by transparent huge pages
-    where the kernel allows them (``madvise(MADV_HUGEPAGE)``); elsewhere, or if that fails,
-    ordinary NumPy memory."""
+    """``nbytes`` of zeroed memory, 2 MB aligned, private to this process (a forked child
+    gets a copy-on-write snapshot, as of any NumPy array) and backed by transparent huge
+    pages where the kernel allows them (``madvise(MADV_HUGEPAGE)``).  Where anonymous
+    private mappings are not available, 64-byte aligned NumPy memory."""
     import mmap
-    try:
+    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+    if None not in flags:
         size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
-        mm = mmap.mmap(-1, size + HUGE_PAGE)
-        raw = np.frombuffer(mm, np.uint8)  # (keeps the mapping alive)
-        off = (-raw.ctypes.data) % HUGE_PAGE
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            mm.madvise(mmap.MADV_HUGEPAGE, off, size)
-        return raw[off:off + nbytes]
-    except (OSError, ValueError, AttributeError):
-        return np.zeros(nbytes, np.uint8)
+        try:
+            mm = mmap.mmap(-1, size + HUGE_PAGE, flags=flags[0] | flags[1])
+        except (OSError, ValueError):
+            mm = None
+        if mm is not None:
+            raw = np.frombuffer(mm, np.uint8)  # (keeps the mapping alive)
+            off = (-raw.ctypes.data) % HUGE_PAGE
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+                except OSError:  # (no transparent huge pages here: 4 KB pages, still aligned)
+                    pass
+            return raw[off:off + nbytes]
+    raw = np.zeros(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes]
 
 
 def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
@@ -299,6 +309,9 @@ def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
                 tensors.append(t)
     if not tensors:
         return None
+    packed = getattr(optimizer, "_packed", None)  # (buffer, addresses) of an earlier packing
+    if packed is not None and [t.data.ctypes.data for t in tensors] == packed[1]:
+        return packed[0]  # (a second compiled step on the same optimizer: already in place)
     from neural_arch.compiler.tensor import place_data
     sizes = [-(-t.data.nbytes // 64) * 64 for t in tensors]
     buf = huge_page_buffer(sum(sizes))
@@ -309,6 +322,7 @@ def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
         view[...] = a
         place_data(t, view)
         at += n
+    optimizer._packed = (buf, [t.data.ctypes.data for t in tensors])
     return buf
 
 

@@ -729,8 +729,14 @@ class ThreadChoice:
     from one thread (a GPT-2 step: 17 ms on two threads, 31 on one) pays for a probe only
     every 2048 calls.  A change of phase does not wait for that: every ``WINDOW`` calls the
     median is compared with the best median seen since the mode was chosen, and one
-    ``SLOWER`` than it probes at once.  Results do not depend on the mode: every kernel
-    splits its work the same way on one thread as on two (partial sums in task order)."""
+    ``SLOWER`` than it probes at once; and on one thread, all threads are probed at least
+    every ``ONE_THREAD_PROBE_S`` seconds (they are usually the faster mode, and probing them
+    is cheap), so that the end of a slow phase is noticed.  The probe's best call is
+    compared with the window's lower quartile (like with like: two modes within noise of
+    each other do not take turns).  The one-thread mode is a ``threadpool.serial_hold``,
+    so a user's own ``set_serial`` and another thread's step are left alone.  Results do
+    not depend on the mode: every kernel splits its work the same way on one thread as on
+    two (partial sums in task order)."""
 
     WINDOW = 16
     PROBE = 3
@@ -738,12 +744,14 @@ class ThreadChoice:
     SLOWER = 1.25
     INTERVAL_MIN = 32
     INTERVAL_MAX = 2048
+    ONE_THREAD_PROBE_S = 1.0
 
     def __init__(self, entry):
         from . import threadpool
         self._entry = entry
-        self._set_serial = threadpool.set_serial
+        self._hold, self._release = threadpool.serial_hold, threadpool.serial_release
         self.one = False          # the current mode: the calling thread alone
+        self.calls_one = 0        # calls run on one thread so far (probes included)
         self.switches = 0         # mode changes so far (tests, diagnostics)
         self._times: list = []    # the last WINDOW call times (ns) in the current mode
         self._probe: list = []    # call times of the probe under way
@@ -751,19 +759,26 @@ class ThreadChoice:
         self._until_probe = self.INTERVAL_MIN
         self._best = None         # the best WINDOW median since the mode was chosen
         self._count = 0           # calls in the current mode since the last check
+        self._last_probe = time.perf_counter_ns()
 
     def __call__(self, ptrs):
+        t0 = time.perf_counter_ns()
+        if self.one and t0 - self._last_probe > self.ONE_THREAD_PROBE_S * 1e9:
+            self._until_probe = 0
         probing = self._until_probe <= 0
         one = self.one != probing
-        if one:
-            self._set_serial(True)
-        t0 = time.perf_counter_ns()
+        held = False
         try:
+            if one:
+                self._hold()
+                held = True
+                self.calls_one += 1
+            t0 = time.perf_counter_ns()
             return self._entry(ptrs)
         finally:
             dt = time.perf_counter_ns() - t0
-            if one:
-                self._set_serial(False)
+            if held:
+                self._release()
             if probing:
                 self._probed(dt)
             else:
@@ -793,7 +808,8 @@ class ThreadChoice:
             return
         other = min(self._probe[1:])
         self._probe = []
-        now = sorted(self._times)[len(self._times) // 2] if self._times else None
+        self._last_probe = time.perf_counter_ns()
+        now = sorted(self._times)[len(self._times) // 4] if self._times else None
         if now is None or other < now * self.MARGIN:
             self.one = not self.one
             self.switches += 1

@@ -566,7 +566,9 @@ _fns: dict = {}
 _threads = 1    # threads used by narch_parallel_for, caller included
 _parallel_for = None
 _hooks_registered = False
-_serial_on = False
+_serial_on = False    # set_serial
+_serial_holds = 0     # serial_hold / serial_release
+_serial_lock = threading.Lock()
 
 
 def _configured_threads() -> int:
@@ -635,9 +637,9 @@ def _stop(timeout: float = 1.0) -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _serial_on
+    global _lock, _serial_on, _serial_holds, _serial_lock
     _lock = threading.RLock()
-    _serial_on = False
+    _serial_on, _serial_holds, _serial_lock = False, 0, threading.Lock()
     if _loaded is not None:
         _fns["after_fork"]()
         _start(_configured_threads())
@@ -705,17 +707,40 @@ def num_threads() -> int:
 def set_serial(on: bool) -> None:
     """While ``on``, ``narch_parallel_for`` runs every call's tasks on the calling thread and
     ``narch_num_threads()`` answers 1 (the workers stay up and go to sleep): a cheap switch
-    (one store), for a caller that measures its calls faster on one thread.  Process-wide:
-    a program running in another Python thread meanwhile runs serially too."""
+    (one store).  Process-wide: a program running in another Python thread meanwhile runs
+    serially too.  Independent of ``serial_hold`` (serial while either asks for it)."""
     global _serial_on
     install()
-    _fns["serial"](1 if on else 0)
-    _serial_on = bool(on)
+    with _serial_lock:
+        _serial_on = bool(on)
+        _fns["serial"](1 if (_serial_on or _serial_holds) else 0)
+
+
+def serial_hold() -> None:
+    """Serial until the matching ``serial_release``; holds nest and add up across threads
+    (a training step's ``ThreadChoice`` holds it for a call it runs on one thread)."""
+    global _serial_holds
+    if "serial" not in _fns:
+        install()
+    with _serial_lock:
+        _serial_holds += 1
+        if _serial_holds == 1 and not _serial_on:
+            _fns["serial"](1)
+
+
+def serial_release() -> None:
+    global _serial_holds
+    with _serial_lock:
+        if _serial_holds <= 0:
+            raise RuntimeError("serial_release without serial_hold")
+        _serial_holds -= 1
+        if _serial_holds == 0 and not _serial_on:
+            _fns["serial"](0)
 
 
 def serial() -> bool:
-    """Whether ``set_serial(True)`` is in effect."""
-    return _serial_on
+    """Whether calls run serially now (``set_serial(True)`` or a ``serial_hold``)."""
+    return _serial_on or _serial_holds > 0
 
 
 def set_num_threads(n: int) -> int:

@@ -303,3 +303,36 @@ def test_a_program_computes_the_same_on_one_thread_and_on_all():
     for a, b in zip(outs[False], outs[True]):
         assert a.tobytes() == b.tobytes()
     assert Program(g, options=options).thread_choice is not None or threadpool.num_threads() == 1
+
+
+def test_thread_choice_leaves_the_users_serial_switch_and_checks_two_threads_each_second():
+    """On one thread, all threads are probed at least every ONE_THREAD_PROBE_S seconds (the
+    end of a slow phase is noticed however long the backed-off interval); its one-thread
+    calls hold the pool serial without undoing a user's own set_serial(True)."""
+    from neural_arch.runtime import threadpool
+    from neural_arch.runtime.program import ThreadChoice
+    modes = []
+
+    def entry(ptrs):
+        modes.append(threadpool.serial())
+        _spin(300 if modes[-1] else 900)
+        return 0
+    choice = ThreadChoice(entry)
+    choice.ONE_THREAD_PROBE_S = 0.05
+    try:
+        for _ in range(ThreadChoice.INTERVAL_MIN + ThreadChoice.PROBE + 200):
+            choice(None)
+        assert choice.one
+        n0 = len(modes)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:
+            choice(None)
+        # ~0.3 s at 300 us a call is ~1000 calls: the backed-off interval alone would not
+        # have probed more than once or twice; the clock did every 0.05 s
+        assert modes[n0:].count(False) >= 3 * ThreadChoice.PROBE - 1, modes[n0:].count(False)
+        threadpool.set_serial(True)
+        choice(None)
+        assert threadpool.serial()
+    finally:
+        threadpool.set_serial(False)
+    assert not threadpool.serial()

@@ -292,3 +292,24 @@ def test_bad_thread_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("NEURAL_ARCH_NUM_THREADS", "zero")
     with pytest.raises(ValueError, match="NEURAL_ARCH_NUM_THREADS"):
         threadpool._configured_threads()
+
+
+def test_serial_holds_nest_and_leave_set_serial_alone():
+    """serial_hold/serial_release (a training step's one-thread calls) add up and never undo
+    a caller's own set_serial(True)."""
+    try:
+        threadpool.set_serial(True)
+        threadpool.serial_hold()
+        threadpool.serial_release()
+        assert threadpool.serial()
+        threadpool.set_serial(False)
+        threadpool.serial_hold()
+        threadpool.serial_hold()
+        threadpool.serial_release()
+        assert threadpool.serial()
+        threadpool.serial_release()
+        assert not threadpool.serial()
+        with pytest.raises(RuntimeError, match="serial_release without serial_hold"):
+            threadpool.serial_release()
+    finally:
+        threadpool.set_serial(False)

@@ -421,3 +421,20 @@ def test_compiled_step_packs_parameters_and_state_into_one_buffer():
     assert [t.data.ctypes.data for t in tensors] == where  # updated where they are
     with pytest.raises(ValueError, match="place_data: needs a writeable C-contiguous float32"):
         place_data(model.parameters()[0], np.zeros((3, 3), np.float32))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_the_packed_buffer_is_private_to_the_process():
+    """A forked child (a checkpoint writer, an evaluator) gets a copy-on-write snapshot of
+    the packed parameters, as of any NumPy array: its writes never reach the parent."""
+    import os
+    from neural_arch.models.train import huge_page_buffer
+    buf = huge_page_buffer(3 << 20)
+    assert buf.ctypes.data % (2 << 20) == 0 and buf.nbytes == 3 << 20 and not buf.any()
+    buf[:] = 1
+    pid = os.fork()
+    if pid == 0:
+        buf[:] = 99
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert (buf == 1).all()
