@@ -289,6 +289,20 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
+def packed_copies(arrays: list) -> list:
+    """Copies of ``arrays`` laid out as ``pack_training_state`` lays out a step's parameters
+    and moments: one ``huge_page_buffer``, each 64-byte aligned (for a profile of the step)."""
+    sizes = [-(-a.nbytes // 64) * 64 for a in arrays]
+    buf = huge_page_buffer(sum(sizes))
+    out, at = [], 0
+    for a, n in zip(arrays, sizes):
+        v = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+        v[...] = a
+        out.append(v)
+        at += n
+    return out
+
+
 def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
     """Move the optimizer's parameters and their state tensors (the moments) into one
     buffer, 64-byte aligned each, in 2 MB pages (``huge_page_buffer``): the tensors keep their
@@ -313,16 +327,11 @@ def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
     if packed is not None and [t.data.ctypes.data for t in tensors] == packed[1]:
         return packed[0]  # (a second compiled step on the same optimizer: already in place)
     from neural_arch.compiler.tensor import place_data
-    sizes = [-(-t.data.nbytes // 64) * 64 for t in tensors]
-    buf = huge_page_buffer(sum(sizes))
-    at = 0
-    for t, n in zip(tensors, sizes):
-        a = t.data
-        view = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
-        view[...] = a
-        place_data(t, view)
-        at += n
-    optimizer._packed = (buf, [t.data.ctypes.data for t in tensors])
+    views = packed_copies([t.data for t in tensors])
+    for t, v in zip(tensors, views):
+        place_data(t, v)
+    buf = views[0].base
+    optimizer._packed = (buf, [v.ctypes.data for v in views])
     return buf
 
 

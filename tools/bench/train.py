@@ -273,9 +273,10 @@ def run_worker(spec: list[str]) -> dict:
 
 def bench_step_graph(case: str):
     """The training-step graph this benchmark compiles for ``case`` (small, tiny, mlp: the same
-    model, batch and AdamW), example inputs (the initial parameters, zero moments, step 1) and
-    the Program options ``compile_train_step`` gives it (parameters and moments updated in
-    place, subnormals flushed), for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
+    model, batch and AdamW), example inputs (the initial parameters, zero moments, step 1;
+    the parameters and moments packed into one buffer as ``compile_train_step`` packs them) and
+    the Program options it gives the step (parameters and moments updated in place,
+    subnormals flushed), for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
     from neural_arch.models.train import build_train_graph, train_program_options
     from neural_arch.tools.zoo import train_step_inputs
     if case in GPT_CONFIGS:
@@ -284,9 +285,14 @@ def bench_step_graph(case: str):
         model, opt, loss_fn, batch, _ = _mlp_setup()
     else:
         raise KeyError(f"unknown benchmark case {case!r} (small, tiny, mlp)")
+    from neural_arch.models.train import packed_copies
     prog = build_train_graph(model, loss_fn, opt, batch, name=f"bench_{case}_train_step")
-    return (prog.graph, train_step_inputs(prog.graph, model, batch, opt.lr),
-            train_program_options(prog.graph, model, opt))
+    inputs = train_step_inputs(prog.graph, model, batch, opt.lr)
+    # the parameters and moments in one buffer, as compile_train_step places them
+    big = [k for k, i in enumerate(prog.graph.inputs) if i.kind in ("param", "state")]
+    for k, v in zip(big, packed_copies([inputs[k] for k in big])):
+        inputs[k] = v
+    return prog.graph, inputs, train_program_options(prog.graph, model, opt)
 
 
 def make_step(spec: list[str]):
