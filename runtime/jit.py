@@ -58,6 +58,11 @@ def target_machine() -> "llvm.TargetMachine":
     return _new_target_machine()
 
 
+def is_x86() -> bool:
+    """Whether we generate x86 code (x86 intrinsics such as the MXCSR's and ``pause``)."""
+    return target_machine().triple.startswith(("x86_64", "i386", "i686"))
+
+
 def toolchain_id() -> str:
     """Identifies everything outside our IR that changes the machine code (for cache keys)."""
     v = ".".join(map(str, llvm.llvm_version_info))

@@ -493,8 +493,6 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
 # the smallest subnormal, as 0.9 times it rounds back to it.  The MLP benchmark's step
 # went 238 -> 217 us with them flushed (MXCSR FTZ + DAZ, as TensorFlow's CPU threads run).
 MXCSR_FTZ_DAZ = 0x8040
-
-
 MXCSR_FLAGS = 0x3F  # the sticky exception flags (invalid, denormal, divide, over-, underflow, inexact)
 
 
@@ -505,7 +503,7 @@ def _flush_denormals(module: ir.Module, b: ir.IRBuilder):
     bits, keeps the exception flags the call raised, and returns rc.  Elsewhere than x86
     (no MXCSR) it does nothing; a CPU without SSE3 gets FTZ only (DAZ came with later
     SSE2 parts: setting a bit the CPU lacks faults)."""
-    if not jit.target_machine().triple.startswith(("x86_64", "i386", "i686")):
+    if not jit.is_x86():
         return lambda rc: b.ret(rc)
     bits = MXCSR_FTZ_DAZ if "+sse3" in jit.cpu_features().split(",") else 0x8000
     i32 = ir.IntType(32)

@@ -548,7 +548,7 @@ _ENV_ADOPT = """call void @llvm.x86.sse.ldmxcsr(ptr %envp)"""
 def _pool_ir() -> str:
     if not sys.platform.startswith("linux"):
         return _SERIAL_IR
-    x86 = jit.target_machine().triple.startswith(("x86_64", "i386", "i686"))
+    x86 = jit.is_x86()
     return (_POOL_IR
             .replace("__PAUSE_DECL__", "declare void @llvm.x86.sse2.pause()" if x86 else "")
             .replace("__PAUSE_CALL__", "call void @llvm.x86.sse2.pause()" if x86 else "")
@@ -833,7 +833,7 @@ def _bench_fn():
     global _bench
     install()
     if _bench is None:
-        x86 = jit.target_machine().triple.startswith(("x86_64", "i386", "i686"))
+        x86 = jit.is_x86()
         src = (_BENCH_IR
                .replace("__PAUSE_DECL__", "declare void @llvm.x86.sse2.pause()" if x86 else "")
                .replace("__PAUSE_CALL__", "call void @llvm.x86.sse2.pause()" if x86 else ""))

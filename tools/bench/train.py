@@ -277,7 +277,7 @@ def bench_step_graph(case: str):
     the parameters and moments packed into one buffer as ``compile_train_step`` packs them) and
     the Program options it gives the step (parameters and moments updated in place,
     subnormals flushed), for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
-    from neural_arch.models.train import build_train_graph, train_program_options
+    from neural_arch.models.train import build_train_graph, packed_copies, train_program_options
     from neural_arch.tools.zoo import train_step_inputs
     if case in GPT_CONFIGS:
         model, opt, loss_fn, batch = _gpt_setup(GPT_CONFIGS[case])
@@ -285,7 +285,6 @@ def bench_step_graph(case: str):
         model, opt, loss_fn, batch, _ = _mlp_setup()
     else:
         raise KeyError(f"unknown benchmark case {case!r} (small, tiny, mlp)")
-    from neural_arch.models.train import packed_copies
     prog = build_train_graph(model, loss_fn, opt, batch, name=f"bench_{case}_train_step")
     inputs = train_step_inputs(prog.graph, model, batch, opt.lr)
     # the parameters and moments in one buffer, as compile_train_step places them
