@@ -127,6 +127,29 @@ def test_equal_graphs_share_native_code_in_process():
     assert a.program.native is b.program.native
 
 
+def test_changed_codegen_setting_compiles_afresh(monkeypatch, tmp_path):
+    """A module-level codegen setting changed in a running process (an A/B of
+    ATTENTION_MAX_TASKS, gemm.BLOCKING, ...) must not get the code compiled under the old
+    value from memory or from the disk cache; setting it back finds the old code again."""
+    from neural_arch.compiler.codegen import gemm, lowering
+    from neural_arch.runtime import program
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    q = np.random.default_rng(0).standard_normal((2, 16, 2, 8)).astype(np.float32)
+    f = lambda q: F.attention(q, q * 0.5, q, causal=True)  # noqa: E731
+    a = compile(f, q)
+    version = program.codegen_version()
+    monkeypatch.setattr(lowering, "ATTENTION_MAX_TASKS", 1)
+    b = compile(f, q)
+    assert program.codegen_version() != version
+    assert b.program.native is not a.program.native and not b.program.native.from_cache
+    assert [k.tasks for k in b.program.kernels if k.strategy == "attention"] == [1]
+    np.testing.assert_allclose(b(q), a(q), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(gemm, "BLOCKING", {**gemm.BLOCKING})  # an equal value: the same code
+    monkeypatch.setattr(lowering, "ATTENTION_MAX_TASKS", 2)
+    assert program.codegen_version() == version
+    assert compile(f, q).program.native is a.program.native
+
+
 def test_second_process_loads_object_code_from_disk_cache(tmp_path):
     code = textwrap.dedent("""
         import numpy as np
