@@ -911,6 +911,10 @@ ATTENTION_ROW_BLOCK = 32
 ATTENTION_TILED_MAX = 512
 ATTENTION_MIN_FLOPS_PARALLEL = 1 << 18
 ATTENTION_MAX_TASKS = 2
+# the tiled kernels' row passes (softmax, dS) on explicit whole vectors with masked last
+# vectors, instead of loops left to the vectoriser (short rows ran mostly in scalar tails)
+ATTENTION_VECTOR_ROWS = True
+ATTENTION_SOFTMAX_TOGETHER = 6  # a whole tile's rows go through the softmax passes together (0: one by one)
 
 
 @contextmanager
@@ -1061,6 +1065,117 @@ class _AttentionKernel:
                         c64(qs[3]), c64(ks[3]), c64(ks[1]), c64(L), gws)
         self.softmax_rows(S, L, r0, rows, nc)
 
+    # -- whole-vector row passes (tiled kernels: rows padded to NR columns, so a row's last
+    # partial vector stays inside it; lanes past the valid columns are masked by selects)
+    def vec(self):
+        """(lanes, vector type) of one AVX2 register of the dtype."""
+        lanes = 8 if self.dt == "float32" else 4
+        return lanes, ir.VectorType(self.et, lanes)
+
+    def splat(self, x, lanes):
+        b = self.b
+        v = b.insert_element(ir.Constant(ir.VectorType(x.type, lanes), ir.Undefined), x, ir.Constant(I32, 0))
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, lanes), [0] * lanes))
+
+    def lane_mask(self, j0, limit, lanes):
+        """<lanes x i1>: columns j0 + l < limit."""
+        b = self.b
+        lane = ir.Constant(ir.VectorType(I64, lanes), list(range(lanes)))
+        return b.icmp_signed("<", b.add(self.splat(j0, lanes), lane), self.splat(limit, lanes))
+
+    def horizontal(self, v, op):
+        """op(lane 0, ..., lane n-1) by halving: op(low half, high half) down to one lane."""
+        b = self.b
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
+            v = op(lo, hi)
+        return b.extract_element(v, ir.Constant(I32, 0))
+
+    def vector_loop(self, row, count, lanes, name):
+        """Yields (pointer, first column) per vector of the first ``count`` (> 0) columns."""
+        b = self.b
+        nv = b.udiv(b.add(count, c64(lanes - 1)), c64(lanes))
+        with for_range(b, c64(0), nv, name, known_nonempty=True) as v:
+            j0 = b.mul(v, c64(lanes))
+            yield self.ptr(row, j0), j0
+
+    def tile_softmax(self, S, ld, r0, rows, nc):
+        """The tiled kernels' softmax: on whole vectors unless a key bias is added (its row
+        is not padded: a vector past its valid columns could read beyond it)."""
+        if not (ATTENTION_VECTOR_ROWS and not self.has_bias):
+            return self.softmax_rows(S, ld, r0, rows, nc)
+        b, MR = self.b, ATTENTION_SOFTMAX_TOGETHER
+        if not MR:
+            return self.softmax_rows_vec(S, ld, r0, rows, nc)
+        with b.if_else(b.icmp_signed("==", rows, c64(MR))) as (whole, part):
+            with whole:
+                self.softmax_rows_vec(S, ld, r0, rows, nc, unrolled=MR)
+            with part:
+                self.softmax_rows_vec(S, ld, r0, rows, nc)
+
+    def softmax_rows_vec(self, S, ld, r0, rows, nc, unrolled=0):
+        """``softmax_rows`` on whole vectors (no key bias): each row's valid columns and the
+        masked rest of their last vector (-inf, so 0 after the exp), then zeros up to nc.
+        With ``unrolled`` = rows (a constant) the rows go through each pass together: their
+        max, sum and division chains overlap instead of running one row after another."""
+        b, dt = self.b, self.dt
+        lanes, vt = self.vec()
+        m = self.kb.module
+        from . import mathlib
+        exp = mathlib.get(m, "exp", dt, lanes)
+        sfx = "f32" if dt == "float32" else "f64"
+
+        def vmax(u, w):
+            return b.call(declare(m, f"llvm.maximum.v{u.type.count}{sfx}", u.type, [u.type, u.type]), [u, w])
+        scale = self.splat(const(dt, self.scale), lanes)
+        ninf = self.splat(const(dt, -math.inf), lanes)
+        zero = self.splat(const(dt, 0.0), lanes)
+
+        def passes(idx):
+            """The three passes over rows ``idx`` (i64 values) at once."""
+            n = len(idx)
+            accs = [alloca(self.fn, vt, "vacc") for _ in idx]
+            rws = [self.ptr(S, b.mul(i, c64(ld))) for i in idx]
+            valid = [b.add(b.add(r0, i), c64(1)) if self.causal else nc for i in idx]
+            longest = valid[-1]  # (rows in order: the last row has the most columns)
+            for a in accs:
+                b.store(ninf, a)
+            for _, j0 in self.vector_loop(rws[0], longest, lanes, "v1"):
+                for k in range(n):
+                    p = self.ptr(rws[k], j0)
+                    x = b.fmul(b.load(p, typ=vt, align=4), scale, flags=FM)
+                    x = b.select(self.lane_mask(j0, valid[k], lanes), x, ninf)
+                    b.store(x, p, align=4)
+                    b.store(vmax(b.load(accs[k], typ=vt), x), accs[k])
+            mx = [self.splat(self.horizontal(b.load(a, typ=vt), vmax), lanes) for a in accs]
+            for a in accs:
+                b.store(zero, a)
+            for _, j0 in self.vector_loop(rws[0], longest, lanes, "v2"):
+                for k in range(n):
+                    p = self.ptr(rws[k], j0)
+                    e = b.call(exp, [b.fsub(b.load(p, typ=vt, align=4), mx[k], flags=FM)])
+                    b.store(e, p, align=4)
+                    b.store(b.fadd(b.load(accs[k], typ=vt), e, flags=FM_REDUCE), accs[k])
+            inv = [self.splat(b.fdiv(const(dt, 1.0), self.horizontal(
+                b.load(a, typ=vt), lambda u, w: b.fadd(u, w, flags=FM_REDUCE))), lanes) for a in accs]
+            for _, j0 in self.vector_loop(rws[0], longest, lanes, "v3"):
+                for k in range(n):
+                    p = self.ptr(rws[k], j0)
+                    b.store(b.fmul(b.load(p, typ=vt, align=4), inv[k], flags=FM), p, align=4)
+            if self.causal:  # past the last vector the products read zeros
+                done = b.mul(b.udiv(b.add(longest, c64(lanes - 1)), c64(lanes)), c64(lanes))
+                for k in range(n):
+                    with for_range(b, done, nc, "j4") as j:
+                        b.store(const(dt, 0.0), self.ptr(rws[k], j))
+        if unrolled:
+            passes([c64(i) for i in range(unrolled)])
+        else:
+            with for_range(b, c64(0), rows, "i") as i:
+                passes([i])
+
     def softmax_rows(self, S, ld, r0, rows, nc):
         """Rows i < rows of S (row stride ld; query r0 + i) become softmax(S * scale + the
         key bias, if any) over their keys (j <= r0 + i when causal, else all nc), then 0 up to nc: three passes per
@@ -1115,23 +1230,43 @@ class _AttentionKernel:
         """dP[i, j] = P[i, j] (dP[i, j] - rowsum(dO * O)[r0 + i]) * scale for rows i < rows,
         keys j < nc (row stride ld), in place of dP."""
         b, et = self.b, self.et
-        _, _, gs = self.ops[4]
-        _, _, os_ = self.ops[3]
         scale = const(self.dt, self.scale)
         with for_range(b, c64(0), rows, "i") as i:
-            gi = b.add(r0, i)
-            b.store(const(self.dt, 0.0), acc)
-            with for_range(b, c64(0), c64(self.D), "d", known_nonempty=True) as d:
-                gv = b.load(self.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
-                ov = b.load(self.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
-                b.store(b.fadd(b.load(acc, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), acc)
-            rs = b.load(acc, typ=et)
+            rs = self.row_dot(G, Ob, b.add(r0, i), acc)
             prow, drow = self.ptr(P, b.mul(i, c64(ld))), self.ptr(dP, b.mul(i, c64(ld)))
             with for_range(b, c64(0), nc, "j", known_nonempty=True) as j:
                 dp = self.ptr(drow, j)
                 pj = b.load(self.ptr(prow, j), typ=et)
                 v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=et), rs, flags=FM), flags=FM), scale, flags=FM)
                 b.store(v, dp)
+
+    def row_dot(self, G, Ob, gi, acc):
+        """rowsum(dO * O) of query gi (scalar loop; the vectoriser's)."""
+        b, et = self.b, self.et
+        _, _, gs = self.ops[4]
+        _, _, os_ = self.ops[3]
+        b.store(const(self.dt, 0.0), acc)
+        with for_range(b, c64(0), c64(self.D), "d", known_nonempty=True) as d:
+            gv = b.load(self.ptr(G, b.add(b.mul(gi, c64(gs[1])), b.mul(d, c64(gs[3])))), typ=et)
+            ov = b.load(self.ptr(Ob, b.add(b.mul(gi, c64(os_[1])), b.mul(d, c64(os_[3])))), typ=et)
+            b.store(b.fadd(b.load(acc, typ=et), b.fmul(gv, ov, flags=FM), flags=FM_REDUCE), acc)
+        return b.load(acc, typ=et)
+
+    def tile_ds(self, G, Ob, P, dP, ld, r0, rows, nc, acc):
+        """The tiled kernel's dS (``ds_rows``) on whole vectors, the lanes past nc of the
+        last one set to 0 (the tiled kernel's rows are padded)."""
+        b, dt = self.b, self.dt
+        if not ATTENTION_VECTOR_ROWS:
+            return self.ds_rows(G, Ob, P, dP, ld, r0, rows, nc, acc)
+        lanes, vt = self.vec()
+        sv, zero = self.splat(const(dt, self.scale), lanes), self.splat(const(dt, 0.0), lanes)
+        with for_range(b, c64(0), rows, "i") as i:
+            rs = self.splat(self.row_dot(G, Ob, b.add(r0, i), acc), lanes)
+            prow, drow = self.ptr(P, b.mul(i, c64(ld))), self.ptr(dP, b.mul(i, c64(ld)))
+            for dp, j0 in self.vector_loop(drow, nc, lanes, "jv"):
+                pj = b.load(self.ptr(prow, j0), typ=vt, align=4)
+                v = b.fmul(b.fmul(pj, b.fsub(b.load(dp, typ=vt, align=4), rs, flags=FM), flags=FM), sv, flags=FM)
+                b.store(b.select(self.lane_mask(j0, nc, lanes), v, zero), dp, align=4)
 
     def finish(self, names, strategy):
         if self.has_bias:
@@ -1208,7 +1343,7 @@ class Attention(Lowering):
                     nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
                     b.call(parts.ukr, [a, sa, mode, ak.ptr(KT, b.mul(jp, c64(D))), c64(D), ak.ptr(S, jp),
                                        c64(Lp), mr, nr, ir.Constant(ir.IntType(1), 0), tile])
-                ak.softmax_rows(S, Lp, i0, mr, nc)
+                ak.tile_softmax(S, Lp, i0, mr, nc)
                 # O[i0:i0+mr] = P @ V[0:nc]
                 a, sa, mode = ak.a_operand(parts, S, mr, nc, Lp, 1, Ap)
                 with _for_step(b, c64(0), c64(D), NR, "dp") as dp:
@@ -1319,10 +1454,10 @@ class AttentionGrad(Lowering):
                 Prow, dSrow = ak.ptr(P, b.mul(i0, c64(Lp))), ak.ptr(dS, b.mul(i0, c64(Lp)))
                 a, sa, mode = ak.a_operand(parts, ak.ptr(Q, b.mul(i0, c64(qs[1]))), mr, c64(D), qs[1], qs[3], Ap)
                 ukr_cols(a, sa, mode, (KT, D), c64(D), Prow, c64(Lp), mr, nc)
-                ak.softmax_rows(Prow, Lp, i0, mr, nc)
+                ak.tile_softmax(Prow, Lp, i0, mr, nc)
                 a, sa, mode = ak.a_operand(parts, ak.ptr(G, b.mul(i0, c64(gs[1]))), mr, c64(D), gs[1], gs[3], Ap)
                 ukr_cols(a, sa, mode, (VT, D), c64(D), dSrow, c64(Lp), mr, nc)  # dP
-                ak.ds_rows(G, Ob, Prow, dSrow, Lp, i0, mr, nc, rowsum)  # dS, in place of dP
+                ak.tile_ds(G, Ob, Prow, dSrow, Lp, i0, mr, nc, rowsum)  # dS, in place of dP
                 # dQ[i0:i0+mr] = dS[i0:i0+mr, 0:nc] @ K[0:nc]
                 a, sa, mode = ak.a_operand(parts, dSrow, mr, nc, Lp, 1, Ap)
                 ukr_cols(a, sa, mode, (Kp, L), nc, ak.ptr(dQ, b.mul(i0, c64(ld))), c64(ld), mr, c64(D))

@@ -118,27 +118,37 @@ FLAGS = ("contract", "nsz")
 
 
 class M:
-    """A tiny builder DSL for scalar float code of one dtype."""
+    """A tiny builder DSL for float code of one dtype: scalars, or ``lanes``-wide vectors
+    (the same code; constants become splats, intrinsics their vector forms)."""
 
-    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtype: str):
+    def __init__(self, b: ir.IRBuilder, module: ir.Module, dtype: str, lanes: int = 0):
         self.b = b
         self.m = module
         self.dt = dtype
-        self.t = F32 if dtype == "float32" else F64
-        self.it = I32 if dtype == "float32" else I64
+        self.lanes = lanes
+        st, sit = (F32, I32) if dtype == "float32" else (F64, I64)
+        self.t = ir.VectorType(st, lanes) if lanes else st
+        self.it = ir.VectorType(sit, lanes) if lanes else sit
         self.sfx = "f32" if dtype == "float32" else "f64"
 
+    def _splat(self, k):
+        return ir.Constant(ir.VectorType(k.type, self.lanes), [k] * self.lanes) if self.lanes else k
+
     def c(self, v):
-        return ir.Constant(self.t, float(v))
+        return self._splat(ir.Constant(F32 if self.dt == "float32" else F64, float(v)))
 
     def ci(self, v):
-        bits = self.it.width
+        it = I32 if self.dt == "float32" else I64
+        bits = it.width
         v = int(v) & ((1 << bits) - 1)
-        return ir.Constant(self.it, v - (1 << bits) if v >= 1 << (bits - 1) else v)
+        return self._splat(ir.Constant(it, v - (1 << bits) if v >= 1 << (bits - 1) else v))
 
     def _intr(self, name, *args, ty=None):
         ty = ty or self.t
-        sfx = {F32: "f32", F64: "f64", I32: "i32", I64: "i64"}[ty]
+        elem = ty.element if isinstance(ty, ir.VectorType) else ty
+        sfx = {F32: "f32", F64: "f64", I32: "i32", I64: "i64"}[elem]
+        if isinstance(ty, ir.VectorType):
+            sfx = f"v{ty.count}{sfx}"
         return self.b.call(declare(self.m, f"llvm.{name}.{sfx}", ty, [ty] * len(args)), list(args))
 
     def add(self, a, b):
@@ -212,7 +222,7 @@ class M:
         return self.b.bitcast(i, self.t)
 
     def call(self, name, *args):
-        return self.b.call(get(self.m, name, self.dt), list(args))
+        return self.b.call(get(self.m, name, self.dt, self.lanes), list(args))
 
 
 # ----------------------------------------------------------------------------- functions
@@ -547,20 +557,28 @@ IMPLS = {"exp": (_exp, 1), "log": (_log, 1), "tanh": (_tanh, 1), "sigmoid": (_si
          "cos": (_cos, 1), "sqrt": (_sqrt, 1), "rsqrt": (_rsqrt, 1), "pow": (_pow, 2)}
 
 
-def get(module: ir.Module, name: str, dtype: str) -> ir.Function:
-    """The function ``narch.<name>.<f32|f64>`` in ``module`` (defined on first use)."""
+# functions written with M's operations only, so they build as vectors too
+VECTOR_IMPLS = ("exp", "log", "tanh", "sigmoid", "sqrt", "rsqrt")
+
+
+def get(module: ir.Module, name: str, dtype: str, lanes: int = 0) -> ir.Function:
+    """The function ``narch.<name>.<f32|f64>`` in ``module`` (defined on first use); with
+    ``lanes`` its explicit vector form ``narch.<name>.v<lanes><f32|f64>`` (``VECTOR_IMPLS``),
+    for code that is written in vectors rather than left to the loop vectoriser."""
     sfx = "f32" if dtype == "float32" else "f64"
-    fname = f"narch.{name}.{sfx}"
+    if lanes and name not in VECTOR_IMPLS:
+        raise ValueError(f"mathlib: no vector form of {name!r} (vector forms: {', '.join(VECTOR_IMPLS)})")
+    fname = f"narch.{name}.{f'v{lanes}' if lanes else ''}{sfx}"
     try:
         return module.get_global(fname)
     except KeyError:
         pass
     impl, nargs = IMPLS[name]
-    t = F32 if dtype == "float32" else F64
-    fn = ir.Function(module, ir.FunctionType(t, [t] * nargs), name=fname)
+    m = M(None, module, dtype, lanes)
+    fn = ir.Function(module, ir.FunctionType(m.t, [m.t] * nargs), name=fname)
     fn.linkage = "internal"
     fn.attributes.add("alwaysinline")
     fn.attributes.add("nounwind")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    b.ret(impl(M(b, module, dtype), *fn.args))
+    m.b = ir.IRBuilder(fn.append_basic_block("entry"))
+    m.b.ret(impl(m, *fn.args))
     return fn
