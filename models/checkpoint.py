@@ -2,15 +2,19 @@
 its metadata) the config, step and anything else JSON-serialisable.
 
 Written atomically: a temporary file in the same directory, fsync, then ``os.replace``, so
-a crash mid-save leaves the previous checkpoint intact.  Loading checks every name, shape and
-dtype against the model and optimizer and refuses a corrupt or mismatched file with an error
-that names the path; nothing is ever unpickled.
+a crash mid-save leaves the previous checkpoint intact; the file gets the permissions a
+newly created file gets (0666 less the umask), not the temporary file's 0600.  The metadata
+holds a CRC-32 of every tensor's name, dtype, shape and bytes (in name order): a flipped bit
+in the data, which safetensors alone would load silently, is refused.  Loading checks every
+name, shape and dtype against the model and optimizer and refuses a corrupt or mismatched
+file with an error that names the path; nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -35,11 +39,35 @@ def _optimizer_tensors(optimizer, model) -> dict[str, np.ndarray]:
     return out
 
 
+def tensors_crc32(tensors: dict[str, np.ndarray]) -> str:
+    """CRC-32 of the tensors' names, dtypes, shapes and bytes, in name order (hex)."""
+    crc = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        crc = zlib.crc32(f"{name}:{a.dtype.str}:{list(a.shape)};".encode(), crc)
+        crc = zlib.crc32(memoryview(a).cast("B"), crc)
+    return f"{crc:08x}"
+
+
+def _umask() -> int:
+    """The process's umask, without changing it (Linux: /proc; elsewhere set and restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save(path: str, model, optimizer=None, step: int = 0, config: Any = None, extra: dict | None = None) -> str:
     from safetensors.numpy import save as st_save
     tensors = {f"model.{k}": np.ascontiguousarray(v) for k, v in model.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer, model))
-    meta = {"format": FORMAT, "step": step, "extra": extra or {}}
+    meta = {"format": FORMAT, "step": step, "extra": extra or {}, "crc32": tensors_crc32(tensors)}
     if config is not None:
         meta["config"] = config if isinstance(config, dict) else dict(vars(config))
     if optimizer is not None:
@@ -56,6 +84,7 @@ def save(path: str, model, optimizer=None, step: int = 0, config: Any = None, ex
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp makes it 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -92,6 +121,9 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if "crc32" in meta and tensors_crc32(tensors) != meta["crc32"]:  # (files written before it had none)
+        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the CRC-32 saved with "
+                              f"them (the data was changed after it was written)")
     return tensors, meta
 
 

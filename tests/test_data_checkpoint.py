@@ -113,6 +113,46 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
         checkpoint.load(path, model, optim.SGD(model.parameters(), lr=0.1))
 
 
+def test_flipped_data_bit_dtype_and_optimizer_mismatches_are_refused(tmp_path):
+    nn.manual_seed(0)
+    model = GPT2(CFG)
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    path = str(tmp_path / "c.safetensors")
+    checkpoint.save(path, model, opt, step=1)
+    blob = bytearray(open(path, "rb").read())
+    blob[-5] ^= 0x01  # one bit of the last tensor's data: still a valid safetensors file
+    bad = str(tmp_path / "flipped.safetensors")
+    with open(bad, "wb") as f:
+        f.write(blob)
+    with pytest.raises(checkpoint.CheckpointError, match="flipped.safetensors is corrupt: .*CRC-32"):
+        checkpoint.load(bad, GPT2(CFG))
+    # a well-formed file (its CRC-32 right) whose embedding is float64: the dtype is named
+    import json
+    from safetensors.numpy import save_file
+    tensors, meta = checkpoint.read(path)
+    tensors["model.transformer.wte.weight"] = tensors["model.transformer.wte.weight"].astype(np.float64)
+    meta["crc32"] = checkpoint.tensors_crc32(tensors)
+    wide = str(tmp_path / "wide.safetensors")
+    save_file(tensors, wide, metadata={"neural_arch": json.dumps(meta)})
+    with pytest.raises(checkpoint.CheckpointError, match=r"wide.safetensors does not match the model: "
+                                                         r"transformer\.wte\.weight: file float64\[20, 8\] vs "
+                                                         r"model float32\[20, 8\]"):
+        checkpoint.load(wide, GPT2(CFG))
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer is AdamW in the file, SGD here"):
+        checkpoint.load(path, model, optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_checkpoint_file_gets_the_umask_permissions_not_0600(tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    old = os.umask(0o027)
+    try:
+        checkpoint.save(path, GPT2(CFG), step=1)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+
+
 def test_a_save_killed_midway_leaves_the_old_checkpoint(tmp_path):
     model = GPT2(CFG)
     path = str(tmp_path / "ckpt.safetensors")
