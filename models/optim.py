@@ -138,22 +138,30 @@ class Adam(Optimizer):
         if self.weight_decay and not self.decoupled:
             g = g + p * self.weight_decay
         if self.weight_decay and self.decoupled:
-            p = p * (1.0 - lr * self.weight_decay)
+            if isinstance(lr, Tensor):  # (the factor in float64, rounded once, as eagerly)
+                p = p * F.cast(1.0 - F.cast(lr, "float64") * self.weight_decay, p.dtype)
+            else:
+                p = p * (1.0 - lr * self.weight_decay)
         m = state["exp_avg"] * b1 + g * (1.0 - b1)
         v = state["exp_avg_sq"] * b2 + (g * g) * (1.0 - b2)
         if isinstance(step, Tensor):  # traced: the step number is a runtime input
-            stepf = F.cast(step, p.dtype)
-            bc1 = 1.0 - F.exp(stepf * math.log(b1))
-            bc2 = 1.0 - F.exp(stepf * math.log(b2))
-            inv_sqrt_bc2 = 1.0 / F.sqrt(bc2)
+            # the textbook 1 - beta^step in float64, as the eager branch computes it in
+            # Python (in float32, 1 - beta2^1 would keep only ~4 correct digits), and the
+            # two scalar factors rounded to the parameter's dtype once, as eagerly
+            stepd = F.cast(step, "float64")
+            bc1 = 1.0 - F.pow(b1, stepd)
+            bc2 = 1.0 - F.pow(b2, stepd)
+            inv_sqrt_bc2 = F.cast(1.0 / F.sqrt(bc2), p.dtype)
+            lr_bc1 = F.cast(F.cast(lr, "float64") / bc1, p.dtype)
         else:
             bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
             inv_sqrt_bc2 = 1.0 / math.sqrt(bc2)
+            lr_bc1 = lr / bc1
         # sqrt(v) / sqrt(bc2) as a product with the scalar's reciprocal: one division per
         # element instead of two (the divider bounds the update: 65K elements on one thread
         # 43 -> 28 us); it differs from the quotient in the last bit at most
         denom = F.sqrt(v) * inv_sqrt_bc2 + self.eps
-        new_p = p - (m / denom) * (lr / bc1)
+        new_p = p - (m / denom) * lr_bc1
         return new_p, {"exp_avg": m, "exp_avg_sq": v}
 
 
