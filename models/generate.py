@@ -1,5 +1,6 @@
 """Text generation for GPT-2: a prefill program, then ONE compiled single-token decode program
-over preallocated KV caches with the position as a runtime input (no recompile per token).
+over preallocated KV caches (``nn.KVCache`` buffers, updated in place) with the position as a
+runtime input (no recompile per token).
 
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40, seed=0)
 """
@@ -10,6 +11,8 @@ import numpy as np
 from neural_arch.compiler.ir import TensorType
 from neural_arch.compiler.tensor import Tensor, no_grad
 from neural_arch.compiler.trace import trace_with_info
+
+from . import nn
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
@@ -46,9 +49,10 @@ class Decoder:
         params = dict(model.named_parameters())
 
         def step_fn(idx, pos, *flat):
-            caches = [(flat[2 * i], flat[2 * i + 1]) for i in range(self.n_layer)]
-            logits, new = model.decode_step(idx, pos, caches)
-            return (logits[:, -1, :], *[c for kv in new for c in kv])
+            # the position is a runtime input: one program for every position
+            caches = [nn.KVCache(flat[2 * i], flat[2 * i + 1], pos) for i in range(self.n_layer)]
+            logits = model.decode_step(idx, caches)
+            return (logits[:, -1, :], *[t for c in caches for t in (c.keys, c.values)])
 
         caches = [cache_t] * (2 * self.n_layer)
         self._prefill = self._build(step_fn, [TensorType((batch, prompt_len), "int64"), TensorType((), "int64")]

@@ -64,7 +64,7 @@ class GPT2Attention(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.n_head, self.n_embd // self.n_head).transpose(0, 2, 1, 3)
 
-    def forward(self, x, cache=None, pos=None):
+    def forward(self, x, cache: nn.KVCache | None = None):
         b, t, c = x.shape
         hd = c // self.n_head
         if cache is None and self.attn_dropout.inactive:
@@ -72,7 +72,7 @@ class GPT2Attention(nn.Module):
             # (batch, t, 3, heads, hd) and writing (batch, t, heads, hd): no head transposes
             q, k, v = (z.reshape(b, t, self.n_head, hd) for z in F.split(self.c_attn(x), 3, axis=-1))
             y = F.attention(q, k, v, causal=True, scale=1.0 / math.sqrt(hd)).reshape(b, t, c)
-            return self.resid_dropout(self.c_proj(y)), None
+            return self.resid_dropout(self.c_proj(y))
         q, k, v = (self._split(z) for z in F.split(self.c_attn(x), 3, axis=-1))
         if cache is None:
             scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
@@ -80,23 +80,15 @@ class GPT2Attention(nn.Module):
             cidx = F.iota((t, t), 1)
             scores = F.where(F.ge(r, cidx), scores, -math.inf)
         else:
-            # decode: write k, v at position `pos` of the cache, attend to positions <= pos + i
-            kc, vc = cache
-            n = kc.shape[2]
-            slot = F.iota((1, 1, n, 1), 2)
-            for i in range(t):
-                here = F.eq(slot, pos + i)
-                kc = F.where(here, k[:, :, i:i + 1, :], kc)
-                vc = F.where(here, v[:, :, i:i + 1, :], vc)
-            k, v = kc, vc
+            # decode: append k, v to the cache at its position; attend to positions <= each query's
+            start = cache.position
+            k, v = cache.update(k, v)
             scores = F.matmul(q, F.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(hd))
-            qpos = F.add(F.iota((t, n), 0), pos)
-            kpos = F.iota((t, n), 1)
-            scores = F.where(F.ge(qpos, kpos), scores, -math.inf)
-            cache = (kc, vc)
+            scores = F.where(nn.cached_attention_mask(start, t, k.shape[2], causal=True),
+                             scores, -math.inf)
         att = self.attn_dropout(F.softmax(scores, -1))
         y = F.matmul(att, v).transpose(0, 2, 1, 3).reshape(b, t, c)
-        return self.resid_dropout(self.c_proj(y)), cache
+        return self.resid_dropout(self.c_proj(y))
 
 
 class GPT2MLP(nn.Module):
@@ -118,10 +110,9 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x, cache=None, pos=None):
-        a, cache = self.attn(self.ln_1(x), cache, pos)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), cache
+    def forward(self, x, cache: nn.KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT2Transformer(nn.Module):
@@ -165,31 +156,38 @@ class GPT2(nn.Module):
         tr = self.transformer
         x = tr.drop(tr.wte(idx) + tr.wpe(F.arange(t)))
         for blk in tr.h:
-            x, _ = blk(x)
+            x = blk(x)
         logits = F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits, targets)
 
-    def decode_step(self, idx, pos, caches):
-        """Logits for tokens ``idx`` (B, t) at positions pos..pos+t-1, attending to the
-        caches; returns (logits, new caches).  ``pos`` may be a runtime tensor, so one
-        compiled program serves every position."""
+    def decode_step(self, idx, caches: list):
+        """Logits (B, t, vocab) for tokens ``idx`` (B, t) at positions pos .. pos + t - 1, where
+        pos is the caches' position: one ``nn.KVCache`` per layer, all at the same position,
+        each appended to (advanced by t) and attended over.  The position may be a runtime
+        tensor (``nn.KVCache(keys, values, pos)`` inside a trace), so one compiled program
+        serves every position."""
         tr = self.transformer
+        if len(caches) != len(tr.h) or not all(isinstance(c, nn.KVCache) for c in caches):
+            raise TypeError(f"GPT2.decode_step: caches must be {len(tr.h)} nn.KVCache (one per layer), got "
+                            f"{[type(c).__name__ for c in caches]}")
+        pos = caches[0].position
+        if isinstance(pos, int):
+            idx = self._check_idx(idx, pos)
+        if any(c.position is not pos if isinstance(pos, Tensor) else c.position != pos for c in caches):
+            raise ValueError("GPT2.decode_step: the layers' caches are at different positions")
         t = idx.shape[1]
-        positions = F.add(F.arange(t), pos)
-        x = tr.wte(idx) + tr.wpe(positions)
-        new = []
+        x = tr.wte(idx) + tr.wpe(F.add(F.arange(t), pos))
         for blk, cache in zip(tr.h, caches):
-            x, c = blk(x, cache, pos)
-            new.append(c)
-        logits = F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
-        return logits, new
+            x = blk(x, cache)
+        return F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
 
-    def empty_caches(self, batch: int):
+    def empty_caches(self, batch: int) -> list:
+        """One zero-filled ``nn.KVCache`` per layer, (batch, n_head, n_positions, head_dim), at position 0."""
         cfg = self.config
-        shape = (batch, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head)
-        return [(F.zeros(shape), F.zeros(shape)) for _ in range(cfg.n_layer)]
+        return [nn.KVCache.empty(batch, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head)
+                for _ in range(cfg.n_layer)]
 
     def load_state_dict(self, state: dict, strict: bool = True) -> dict:
         """HF checkpoints may omit the tied ``lm_head.weight``; old ones carry attention-mask

@@ -400,6 +400,120 @@ def _key_padding_mask(mask, b: int, lk: int) -> Tensor:
     return kpm
 
 
+class KVCache:
+    """Preallocated key/value buffers for incremental (token-by-token) attention decoding.
+
+    ``keys`` and ``values`` are (batch, heads, max_len, head_dim) buffers (the layout the
+    attention layers' scores are computed in); ``position`` is how many positions are filled.
+    ``update(k, v)`` writes k, v (batch, heads, t, head_dim) at positions
+    position .. position + t - 1, advances ``position`` by t and returns the keys and values so
+    far.  The write is an ``iota == position`` select over the whole buffer, so ``position``
+    may be a runtime 0-d int64 tensor of a traced program: ONE compiled decode program then
+    serves every position (``models/generate.py`` builds GPT-2's that way).  With a Python-int
+    position the returned keys/values are exactly the first position + t; with a runtime
+    position they are the whole buffers (slots past position + t are zeros, or stale values,
+    which the attention masks), and staying within max_len is the caller's job (nothing can be
+    checked before the program runs).
+
+        cache = nn.KVCache.empty(batch, heads, max_len, head_dim)
+        for t in range(n):
+            y_t = mha(x[:, t:t + 1], is_causal=True, kv_cache=cache)
+    """
+
+    def __init__(self, keys, values, position=0):
+        keys = keys if isinstance(keys, Tensor) else Tensor(np.asarray(keys))
+        values = values if isinstance(values, Tensor) else Tensor(np.asarray(values))
+        if keys.ndim != 4:
+            raise ValueError(f"KVCache: buffers must be (batch, heads, max_len, head_dim), got keys {keys.shape}")
+        if keys.shape != values.shape or keys.dtype != values.dtype:
+            raise ValueError(f"KVCache: keys {keys.dtype}{list(keys.shape)} and values "
+                             f"{values.dtype}{list(values.shape)} differ in shape or dtype")
+        if not keys.dtype.startswith("float"):
+            raise TypeError(f"KVCache: buffers must be floating point, got {keys.dtype}")
+        self.keys, self.values = keys, values
+        self.position = self._check_position(position)
+
+    @classmethod
+    def empty(cls, batch: int, num_heads: int, max_len: int, head_dim: int, dtype: str = "float32") -> "KVCache":
+        """Zero-filled buffers at position 0."""
+        shape = (batch, num_heads, max_len, head_dim)
+        if any(int(d) < 1 for d in shape):
+            raise ValueError(f"KVCache.empty: every dimension must be >= 1, got {shape}")
+        return cls(F.zeros(shape, dtype=dtype), F.zeros(shape, dtype=dtype), 0)
+
+    def _check_position(self, position):
+        if isinstance(position, Tensor):
+            if position.shape != () or not position.dtype.startswith(("int", "uint")):
+                raise TypeError(f"KVCache: position must be an int or a 0-d integer tensor, got "
+                                f"{position.dtype}{list(position.shape)}")
+            if position.is_traced:
+                return position  # a runtime value: one program for every position
+            position = position.item()
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+            raise TypeError(f"KVCache: position must be an int or a 0-d integer tensor, got "
+                            f"{type(position).__name__}")
+        position = int(position)
+        if not 0 <= position <= self.max_len:
+            raise ValueError(f"KVCache: position {position} outside [0, max_len {self.max_len}]")
+        return position
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.keys.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.keys.dtype
+
+    def update(self, k, v):
+        """Append k, v (batch, heads, t, head_dim); return (keys, values) so far."""
+        b, h, n, d = self.shape
+        for name, x in (("keys", k), ("values", v)):
+            if x.ndim != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (b, h, d) or x.shape[2] < 1:
+                raise ValueError(f"KVCache.update: {name} must be (batch {b}, heads {h}, t >= 1, head_dim {d}), "
+                                 f"got {x.shape}")
+            if x.dtype != self.dtype:
+                raise TypeError(f"KVCache.update: {name} are {x.dtype}, the cache holds {self.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"KVCache.update: keys {k.shape} and values {v.shape} differ in shape")
+        t, start = k.shape[2], self.position
+        if isinstance(start, int) and start + t > n:
+            raise ValueError(f"KVCache.update: appending {t} positions at position {start} overflows max_len {n}")
+        if t > n:
+            raise ValueError(f"KVCache.update: {t} positions exceed max_len {n}")
+        slot = F.iota((1, 1, n, 1), 2)
+        kc, vc = self.keys, self.values
+        for i in range(t):
+            here = F.eq(slot, F.add(start, i) if isinstance(start, Tensor) else start + i)
+            kc = F.where(here, k[:, :, i:i + 1, :], kc)
+            vc = F.where(here, v[:, :, i:i + 1, :], vc)
+        self.keys, self.values = kc, vc
+        self.position = F.add(start, t) if isinstance(start, Tensor) else start + t
+        if isinstance(start, int):
+            end = start + t
+            return (kc, vc) if end == n else (kc[:, :, :end, :], vc[:, :, :end, :])
+        return kc, vc
+
+    def __repr__(self):
+        pos = self.position if isinstance(self.position, int) else "runtime"
+        return f"KVCache(shape={self.shape}, dtype={self.dtype}, position={pos})"
+
+
+def cached_attention_mask(start, q_len: int, k_len: int, causal: bool):
+    """(q_len, k_len) bool, True where a query may attend to a key a KVCache returned; the
+    queries sit at positions start .. start + q_len - 1 (``start`` an int, or a runtime
+    tensor).  Causal: key position <= query position; otherwise every key written so far
+    (key position < start + q_len)."""
+    kpos = F.iota((q_len, k_len), 1)
+    if causal:
+        return F.ge(F.add(F.iota((q_len, k_len), 0), start), kpos)
+    return F.lt(kpos, F.add(start, q_len) if isinstance(start, Tensor) else start + q_len)
+
+
 class MultiHeadAttention(Module):
     """Multi-head attention over (batch, seq, embed) tensors (batch first).
 
@@ -407,7 +521,9 @@ class MultiHeadAttention(Module):
     is_causal=False, kv_cache=None)``: self-attention when key/value are omitted, cross
     attention otherwise.  ``key_padding_mask`` (batch, key_len) is True at padding positions
     (as in torch).  ``attn_mask`` is bool (True = attend) or float (added), broadcast against
-    (batch, heads, q_len, key_len).  ``kv_cache``: a KVCache that this call appends to."""
+    (batch, heads, q_len, key_len).  ``kv_cache``: an ``nn.KVCache`` this call appends the new
+    keys/values to and attends over (causal: the queries are the cache's last positions);
+    ``key_padding_mask`` / ``attn_mask`` then cover the keys the cache returns."""
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None):
@@ -444,8 +560,20 @@ class MultiHeadAttention(Module):
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
+        cache_mask = None
         if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"MultiHeadAttention: kv_cache must be an nn.KVCache, got {type(kv_cache).__name__}")
+            if kv_cache.shape[1] != self.num_heads or kv_cache.shape[3] != self.head_dim:
+                raise ValueError(f"MultiHeadAttention: kv_cache {kv_cache.shape} does not hold {self.num_heads} "
+                                 f"heads of {self.head_dim} (batch, heads, max_len, head_dim)")
+            start, n_new = kv_cache.position, k.shape[2]
             k, v = kv_cache.update(k, v)
+            if is_causal or not isinstance(start, int):  # an int position returns only the written keys
+                # the queries are the last lq of the positions written so far
+                first = start if n_new == lq else (start + n_new - lq if isinstance(start, int)
+                                                   else F.add(start, n_new - lq))
+                cache_mask = cached_attention_mask(first, lq, k.shape[2], is_causal)
         lk = k.shape[2]
         mask = None
         if key_padding_mask is not None:
@@ -457,7 +585,9 @@ class MultiHeadAttention(Module):
             else:
                 mask = am if mask is None else F.where(mask, am, -math.inf)
         scores = F.mul(F.matmul(q, F.swapaxes(k, -1, -2)), 1.0 / math.sqrt(self.head_dim))
-        if is_causal:
+        if cache_mask is not None:
+            scores = F.where(cache_mask, scores, -math.inf)
+        elif is_causal:
             offset = lk - lq
             r = F.iota((lq, lk), 0)
             c = F.iota((lq, lk), 1)

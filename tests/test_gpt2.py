@@ -66,11 +66,18 @@ def test_decode_step_with_cache_equals_full_forward():
     idx = rng.integers(0, CFG.vocab_size, (1, 7))
     full = model(Tensor(idx)).data
     caches = model.empty_caches(1)
-    logits, caches = model.decode_step(Tensor(idx[:, :4]), 0, caches)
+    assert all(isinstance(c, nn.KVCache) and c.position == 0 for c in caches)
+    logits = model.decode_step(Tensor(idx[:, :4]), caches)
     np.testing.assert_allclose(logits.data, full[:, :4], rtol=1e-4, atol=1e-5)
     for t in range(4, 7):
-        logits, caches = model.decode_step(Tensor(idx[:, t:t + 1]), t, caches)
+        logits = model.decode_step(Tensor(idx[:, t:t + 1]), caches)
         np.testing.assert_allclose(logits.data[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+    assert [c.position for c in caches] == [7, 7]
+    caches[1].position = 5
+    with pytest.raises(ValueError, match="different positions"):
+        model.decode_step(Tensor(idx[:, :1]), caches)
+    with pytest.raises(TypeError, match="2 nn.KVCache"):
+        model.decode_step(Tensor(idx[:, :1]), [(c.keys, c.values) for c in caches])
 
 
 def test_sequence_longer_than_context_is_refused():

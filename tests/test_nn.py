@@ -67,6 +67,89 @@ def test_multihead_attention_matches_torch_with_masks():
     close(mha(Tensor(x), is_causal=True), tm(T(x), T(x), T(x), attn_mask=causal, need_weights=False)[0], 1e-5)
 
 
+def _mha_and_sequence(e=8, h=2, b=2, n=6, seed=4):
+    nn.manual_seed(seed)
+    mha = nn.MultiHeadAttention(e, h)
+    x = np.random.default_rng(seed).standard_normal((b, n, e)).astype(np.float32)
+    return mha, x, mha(Tensor(x), is_causal=True).data  # the full causal MHA (tested against torch above)
+
+
+def test_kv_cache_incremental_decoding_equals_full_causal_mha():
+    mha, x, full = _mha_and_sequence()
+    b, n, _ = x.shape
+    cache = nn.KVCache.empty(b, 2, 8, 4)
+    y = mha(Tensor(x[:, :2]), is_causal=True, kv_cache=cache)  # a 2-token prefill
+    np.testing.assert_allclose(y.data, full[:, :2], rtol=1e-5, atol=1e-6)
+    assert cache.position == 2
+    for t in range(2, n):
+        y = mha(Tensor(x[:, t:t + 1]), is_causal=True, kv_cache=cache)
+        np.testing.assert_allclose(y.data[:, 0], full[:, t], rtol=1e-5, atol=1e-6)
+        assert cache.position == t + 1
+    # the cache holds exactly the projected keys/values of the whole sequence, zeros after it
+    keys = mha.k_proj(Tensor(x)).data.reshape(b, n, 2, 4).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(cache.keys.data[:, :, :n], keys, rtol=1e-5, atol=1e-6)
+    assert not cache.values.data[:, :, n:].any()
+    # update returns the keys and values so far
+    k_new = Tensor(np.ones((b, 2, 2, 4), np.float32))
+    ks, vs = cache.update(k_new, k_new)
+    assert ks.shape == vs.shape == (b, 2, n + 2, 4) and cache.position == n + 2
+    np.testing.assert_array_equal(ks.data[:, :, n:], 1.0)
+
+
+@pytest.mark.parametrize("backend, causal", [("llvm", True), ("interpreter", False)])
+def test_kv_cache_compiled_decode_with_runtime_position(backend, causal):
+    """One traced program (the position a runtime input, as GPT-2's generate compiles it)
+    serves every position; stale values in the unwritten slots must not leak in."""
+    from neural_arch.compiler import TensorType, compile
+    mha, x, full = _mha_and_sequence()
+    b, n, e = x.shape
+    buf = TensorType((b, 2, 8, 4), "float32")
+
+    def step(x_t, pos, kb, vb):
+        cache = nn.KVCache(kb, vb, pos)
+        return mha(x_t, is_causal=causal, kv_cache=cache), cache.keys, cache.values
+
+    f = compile(step, TensorType((b, 1, e), "float32"), TensorType((), "int64"), buf, buf, backend=backend)
+    junk = np.random.default_rng(9).standard_normal(buf.shape).astype(np.float32) * 100
+    kb, vb = junk, junk.copy()
+    for t in range(n):
+        y, kb, vb = f(x[:, t:t + 1], np.int64(t), kb, vb)
+        # one query at the last position: causal and "every key so far" agree
+        np.testing.assert_allclose(y.data[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(kb.data[:, :, n:], junk[:, :, n:])
+
+
+def test_kv_cache_errors():
+    cache = nn.KVCache.empty(1, 2, 3, 4)
+    k = Tensor(np.zeros((1, 2, 2, 4), np.float32))
+    cache.update(k, k)
+    with pytest.raises(ValueError, match="appending 2 positions at position 2 overflows max_len 3"):
+        cache.update(k, k)
+    assert cache.position == 2  # a refused update changes nothing
+    with pytest.raises(ValueError, match=r"head_dim 4\), got \(1, 2, 1, 5\)"):
+        cache.update(Tensor(np.zeros((1, 2, 1, 5), np.float32)), Tensor(np.zeros((1, 2, 1, 5), np.float32)))
+    with pytest.raises(ValueError, match=r"batch 1, heads 2"):
+        cache.update(Tensor(np.zeros((2, 2, 1, 4), np.float32)), Tensor(np.zeros((2, 2, 1, 4), np.float32)))
+    with pytest.raises(TypeError, match="keys are float64, the cache holds float32"):
+        cache.update(Tensor(np.zeros((1, 2, 1, 4))), Tensor(np.zeros((1, 2, 1, 4))))
+    with pytest.raises(ValueError, match="differ in shape"):
+        cache.update(Tensor(np.zeros((1, 2, 1, 4), np.float32)), Tensor(np.zeros((1, 2, 2, 4), np.float32)))
+    with pytest.raises(ValueError, match="differ in shape or dtype"):
+        nn.KVCache(np.zeros((1, 2, 3, 4), np.float32), np.zeros((1, 2, 3, 4)))
+    with pytest.raises(ValueError, match=r"\(batch, heads, max_len, head_dim\)"):
+        nn.KVCache(np.zeros((2, 3, 4), np.float32), np.zeros((2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="position 4 outside"):
+        nn.KVCache(np.zeros((1, 2, 3, 4), np.float32), np.zeros((1, 2, 3, 4), np.float32), 4)
+    with pytest.raises(TypeError, match="position must be an int"):
+        nn.KVCache(np.zeros((1, 2, 3, 4), np.float32), np.zeros((1, 2, 3, 4), np.float32), 1.5)
+    mha = nn.MultiHeadAttention(8, 2)
+    x = Tensor(np.zeros((1, 1, 8), np.float32))
+    with pytest.raises(TypeError, match="kv_cache must be an nn.KVCache, got bool"):
+        mha(x, kv_cache=True)
+    with pytest.raises(ValueError, match="does not hold 2 heads of 4"):
+        mha(x, kv_cache=nn.KVCache.empty(1, 4, 3, 2))
+
+
 def test_transformer_block_pre_and_post_ln_match_torch():
     d, h = 8, 2
     x = RNG.standard_normal((2, 5, d)).astype(np.float32)
