@@ -119,7 +119,7 @@ class GPT2Transformer(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd, cfg.initializer_range)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, 0.01)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd, cfg.initializer_range)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon)

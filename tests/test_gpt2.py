@@ -80,6 +80,36 @@ def test_decode_step_with_cache_equals_full_forward():
         model.decode_step(Tensor(idx[:, :1]), [(c.keys, c.values) for c in caches])
 
 
+def test_init_follows_hf_and_is_seeded():
+    """Hugging Face's GPT-2 init: normal(0, initializer_range) for wte, wpe and every Conv1D,
+    residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 n_layer), zero biases,
+    LayerNorm ones/zeros."""
+    cfg = GPT2Config(vocab_size=500, n_positions=256, n_embd=64, n_layer=4, n_head=4, initializer_range=0.05)
+    nn.manual_seed(7)
+    sd = GPT2(cfg).state_dict()
+    scaled = 0.05 / np.sqrt(2 * cfg.n_layer)
+    want = {"transformer.wte.weight": 0.05, "transformer.wpe.weight": 0.05,
+            "transformer.h.1.attn.c_attn.weight": 0.05, "transformer.h.2.mlp.c_fc.weight": 0.05,
+            "transformer.h.0.attn.c_proj.weight": scaled, "transformer.h.3.mlp.c_proj.weight": scaled}
+    for name, std in want.items():
+        w = sd[name].astype(np.float64)
+        # the sample std's relative standard error is 1/sqrt(2 N) (<= 1.1 % here): 5 % is > 4 sigma
+        assert abs(w.std() / std - 1) < 0.05, (name, w.std(), std)
+        assert abs(w.mean()) < 5 * std / np.sqrt(w.size), (name, w.mean())
+    for name, v in sd.items():
+        if name.endswith(".bias"):
+            assert not v.any(), name
+        if ".ln_" in name:
+            np.testing.assert_array_equal(v, 1.0 if name.endswith(".weight") else 0.0, err_msg=name)
+    nn.manual_seed(7)
+    again = GPT2(cfg).state_dict()
+    assert all(np.array_equal(sd[k], again[k]) for k in sd)
+    nn.manual_seed(8)
+    other = GPT2(cfg).state_dict()
+    for k in want:
+        assert not np.array_equal(sd[k], other[k]), k
+
+
 def test_sequence_longer_than_context_is_refused():
     with pytest.raises(ValueError, match="exceeds n_positions 24"):
         GPT2(CFG)(Tensor(np.zeros((1, 25), np.int64)))
