@@ -111,7 +111,12 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
 
 class TrainStep:
     """The compiled step.  Call it with a batch; it returns the loss (a float) and updates the
-    model's parameters and the optimizer's state."""
+    model's parameters and the optimizer's state.
+
+    ``seed`` is the dropout counter: each call adds one and runs with the result as the
+    program's dropout seed (the first call with 1).  It is part of the training state: a run
+    resumed from a checkpoint sets it to the saved value, or its dropout masks repeat those
+    of the first steps (``narch train gpt2`` saves it as ``dropout_seed``)."""
 
     def __init__(self, model, optimizer: Optimizer, program: TrainStepProgram, runner, backend: str,
                  runtime_program=None):
@@ -121,7 +126,7 @@ class TrainStep:
         self.graph = program.graph
         self._params = dict(model.named_parameters())
         self._opt_order = [n for n in program.param_names if id(self._params[n]) in optimizer.state]
-        self.seed = 0
+        self.seed = 0  # the dropout counter (see the class docstring)
 
     def __call__(self, *batch) -> float:
         opt = self.optimizer

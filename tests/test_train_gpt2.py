@@ -1,6 +1,8 @@
 """Training GPT-2 for real: `narch train gpt2` at reduced size on the stdlib corpus (loss well
-below the unigram baseline, checkpoint, plot, sample, --resume), and the compiled training
-loop against the eager one (same losses for the first steps) for each optimizer."""
+below the unigram baseline, checkpoint, plot, sample, --resume), the command's resume giving
+exactly the uninterrupted run's losses, and the compiled training loop against the eager one
+(same losses for the first steps) for each optimizer."""
+import json
 import os
 
 import numpy as np
@@ -39,6 +41,79 @@ def test_narch_train_gpt2_learns_below_the_unigram_baseline_and_resumes(tmp_path
     out2 = capsys.readouterr().out
     assert "resumed from" in out2 and "at step 300" in out2
     assert res2["history"]["step"][-1] == 320 and len(res2["history"]["step"]) == 320
+
+
+# `narch train gpt2` at a size that runs in about a second
+TINY = ["--batch", "4", "--block", "16", "--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--max-chars", "20000",
+        "--sample-tokens", "0", "--no-progress"]
+
+
+def _narch_train(out, *flags):
+    """`narch --debug train gpt2 ...` as from the command line (an error raises); the run's
+    history.json (per-step training losses) and its checkpoint's tensors and metadata."""
+    from neural_arch.models import checkpoint
+    from neural_arch.tools.cli import main
+    main(["--debug", "train", "gpt2", *TINY, "--out", str(out), *flags])
+    with open(out / "history.json") as f:
+        history = json.load(f)
+    return history, *checkpoint.read(str(out / "checkpoint.safetensors"))
+
+
+@pytest.mark.parametrize("backend", ["llvm", "interpreter"])
+def test_narch_train_gpt2_resumed_run_has_the_uninterrupted_runs_losses_bitwise(tmp_path, capsys, backend):
+    # dropout on, so the step's dropout counter matters too; 6 steps in one go, or 3 and then
+    # --resume (from the checkpoint --stop-after writes) to the same schedule's end
+    flags = ["--steps", "6", "--eval-every", "2", "--dropout", "0.1", "--time-limit", "0", "--backend", backend]
+    whole, tensors, meta = _narch_train(tmp_path / "a", *flags)
+    part, _, part_meta = _narch_train(tmp_path / "b", *flags, "--stop-after", "3")
+    assert "stopped after step 3 of 6: --resume continues" in capsys.readouterr().out
+    assert part["step"] == [1, 2, 3] and part_meta["step"] == 3 and part_meta["extra"]["dropout_seed"] == 3
+    assert part["train"] == whole["train"][:3]
+    resumed, tensors2, meta2 = _narch_train(tmp_path / "b", *flags, "--resume")
+    assert "resumed from" in capsys.readouterr().out
+    assert whole["step"] == resumed["step"] == [1, 2, 3, 4, 5, 6]
+    assert resumed["train"] == whole["train"]  # exactly: the same floats
+    assert len(set(whole["train"])) == 6
+    # and the same weights and optimizer state, bit for bit
+    assert sorted(tensors) == sorted(tensors2)
+    for k in tensors:
+        assert tensors[k].tobytes() == tensors2[k].tobytes(), k
+    assert meta["step"] == meta2["step"] == 6 and meta2["extra"]["dropout_seed"] == 6
+
+
+def test_narch_train_gpt2_time_limited_run_resumes_on_the_schedule_it_planned(tmp_path, capsys):
+    # a limit no step fits: at the end of warmup (step 1 of 10) the schedule is shortened to
+    # its minimum, warmup + 1 = 2 steps, and the run stops; --resume without a limit then
+    # finishes THAT schedule, as a 2-step run does from the start
+    planned, _, _ = _narch_train(tmp_path / "a", "--steps", "2", "--time-limit", "0")
+    cut, _, meta = _narch_train(tmp_path / "b", "--steps", "10", "--time-limit", "1e-9")
+    out = capsys.readouterr().out
+    assert "the learning-rate schedule ends at step 2" in out and "time limit of 1e-09 s reached at step 1" in out
+    assert cut["step"] == [1] and meta["extra"]["schedule_total"] == 2
+    resumed, _, meta2 = _narch_train(tmp_path / "b", "--steps", "10", "--time-limit", "0", "--resume")
+    assert resumed["step"] == planned["step"] == [1, 2] and meta2["step"] == 2
+    assert resumed["train"] == planned["train"]
+
+
+def test_narch_train_gpt2_time_limit_zero_means_no_limit(tmp_path, capsys):
+    history, _, _ = _narch_train(tmp_path / "a", "--steps", "3", "--time-limit", "0", "--backend", "interpreter")
+    assert history["step"] == [1, 2, 3]
+    assert "time limit" not in capsys.readouterr().out
+
+
+def test_narch_train_gpt2_data_file_without_the_letters_of_def(tmp_path, capsys):
+    # the sample's prompt comes from the corpus: the validation split's first 8 characters
+    rng = np.random.default_rng(0)
+    alphabet = "abcghijk lmno\n"
+    text = "".join(rng.choice(list(alphabet), 3000))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    _narch_train(tmp_path / "run", "--data", str(corpus), "--steps", "2", "--time-limit", "0",
+                 "--sample-tokens", "12")
+    sample = capsys.readouterr().out.split("sample:\n", 1)[1][:-1]  # (print's newline)
+    prompt = text[len(text) - len(text) // 10:][:8]
+    assert sample.startswith(prompt) and len(sample) == 8 + 12
+    assert set(sample) <= set(alphabet)
 
 
 OPTIMIZERS = {
