@@ -8,7 +8,7 @@ embedding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 
@@ -20,22 +20,32 @@ from . import nn
 
 @dataclass(frozen=True)
 class GPT2Config:
+    """``n_ctx`` is an alias of ``n_positions`` (the context length), in the constructor and
+    as an attribute; giving both with different values is an error."""
     vocab_size: int = 50257
-    n_positions: int = 1024
+    n_positions: int | None = None  # 1024 unless given (here or as n_ctx)
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
     dropout: float = 0.0  # embd, attn and resid dropout (HF's *_pdrop)
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
+    n_ctx: InitVar[int | None] = None
 
-    @property
-    def n_ctx(self) -> int:
-        return self.n_positions
-
-    def __post_init__(self):
+    def __post_init__(self, n_ctx):
+        if n_ctx is not None and self.n_positions is not None and n_ctx != self.n_positions:
+            raise ValueError(f"GPT2Config: n_ctx {n_ctx} and n_positions {self.n_positions} disagree "
+                             f"(n_ctx is an alias of n_positions: give one)")
+        n_positions = next((v for v in (self.n_positions, n_ctx) if v is not None), 1024)
+        if isinstance(n_positions, bool) or not isinstance(n_positions, (int, np.integer)) or n_positions < 1:
+            raise ValueError(f"GPT2Config: n_positions (n_ctx) must be a positive int, got {n_positions!r}")
+        object.__setattr__(self, "n_positions", int(n_positions))
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+# the attribute: n_ctx reads n_positions (the InitVar above is the constructor's alias)
+GPT2Config.n_ctx = property(lambda self: self.n_positions, doc="Alias of n_positions.")
 
 
 class Conv1D(nn.Module):

@@ -110,6 +110,22 @@ def test_init_follows_hf_and_is_seeded():
         assert not np.array_equal(sd[k], other[k]), k
 
 
+def test_config_n_ctx_is_an_alias_of_n_positions():
+    import dataclasses
+    cfg = GPT2Config(vocab_size=61, n_ctx=24, n_embd=16, n_layer=2, n_head=4)
+    assert cfg == CFG and cfg.n_positions == cfg.n_ctx == 24
+    assert GPT2Config(n_positions=24, n_ctx=24).n_positions == 24
+    assert GPT2Config().n_ctx == GPT2Config().n_positions == 1024  # HF's default
+    assert dataclasses.replace(cfg, n_layer=1).n_positions == 24
+    assert "n_ctx" not in dataclasses.asdict(cfg)
+    with pytest.raises(ValueError, match="n_ctx 64 and n_positions 1024 disagree"):
+        GPT2Config(n_positions=1024, n_ctx=64)
+    with pytest.raises(ValueError, match=r"positive int, got 0"):
+        GPT2Config(n_ctx=0)
+    with pytest.raises(ValueError, match="exceeds n_positions 24"):
+        GPT2(cfg)(Tensor(np.zeros((1, 25), np.int64)))
+
+
 def test_sequence_longer_than_context_is_refused():
     with pytest.raises(ValueError, match="exceeds n_positions 24"):
         GPT2(CFG)(Tensor(np.zeros((1, 25), np.int64)))
