@@ -3,6 +3,7 @@ over preallocated KV caches (``nn.KVCache`` buffers, updated in place) with the 
 runtime input (no recompile per token).
 
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40, seed=0)
+    ids = model.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=40, seed=0)  # the same
 """
 from __future__ import annotations
 

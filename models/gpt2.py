@@ -199,6 +199,15 @@ class GPT2(nn.Module):
         return [nn.KVCache.empty(batch, cfg.n_head, cfg.n_positions, cfg.n_embd // cfg.n_head)
                 for _ in range(cfg.n_layer)]
 
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, backend: str = "llvm",
+                 use_cache: bool = True) -> np.ndarray:
+        """Continue each row of ``input_ids`` (B, T) by ``max_new_tokens`` sampled tokens; returns
+        (B, T + max_new_tokens) ids.  ``models.generate.generate(self, ...)``: see there."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, backend=backend, use_cache=use_cache)
+
     def load_state_dict(self, state: dict, strict: bool = True) -> dict:
         """HF checkpoints may omit the tied ``lm_head.weight``; old ones carry attention-mask
         buffers (``attn.bias``, ``attn.masked_bias``) we do not need."""

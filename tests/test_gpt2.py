@@ -144,6 +144,21 @@ def test_greedy_generation_with_cache_equals_without_token_for_token():
     np.testing.assert_array_equal(interp, slow)
 
 
+def test_generate_method_equals_the_function_token_for_token():
+    from neural_arch.models.generate import generate
+    nn.manual_seed(5)
+    model = GPT2(CFG)
+    prompt = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 5))
+    kw = dict(temperature=1.5, top_k=20, top_p=0.9, seed=11)
+    by_method = model.generate(prompt, 10, **kw)
+    np.testing.assert_array_equal(by_method, generate(model, prompt, 10, **kw))
+    np.testing.assert_array_equal(by_method[:, :5], prompt)
+    assert by_method.shape == (2, 15)
+    assert not np.array_equal(by_method, model.generate(prompt, 10, temperature=0))  # it sampled
+    np.testing.assert_array_equal(model.generate(Tensor(prompt), 4, seed=3, use_cache=False),
+                                  generate(model, prompt, 4, seed=3, use_cache=False))
+
+
 def test_sampling_filters():
     from neural_arch.models.generate import sample_next
     logits = np.array([[0.0, 5.0, 4.9, -1.0]])
