@@ -254,13 +254,17 @@ def test_digits_demo_loop_learns_at_reduced_size():
 
 @pytest.mark.slow
 def test_narch_train_vit_writes_confusion_matrix_and_checkpoint(tmp_path, capsys):
-    """The command end to end (a few steps): the exit status says whether 95% was reached."""
+    """The command end to end (a few steps): the exit status says whether 95% was reached;
+    --time-limit 0 means no limit (it used to stop after the first step)."""
     pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (a main dependency)")
     from neural_arch.models import checkpoint
     from neural_arch.tools.cli import main
     out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["train", "vit", "--time-limit", "-1", "--out", str(out)])
+    assert "--time-limit: must be 0 (no limit) or positive, got -1" in capsys.readouterr().err
     code = main(["train", "vit", "--steps", "20", "--hidden", "32", "--layers", "2", "--heads", "2",
-                 "--no-progress", "--out", str(out)])
+                 "--no-progress", "--time-limit", "0", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 1 and "target 95%: NOT reached" in text  # 20 steps are far too few
     assert (out / "confusion.png").stat().st_size > 10_000

@@ -3,8 +3,20 @@ learning-rate schedule applied per step, the loss history, an evaluation every
 ``eval_every`` steps, at the last step and when the time limit is reached."""
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Callable
+
+
+def time_limit(text: str) -> float:
+    """argparse type of ``--time-limit`` (vit, clip, bert): seconds, 0 for no limit."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or positive, got {text}")
+    return v
 
 
 def train_loop(step: Callable, first_batch, next_batch: Callable, sched, opt, args, evaluate: Callable,
@@ -30,7 +42,7 @@ def train_loop(step: Callable, first_batch, next_batch: Callable, sched, opt, ar
         elapsed = time.perf_counter() - begin
         bar.set_postfix(loss=f"{loss:.3f}", **postfix(i + 1, loss, elapsed))
         last = i + 1
-        done = elapsed > args.time_limit
+        done = args.time_limit > 0 and elapsed > args.time_limit
         if (i + 1) % args.eval_every == 0 or i + 1 == args.steps or done:
             value = evaluate()
             history["eval_step"].append(i + 1)

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from neural_arch.tools.loop import time_limit
+
 IGNORE = -100
 
 
@@ -24,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a text file to train on (default: the Python standard library's sources)")
     p.add_argument("--max-chars", type=int, default=1_000_000, help="characters of corpus to use")
     p.add_argument("--steps", type=int, default=1200, help="training steps")
-    p.add_argument("--time-limit", type=float, default=100.0, help="stop training after this many seconds")
+    p.add_argument("--time-limit", type=time_limit, default=100.0,
+                   help="stop training after this many seconds, 0 for no limit")
     p.add_argument("--batch", type=int, default=32, help="windows per batch")
     p.add_argument("--block", type=int, default=32, help="characters per window")
     p.add_argument("--hidden", type=int, default=128, help="hidden size")
@@ -137,7 +140,7 @@ def train(max_chars: int = 1_000_000, steps: int = 1200, batch: int = 32, block:
             history["val_step"].append(i + 1)
             history["val"].append(v)
             say(f"step {i + 1}: masked-char loss train {loss:.3f}  val {v:.3f}  (unigram baseline {baseline:.3f})")
-        if elapsed > time_limit:
+        if time_limit > 0 and elapsed > time_limit:
             say(f"time limit of {time_limit:.0f} s reached at step {i + 1}")
             break
     bar.close()

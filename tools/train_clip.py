@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from neural_arch.tools.loop import time_limit
+
 from neural_arch.tools.train_vit import NAMES, digits_split, normalize, shift_augment
 
 TEMPLATES = ("a handwritten {}", "the digit {}", "a picture of a {}", "the number {} written by hand",
@@ -24,7 +26,8 @@ PROMPT = "a handwritten {}"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1500, help="training steps")
-    p.add_argument("--time-limit", type=float, default=150.0, help="stop training after this many seconds")
+    p.add_argument("--time-limit", type=time_limit, default=150.0,
+                   help="stop training after this many seconds, 0 for no limit")
     p.add_argument("--batch", type=int, default=64, help="image-caption pairs per batch")
     p.add_argument("--hidden", type=int, default=64, help="hidden size of both towers")
     p.add_argument("--vision-layers", type=int, default=3)

@@ -14,12 +14,15 @@ import time
 
 import numpy as np
 
+from neural_arch.tools.loop import time_limit
+
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1500, help="training steps")
-    p.add_argument("--time-limit", type=float, default=150.0, help="stop training after this many seconds")
+    p.add_argument("--time-limit", type=time_limit, default=150.0,
+                   help="stop training after this many seconds, 0 for no limit")
     p.add_argument("--batch", type=int, default=64, help="images per batch")
     p.add_argument("--patch", type=int, default=4, help="patch size (the images are 8x8)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size")
