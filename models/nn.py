@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from neural_arch.compiler import functional as F
-from neural_arch.compiler.tensor import Tensor
+from neural_arch.compiler.tensor import Tensor, bind
 
 # ----------------------------------------------------------------------------- seeding
 
@@ -485,6 +485,9 @@ class KVCache:
             raise ValueError(f"KVCache.update: appending {t} positions at position {start} overflows max_len {n}")
         if t > n:
             raise ValueError(f"KVCache.update: {t} positions exceed max_len {n}")
+        if isinstance(start, Tensor):  # a runtime position: checked when the program runs
+            # (the writes select by comparison, so a position past the end would drop them)
+            start = bind("check_index", start, size=n - t + 1)
         slot = F.iota((1, 1, n, 1), 2)
         kc, vc = self.keys, self.values
         for i in range(t):

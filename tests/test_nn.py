@@ -117,6 +117,11 @@ def test_kv_cache_compiled_decode_with_runtime_position(backend, causal):
         # one query at the last position: causal and "every key so far" agree
         np.testing.assert_allclose(y.data[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(kb.data[:, :, n:], junk[:, :, n:])
+    # a runtime position past the buffer is an error when the program runs, not dropped keys
+    from neural_arch.compiler.ops.registry import OpIndexError
+    for bad in (8, -1):
+        with pytest.raises(OpIndexError, match=rf"check_index: index {bad} is out of range: allowed \[0, 8\)"):
+            f(x[:, :1], np.int64(bad), kb, vb)
 
 
 def test_kv_cache_errors():
