@@ -5,8 +5,11 @@ peers measured in the same run:
   ``small`` (n_embd 384, 6 layers, 6 heads, context 128, batch 8, vocab 256) and ``tiny``
   (n_embd 128, 2 layers, 4 heads, context 64, batch 16, vocab 256): our compiled step vs
   PyTorch eager (the same model from ``transformers``), torch.compile (``--torch-compile``:
-  it compiles for about a minute), and our NumPy interpreter running the same graph;
-* an MLP 64-256-256-10 on scikit-learn's handwritten digits, batch 64, AdamW;
+  it compiles for about a minute), JAX (``jax.jit`` of the whole step, where jax is
+  installed: ``jax_steps.py``, started from our model's weights), and our NumPy interpreter
+  running the same graph;
+* an MLP 64-256-256-10 on scikit-learn's handwritten digits, batch 64, AdamW (ours, PyTorch
+  eager, JAX);
 * generation with the small config, batch 1, a 16-token prompt and 64 new tokens (greedy):
   our prefill + compiled decode over a KV cache vs PyTorch eager with its KV cache.
 
@@ -139,6 +142,39 @@ def _torch_gpt(cfg, compiled: bool):
     return step, time.perf_counter() - t
 
 
+JAX_MISSING = "jax is not installed (pip install jax==0.10.2 jaxlib==0.10.2, in the test extra)"
+
+
+def _adamw(opt) -> dict:
+    """Our AdamW's settings, for JAX's."""
+    return {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
+
+
+def _jax_threads() -> int:
+    """XLA's CPU thread pool: as many threads as PyTorch gets (jax_steps.configure)."""
+    from neural_arch.tools.bench import jax_steps
+    jax_steps.configure(int(os.environ.get("NARCH_BENCH_THREADS", "2")))
+    return int(os.environ["NPROC"])
+
+
+def _jax_gpt(cfg):
+    """JAX's training step for ``cfg`` (jax_steps.JaxTrainStep, not yet called) from our
+    model's initial weights, on the same batch, with the same AdamW settings."""
+    threads = _jax_threads()
+    from neural_arch.tools.bench import jax_steps
+    model, opt, _, batch = _gpt_setup(cfg)
+    step = jax_steps.gpt2_step(model.state_dict(), cfg[2], batch, model.config.layer_norm_epsilon, **_adamw(opt))
+    return step, {"threads": threads, **jax_steps.versions()}
+
+
+def worker_gpt_jax(cfg, steps: int) -> dict:
+    step, info = _jax_gpt(cfg)
+    step()  # the first call (trace + XLA compile + one step): the compile time
+    res = time_steps(step, steps)
+    res.update(info, compile_s=step.compile_s)
+    return res
+
+
 def _mlp_data():
     try:
         from sklearn.datasets import load_digits
@@ -189,6 +225,22 @@ def _torch_mlp():
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
     return step, {"data": source}
+
+
+def _jax_mlp():
+    threads = _jax_threads()
+    from neural_arch.tools.bench import jax_steps
+    model, opt, _, batch, source = _mlp_setup()
+    step = jax_steps.mlp_step(model.state_dict(), batch, **_adamw(opt))
+    return step, {"data": source, "threads": threads, **jax_steps.versions()}
+
+
+def worker_mlp_jax(steps: int) -> dict:
+    step, info = _jax_mlp()
+    step()  # the first call: the compile time
+    res = time_steps(step, steps, warmup=20)
+    res.update(info, compile_s=step.compile_s)
+    return res
 
 
 def worker_mlp_ours(steps: int) -> dict:
@@ -262,9 +314,12 @@ def run_worker(spec: list[str]) -> dict:
         cfg, who, steps = GPT_CONFIGS[spec[1]], spec[2], int(spec[3])
         if who in ("llvm", "interpreter"):
             return worker_gpt_ours(cfg, who, steps)
+        if who == "jax":
+            return worker_gpt_jax(cfg, steps)
         return worker_gpt_torch(cfg, steps, compiled=(who == "torch.compile"))
     if kind == "mlp":
-        return worker_mlp_ours(int(spec[2])) if spec[1] == "ours" else worker_mlp_torch(int(spec[2]))
+        workers = {"ours": worker_mlp_ours, "torch": worker_mlp_torch, "jax": worker_mlp_jax}
+        return workers[spec[1]](int(spec[2]))
     if kind == "generate":
         n, p = int(spec[2]), int(spec[3])
         return worker_generate_ours(n, p) if spec[1] == "ours" else worker_generate_torch(n, p)
@@ -423,13 +478,19 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
         if torch_compile:
             log(f"[{name}] torch.compile ...")
             rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
+    if have("jax"):
+        log(f"[{name}] JAX jit ...")
+        rows["jax"] = _spawn(["gpt", name, "jax", str(steps)])
+    else:
+        rows["jax"] = {"skipped": JAX_MISSING}
     if interpreter:
         log(f"[{name}] our interpreter ...")
         rows["interpreter"] = _spawn(["gpt", name, "interpreter", "2" if name == "small" else "3"])
     log(f"[{name}] peak memory (a separate run each) ...")
     for key, spec, e in (("ours", ["gpt", name, "llvm", "3"], env), ("torch", ["gpt", name, "torch", "3"], None),
+                         ("jax", ["gpt", name, "jax", "3"], None),
                          ("interpreter", ["gpt", name, "interpreter", "1"], None)):
-        if key in rows and "error" not in rows[key]:
+        if key in rows and "error" not in rows[key] and "skipped" not in rows[key]:
             mem = _spawn(spec, e, memory=True)
             rows[key]["peak_mb"] = mem.get("peak_mb")
     return rows
@@ -442,9 +503,11 @@ def format_gpt(name: str, rows: dict) -> str:
              "  (peak MB: memory a step needs beyond parameters and optimizer state: the growth of the "
              "resident set while stepping, plus, for ours, the arena and workspace allocated at compile time)",
              f"  {'':16} {'step ms':>9} {'min ms':>8} {'ours faster by':>15} {'peak MB':>8}"]
-    for key in ("ours", "torch", "torch.compile", "interpreter"):
+    for key in ("ours", "torch", "torch.compile", "jax", "interpreter"):
         r = rows.get(key)
-        if r is not None:
+        if r is not None and "skipped" in r:
+            lines.append(f"  {key:16} skipped: {r['skipped']}")
+        elif r is not None:
             lines.append(ratio_row(key, r, ours, 16, 8))
     if "error" not in ours:
         cold = rows.get("ours_cold", {})
@@ -462,7 +525,16 @@ def format_gpt(name: str, rows: dict) -> str:
         tc = rows.get("torch.compile")
         if tc and "compile_s" in tc:
             lines.append(f"  torch.compile: first call (compile) {tc['compile_s']:.1f} s")
+    jx = rows.get("jax")
+    if jx and "compile_s" in jx:
+        lines.append(_jax_note(jx))
     return "\n".join(lines)
+
+
+def _jax_note(r: dict) -> str:
+    return (f"  jax: {r.get('jax', '?')} (jaxlib {r.get('jaxlib', '?')}), one jax.jit step from our initial "
+            f"weights, parameters and state donated, {r.get('threads', '?')} XLA threads; first call (trace + "
+            f"compile) {r['compile_s']:.2f} s")
 
 
 def main(argv=None) -> int:
@@ -518,10 +590,18 @@ def main(argv=None) -> int:
                 log("[mlp] ours and PyTorch interleaved ...")
                 rows["interleaved"] = interleave(["mlp", "ours"], ["mlp", "torch"], args.interleave,
                                                  INTERLEAVE_STEPS["mlp"], None, log)
+        if have("jax"):
+            log("[mlp] JAX jit ...")
+            rows["jax"] = _spawn(["mlp", "jax", "300"])
+        else:
+            rows["jax"] = {"skipped": JAX_MISSING}
         out["mlp"] = rows
         lines = [f"MLP 64-256-256-10, batch 64, AdamW ({ours.get('data', '?')}), 300 steps"]
         for k, r in rows.items():
             if k in ("rounds", "interleaved"):
+                continue
+            if "skipped" in r:
+                lines.append(f"  {k:8} skipped: {r['skipped']}")
                 continue
             if "error" in r:
                 lines.append(f"  {k:8} failed: {r['error']}")
@@ -534,6 +614,8 @@ def main(argv=None) -> int:
             lines.append(format_rounds(rows["rounds"]))
         if rows.get("interleaved"):
             lines.append(format_interleaved(rows["interleaved"]))
+        if "compile_s" in rows["jax"]:
+            lines.append(_jax_note(rows["jax"]))
         report.append("\n".join(lines))
     if "generate" in cases:
         log("[generate] ours, PyTorch eager ...")
