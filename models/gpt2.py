@@ -191,6 +191,9 @@ class GPT2(nn.Module):
         x = tr.wte(idx) + tr.wpe(F.add(F.arange(t), pos))
         for blk, cache in zip(tr.h, caches):
             x = blk(x, cache)
+        if isinstance(pos, Tensor):  # one advanced position for all layers (each update made its own)
+            for cache in caches[1:]:
+                cache.position = caches[0].position
         return F.matmul(tr.ln_f(x), F.transpose(self.lm_head.weight))
 
     def empty_caches(self, batch: int) -> list:

@@ -80,6 +80,33 @@ def test_decode_step_with_cache_equals_full_forward():
         model.decode_step(Tensor(idx[:, :1]), [(c.keys, c.values) for c in caches])
 
 
+def test_two_decode_steps_in_one_compiled_program():
+    """decode_step twice in one trace with a runtime position (two tokens per call): the
+    layers' caches share the advanced position, and the second step's logits equal the full
+    forward's at that position."""
+    from neural_arch.compiler import TensorType, compile
+    nn.manual_seed(3)
+    model = GPT2(CFG)
+    model.eval()
+    idx = np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 6))
+    full = model(Tensor(idx)).data
+    hd = CFG.n_embd // CFG.n_head
+    ct = TensorType((1, CFG.n_head, CFG.n_positions, hd), "float32")
+
+    def two(a, b, pos, *flat):
+        caches = [nn.KVCache(flat[2 * i], flat[2 * i + 1], pos) for i in range(CFG.n_layer)]
+        model.decode_step(a, caches)
+        return (model.decode_step(b, caches),) + tuple(t for c in caches for t in (c.keys, c.values))
+
+    tok = TensorType((1, 1), "int64")
+    f = compile(two, tok, tok, TensorType((), "int64"), *[ct] * (2 * CFG.n_layer))
+    bufs = [np.zeros(ct.shape, np.float32) for _ in range(2 * CFG.n_layer)]
+    for t in range(0, 6, 2):
+        logits, *bufs = f(idx[:, t:t + 1], idx[:, t + 1:t + 2], np.int64(t), *bufs)
+        bufs = [b.data if hasattr(b, "data") else b for b in bufs]
+        np.testing.assert_allclose(logits.data[:, 0], full[:, t + 1], rtol=1e-4, atol=1e-5)
+
+
 def test_init_follows_hf_and_is_seeded():
     """Hugging Face's GPT-2 init: normal(0, initializer_range) for wte, wpe and every Conv1D,
     residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 n_layer), zero biases,
