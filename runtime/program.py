@@ -554,38 +554,23 @@ _native_lock = threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def _codegen_sources() -> str:
-    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, share
-    from . import split
+    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, settings, share
+    from . import jit, split, threadpool
     h = hashlib.sha256()
-    for mod in (index, kernel, lowering, mathlib, gemm, share, split, sys.modules[__name__]):
+    for mod in (index, kernel, lowering, mathlib, gemm, settings, share, split, jit, threadpool,
+                sys.modules[__name__]):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
 
 
-def _plain(v) -> bool:
-    """Whether ``v`` is a setting we can key on: numbers, strings and containers of them."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if isinstance(v, (tuple, list, frozenset)):
-        return all(_plain(x) for x in v)
-    if isinstance(v, dict):
-        return all(_plain(k) and _plain(x) for k, x in v.items())
-    return False
-
-
 def codegen_settings() -> str:
-    """The code generator's module-level settings as they are now (``ATTENTION_MAX_TASKS``,
-    ``gemm.BLOCKING``, ...): public UPPER_CASE names holding plain values.  Changing one in a
-    running process must not hand out code compiled under the old value."""
-    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, share
+    """The code generator's module-level settings as they are now (``compiler/codegen/
+    settings.py``): changing one in a running process must not hand out code compiled
+    under the old value."""
+    from neural_arch.compiler.codegen import gemm, index, kernel, lowering, mathlib, settings, share
     from . import split
-    h = hashlib.sha256()
-    for mod in (index, kernel, lowering, mathlib, gemm, share, split):
-        for name, v in sorted(vars(mod).items()):
-            if name.isupper() and not name.startswith("_") and _plain(v):
-                h.update(f"{mod.__name__}.{name}={v!r};".encode())
-    return h.hexdigest()[:16]
+    return settings.fingerprint(index, kernel, lowering, mathlib, gemm, share, split)
 
 
 def codegen_version() -> str:
@@ -631,13 +616,13 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     """Machine code for ``mod``: from this process's memory, else the disk cache, else
     optimise (O3) and compile it (then store its objects on disk).  A big module compiles
     as ``compile_parts`` parts in parallel (``split.py``), each its own object file."""
-    key = (key_text, codegen_version(),
+    from . import threadpool
+    key = (key_text, codegen_version(), threadpool.num_threads(),
            tuple(sorted((str(k), repr(v)) for k, v in options.items() if k not in RUNTIME_OPTIONS)))
     with _native_lock:
         hit = _native_cache.get(key)
     if hit is not None:
         return hit
-    from . import threadpool
     threadpool.install()  # kernels (and cached objects) may call narch_parallel_for
     for sym, dtype, threads in sorted({e for k in mod.kernels for e in k.externals}):
         install_gemm(sym, dtype, threads)
@@ -673,24 +658,28 @@ _WRITEABLE = operator.attrgetter("flags.writeable")
 _META = operator.attrgetter("shape", "strides", "dtype")  # an input array's layout, compared call to call
 _UNSET = object()  # the last call's input and its layout before any call: equal to nothing passed
 
-_shared: dict = {}  # symbol -> (codegen version, its loaded object)
-_shared_retired: list = []
+_shared: dict = {}
 _shared_lock = threading.Lock()
 
 
 def install_gemm(symbol: str, dtype: str, threads: int) -> None:
     """Compile (or load from the disk cache) the GEMM once per process under ``symbol`` and
-    make it resolvable by every module loaded afterwards (programs call it by name)."""
-    version = codegen_version()
+    make it resolvable by every module loaded afterwards (programs call it by name).  The
+    symbol names the GEMM module's settings (``lowering.shared_gemm_symbol``), so a GEMM
+    built under other settings is another symbol, never a replacement."""
+    from neural_arch.compiler.codegen.lowering import shared_gemm_symbol
+    if symbol != shared_gemm_symbol(dtype, threads):
+        raise RuntimeError(f"{symbol}: the GEMM's settings changed while this program was being compiled "
+                           f"(now {shared_gemm_symbol(dtype, threads)}); compile it again")
     with _shared_lock:
-        if _shared.get(symbol, (None,))[0] == version:
+        if symbol in _shared:
             return
         import llvmlite.binding as llvm
         from neural_arch.compiler.codegen.gemm import emit_gemm
         cache = _disk_cache()
-        # the key names the GEMM (its sources and settings are in codegen_version): its IR
-        # text is only generated when the object code has to be built
-        parts = {"ir": f"shared gemm {symbol}", "version": version, "toolchain": jit.toolchain_id(),
+        # the key names the GEMM (its sources are in codegen_version, its settings in the
+        # symbol): its IR text is only generated when the object code has to be built
+        parts = {"ir": f"shared gemm {symbol}", "version": codegen_version(), "toolchain": jit.toolchain_id(),
                  "options": {"threads": threads}}
         obj = cache.get(parts) if cache is not None else None
         if obj is None:
@@ -701,11 +690,8 @@ def install_gemm(symbol: str, dtype: str, threads: int) -> None:
                 cache.put(parts, obj)
         loaded = jit.load(None, obj)
         addr = loaded.address(symbol)
-        # (a GEMM built under other settings stays loaded for the modules linked to it;
-        # modules loaded from now on resolve the symbol to this one)
         llvm.add_symbol(symbol, addr)
-        _shared[symbol] = (version, loaded)
-        _shared_retired.append(loaded)  # kept for the life of the process
+        _shared[symbol] = loaded  # kept for the life of the process
 
 
 def clear_memory_cache() -> None:

@@ -162,6 +162,60 @@ def test_edge_shapes_and_float64(dtype):
                                            err_msg=f"{shape} causal={causal}")
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("L", [13, 64])
+def test_a_nan_query_gives_the_same_nans_with_vector_or_scalar_row_passes(dtype, L, monkeypatch):
+    """A NaN in one query row (causal): its probabilities are NaN at its keys and exactly 0
+    at the masked ones, in the vector passes as in the scalar ones (they once left NaN in the
+    masked lanes of a row's last vector, so which dK and dV were NaN depended on the lane
+    count).  Against the interpreter: the same forward; in the backward every NaN of ours is
+    one of the interpreter's (whose dense products also spread 0 * NaN over masked entries
+    that the kernels skip) and every other value equal."""
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
+    rng = np.random.default_rng(12)
+    shape = (1, L, 2, 8)
+    T = TensorType(shape, dtype)
+    ins = [rng.standard_normal(shape).astype(dtype) for _ in range(5)]
+    ins[0][0, 3, 1, 2] = np.nan
+    fwd = trace(lambda q, k, v: F.attention(q, k, v, causal=True, scale=0.4), T, T, T)
+    bwd = trace(lambda q, k, v, o, g: bind("attention_grad", q, k, v, o, g, scale=0.4, causal=True),
+                T, T, T, T, T)
+    runs = {}
+    for vector in (True, False):
+        monkeypatch.setattr(lowering, "ATTENTION_VECTOR_ROWS", vector)
+        runs[vector] = [Program(g)(*x)[0] for g, x in ((fwd, ins[:3]), (bwd, ins))]
+    for a, b in zip(runs[True], runs[False]):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(b), rtol=1e-5, atol=1e-6)
+    (got_f, got_b), want_f, want_b = runs[True], interpret(fwd, ins[:3])[0], interpret(bwd, ins)[0]
+    np.testing.assert_array_equal(np.isnan(got_f), np.isnan(want_f))
+    assert np.isnan(got_f[0, 3, 1]).all() and np.isfinite(np.delete(got_f, 3, axis=1)).all()
+    assert not (np.isnan(got_b) & ~np.isnan(want_b)).any()
+    assert np.isnan(got_b[0, 3, 0, 1]).all()  # dQ of the NaN query
+    np.testing.assert_allclose(got_b[~np.isnan(want_b)], want_b[~np.isnan(want_b)], rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_gemm_panels_keep_the_row_passes_scalar(monkeypatch):
+    """With a GEMM panel of 4 columns (a valid float32 blocking) the tiled kernels' rows are
+    padded to 4, less than a vector of 8: the row passes must not run on vectors (they
+    would leave their rows); against the interpreter."""
+    from neural_arch.compiler.codegen import gemm
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
+    monkeypatch.setitem(gemm.BLOCKING, "float32", gemm.GemmBlocking(vl=4, mr=6, nv=1, kc=256, mc=144, nc=2048))
+    rng = np.random.default_rng(13)
+    for L in (2, 3, 9):
+        shape = (2, L, 2, 5)
+        T = TensorType(shape)
+        ins = [rng.standard_normal(shape).astype(np.float32) for _ in range(5)]
+        for causal in (False, True):
+            fwd = trace(lambda q, k, v: F.attention(q, k, v, causal=causal, scale=0.4), T, T, T)
+            bwd = trace(lambda q, k, v, o, g: bind("attention_grad", q, k, v, o, g, scale=0.4, causal=causal),
+                        T, T, T, T, T)
+            for g, x in ((fwd, ins[:3]), (bwd, ins)):
+                np.testing.assert_allclose(Program(g)(*x)[0], interpret(g, x)[0], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"L={L} causal={causal}")
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_bias_forward_and_gradients_including_the_bias(causal):
     """A (batch, keys) bias added to the scores: padded keys (a large negative bias) and a

@@ -3,6 +3,7 @@
 composites, a small MLP and a transformer block."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -148,6 +149,13 @@ def test_changed_codegen_setting_compiles_afresh(monkeypatch, tmp_path):
     monkeypatch.setattr(lowering, "ATTENTION_MAX_TASKS", 2)
     assert program.codegen_version() == version
     assert compile(f, q).program.native is a.program.native
+    # the GEMM's blocking (a dataclass) counts too, and names another shared GEMM
+    symbol = lowering.shared_gemm_symbol("float32", 2)
+    monkeypatch.setitem(gemm.BLOCKING, "float32", dataclasses.replace(gemm.BLOCKING["float32"], mc=72))
+    assert program.codegen_version() != version and lowering.shared_gemm_symbol("float32", 2) != symbol
+    c = compile(lambda x, w: x @ w, q.reshape(32, 16), q.reshape(16, 32))
+    x, w = q.reshape(32, 16), q.reshape(16, 32)
+    np.testing.assert_allclose(c(x, w), x @ w, rtol=1e-5, atol=1e-5)
 
 
 def test_second_process_loads_object_code_from_disk_cache(tmp_path):

@@ -486,7 +486,10 @@ def gemm_provider():
 
 
 def shared_gemm_symbol(dtype: str, threads: int) -> str:
-    return f"narch_gemm_{dtype}_t{threads}"
+    """The process-wide GEMM's symbol: its dtype, threads and the GEMM module's settings
+    (``gemm.BLOCKING``, ...), so a changed setting names another GEMM."""
+    from . import gemm, settings
+    return f"narch_gemm_{dtype}_t{threads}_{settings.fingerprint(gemm)[:8]}"
 
 
 def emit_simple_gemm(module: ir.Module, name: str, dtype: str = "float32") -> ir.Function:
@@ -1102,10 +1105,17 @@ class _AttentionKernel:
             j0 = b.mul(v, c64(lanes))
             yield self.ptr(row, j0), j0
 
+    def vector_rows(self) -> bool:
+        """Whether the tiled kernels' row passes run on whole vectors: only when the rows'
+        padding (to the GEMM's NR columns) is a whole number of vectors, so no vector leaves
+        its row."""
+        from .gemm import _blocking
+        return ATTENTION_VECTOR_ROWS and _blocking(self.dt).nr % self.vec()[0] == 0
+
     def tile_softmax(self, S, ld, r0, rows, nc):
         """The tiled kernels' softmax: on whole vectors unless a key bias is added (its row
         is not padded: a vector past its valid columns could read beyond it)."""
-        if not (ATTENTION_VECTOR_ROWS and not self.has_bias):
+        if not (self.vector_rows() and not self.has_bias):
             return self.softmax_rows(S, ld, r0, rows, nc)
         b, MR = self.b, ATTENTION_SOFTMAX_TOGETHER
         if not MR:
@@ -1164,7 +1174,10 @@ class _AttentionKernel:
             for _, j0 in self.vector_loop(rws[0], longest, lanes, "v3"):
                 for k in range(n):
                     p = self.ptr(rws[k], j0)
-                    b.store(b.fmul(b.load(p, typ=vt, align=4), inv[k], flags=FM), p, align=4)
+                    # masked keys get exactly 0 even in a row whose max is NaN or -inf
+                    # (exp(-inf - max) is NaN there), as the scalar passes leave them
+                    q = b.fmul(b.load(p, typ=vt, align=4), inv[k], flags=FM)
+                    b.store(b.select(self.lane_mask(j0, valid[k], lanes), q, zero), p, align=4)
             if self.causal:  # past the last vector the products read zeros
                 done = b.mul(b.udiv(b.add(longest, c64(lanes - 1)), c64(lanes)), c64(lanes))
                 for k in range(n):
@@ -1256,7 +1269,7 @@ class _AttentionKernel:
         """The tiled kernel's dS (``ds_rows``) on whole vectors, the lanes past nc of the
         last one set to 0 (the tiled kernel's rows are padded)."""
         b, dt = self.b, self.dt
-        if not ATTENTION_VECTOR_ROWS:
+        if not self.vector_rows():
             return self.ds_rows(G, Ob, P, dP, ld, r0, rows, nc, acc)
         lanes, vt = self.vec()
         sv, zero = self.splat(const(dt, self.scale), lanes), self.splat(const(dt, 0.0), lanes)

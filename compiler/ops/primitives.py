@@ -694,7 +694,10 @@ def _attention_probs(q, k, bias, scale, causal):
         with np.errstate(invalid="ignore"):  # a row of -inf (every key masked) is NaN, as in torch
             s = s - s.max(-1, keepdims=True)
     e = np.exp(s)
-    return e / e.sum(-1, keepdims=True)
+    p = e / e.sum(-1, keepdims=True)
+    if causal:  # a masked key weighs exactly 0, even in a row whose max is NaN (as the kernels)
+        p = np.where(np.tril(np.ones((q.shape[1],) * 2, bool)), p, 0.0)
+    return p
 
 
 def _attention_ref(q, k, v, *bias, out, scale, causal):
