@@ -917,6 +917,7 @@ ATTENTION_MAX_TASKS = 2
 # the tiled kernels' row passes (softmax, dS) on explicit whole vectors with masked last
 # vectors, instead of loops left to the vectoriser (short rows ran mostly in scalar tails)
 ATTENTION_VECTOR_ROWS = True
+ATTENTION_FULL_PANELS = True  # the scores and dP strips written in whole panels (see strip_panel_width)
 ATTENTION_SOFTMAX_TOGETHER = 6  # a whole tile's rows go through the softmax passes together (0: one by one)
 
 
@@ -1111,6 +1112,19 @@ class _AttentionKernel:
         its row."""
         from .gemm import _blocking
         return ATTENTION_VECTOR_ROWS and _blocking(self.dt).nr % self.vec()[0] == 0
+
+    def strip_panel_width(self, nc, j0, NR):
+        """The columns the micro-kernel writes for the panel at j0 of a strip row (scores or
+        dP, rows padded to whole NR-column panels): the whole panel, so its write-back takes
+        the full-tile path (an edge tile spills to a buffer and copies element by element),
+        or, with ``ATTENTION_FULL_PANELS`` off, only the columns below nc.  The columns past
+        nc are never read: the row passes mask them and the products that follow read nc
+        columns."""
+        if ATTENTION_FULL_PANELS:
+            return c64(NR)
+        b = self.b
+        nr = b.sub(nc, j0)
+        return b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
 
     def tile_softmax(self, S, ld, r0, rows, nc):
         """The tiled kernels' softmax: on whole vectors unless a key bias is added (its row
@@ -1352,8 +1366,7 @@ class Attention(Lowering):
                 # scores: the strip's mr rows against the nc keys they need
                 a, sa, mode = ak.a_operand(parts, ak.ptr(Q, b.mul(i0, c64(qs[1]))), mr, c64(D), qs[1], qs[3], Ap)
                 with _for_step(b, c64(0), nc, NR, "jp") as jp:
-                    nr = b.sub(nc, jp)
-                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                    nr = ak.strip_panel_width(nc, jp, NR)
                     b.call(parts.ukr, [a, sa, mode, ak.ptr(KT, b.mul(jp, c64(D))), c64(D), ak.ptr(S, jp),
                                        c64(Lp), mr, nr, ir.Constant(ir.IntType(1), 0), tile])
                 ak.tile_softmax(S, Lp, i0, mr, nc)
@@ -1444,11 +1457,15 @@ class AttentionGrad(Lowering):
         rowsum = alloca(ak.fn, et, "rowsum")
         off = ir.Constant(ir.IntType(1), 0)
 
-        def ukr_cols(a, sa, mode, panels, kc, C, ldc, mr, ncols, krow=None):
-            """C[0:mr, 0:ncols] = A @ (packed panels, kc rows from row krow)."""
+        def ukr_cols(a, sa, mode, panels, kc, C, ldc, mr, ncols, krow=None, strip=False):
+            """C[0:mr, 0:ncols] = A @ (packed panels, kc rows from row krow); ``strip``: C is
+            a row of P or dS, padded to whole panels (``strip_panel_width``)."""
             with _for_step(b, c64(0), ncols, NR, "np") as n0:
-                nr = b.sub(ncols, n0)
-                nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                if strip:
+                    nr = ak.strip_panel_width(ncols, n0, NR)
+                else:
+                    nr = b.sub(ncols, n0)
+                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
                 pan = b.mul(n0, c64(panels[1]))
                 if krow is not None:
                     pan = b.add(pan, b.mul(krow, c64(NR)))
@@ -1466,10 +1483,10 @@ class AttentionGrad(Lowering):
             for i0, mr, nc in ak.row_tiles(MR):
                 Prow, dSrow = ak.ptr(P, b.mul(i0, c64(Lp))), ak.ptr(dS, b.mul(i0, c64(Lp)))
                 a, sa, mode = ak.a_operand(parts, ak.ptr(Q, b.mul(i0, c64(qs[1]))), mr, c64(D), qs[1], qs[3], Ap)
-                ukr_cols(a, sa, mode, (KT, D), c64(D), Prow, c64(Lp), mr, nc)
+                ukr_cols(a, sa, mode, (KT, D), c64(D), Prow, c64(Lp), mr, nc, strip=True)
                 ak.tile_softmax(Prow, Lp, i0, mr, nc)
                 a, sa, mode = ak.a_operand(parts, ak.ptr(G, b.mul(i0, c64(gs[1]))), mr, c64(D), gs[1], gs[3], Ap)
-                ukr_cols(a, sa, mode, (VT, D), c64(D), dSrow, c64(Lp), mr, nc)  # dP
+                ukr_cols(a, sa, mode, (VT, D), c64(D), dSrow, c64(Lp), mr, nc, strip=True)  # dP
                 ak.tile_ds(G, Ob, Prow, dSrow, Lp, i0, mr, nc, rowsum)  # dS, in place of dP
                 # dQ[i0:i0+mr] = dS[i0:i0+mr, 0:nc] @ K[0:nc]
                 a, sa, mode = ak.a_operand(parts, dSrow, mr, nc, Lp, 1, Ap)
