@@ -98,6 +98,10 @@ BLOCKING = {
 # 4-8 KiB apart (L1 set conflicts) and the tile is re-read after the first K block.
 PREFETCH_C = True
 
+# Edge tiles written from the registers, row by row (whole vectors where they fit), instead
+# of spilling the tile and copying every element (see _emit_microkernel).
+EDGE_FROM_REGISTERS = True
+
 _ELEM = {"float32": (ir.FloatType(), 4), "float64": (ir.DoubleType(), 8)}
 
 
@@ -368,17 +372,18 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
                 b.store(v, p, align=size)
         b.branch(ret_blk)
 
-    # edge tile: spill the tile to the workspace, copy its mr x nr corner element by element
+    # edge tile (mr < MR or nr < NR)
     b.position_at_end(edge_blk)
-    for i in range(MR):
-        for j in range(NV):
-            b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
     if epilogue is not None:
-        # last K block: whole vectors of the row where VL columns remain, then scalars
+        # last K block: spill the tile, then whole vectors of the row where VL columns
+        # remain, then scalars
         last_blk = fn.append_basic_block("edge.last")
         mid_blk = fn.append_basic_block("edge.mid")
         b.cbranch(last, last_blk, mid_blk)
         b.position_at_end(last_blk)
+        for i in range(MR):
+            for j in range(NV):
+                b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
         vcols = b.and_(nr, _c(-VL), name="vcols")
         with _for(b, _c(0), mr, 1, "li") as i:
             crow = _gep(b, elem, c, b.mul(i, ldc))
@@ -399,16 +404,50 @@ def _emit_microkernel(module, name, elem, size, bl: GemmBlocking, epilogue=None,
                 b.store(v, p, align=size)
         b.branch(ret_blk)
         b.position_at_end(mid_blk)
-    with _for(b, _c(0), mr, 1, "ei") as i:
-        crow = _gep(b, elem, c, b.mul(i, ldc))
-        trow = _gep(b, elem, tile, b.mul(i, _c(NR)), inbounds=True)
-        with _for(b, _c(0), nr, 1, "ej") as j:
-            t = b.load(_gep(b, elem, trow, j, inbounds=True), align=size, typ=elem)
-            p = _gep(b, elem, crow, j)
-            old = b.load(p, align=size, typ=elem)
-            # accum ? old + t : t  -- the load above is in bounds either way
-            v = b.select(accum, b.fadd(old, t), t)
-            b.store(v, p, align=size)
+    if not EDGE_FROM_REGISTERS:  # (the former write-back, for A/B runs)
+        for i in range(MR):
+            for j in range(NV):
+                b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
+        with _for(b, _c(0), mr, 1, "ei") as i:
+            crow = _gep(b, elem, c, b.mul(i, ldc))
+            trow = _gep(b, elem, tile, b.mul(i, _c(NR)), inbounds=True)
+            with _for(b, _c(0), nr, 1, "ej") as j:
+                t = b.load(_gep(b, elem, trow, j, inbounds=True), align=size, typ=elem)
+                p = _gep(b, elem, crow, j)
+                b.store(b.select(accum, b.fadd(b.load(p, align=size, typ=elem), t), t), p, align=size)
+        b.branch(ret_blk)
+        b.position_at_end(ret_blk)
+        b.ret_void()
+        return fn
+    # rows below mr, each straight from the registers: whole vectors where VL columns
+    # remain; a ragged last vector through the tile buffer, element by element.  (Spilling
+    # the whole tile and copying every element made the edge write-back several times the
+    # full one's: in an MLP with a batch of 64, one row tile in 11 is an edge.)
+    for i in range(MR):
+        with b.if_then(b.icmp_signed(">", mr, _c(i)), likely=True):
+            crow = _gep(b, elem, c, b.mul(_c(i), ldc))
+            for j in range(NV):
+                left = b.sub(nr, _c(j * VL))
+                whole, part = fn.append_basic_block(f"e{i}.{j}.whole"), fn.append_basic_block(f"e{i}.{j}.part")
+                after = fn.append_basic_block(f"e{i}.{j}.after")
+                b.cbranch(b.icmp_signed(">=", left, _c(VL)), whole, part)
+                b.position_at_end(whole)
+                p = _gep(b, elem, crow, _c(j * VL))
+                v = res[i][j]
+                v = b.select(accum, b.fadd(b.load(p, align=size, typ=vec), v), v)
+                b.store(v, p, align=size)
+                b.branch(after)
+                b.position_at_end(part)
+                with b.if_then(b.icmp_signed(">", left, _c(0))):
+                    b.store(res[i][j], _gep(b, elem, tile, _c(i * NR + j * VL), inbounds=True), align=32)
+                    with _for(b, _c(0), left, 1, f"e{i}.{j}.k") as k:
+                        t = b.load(_gep(b, elem, tile, b.add(_c(i * NR + j * VL), k), inbounds=True),
+                                   align=size, typ=elem)
+                        q = _gep(b, elem, crow, b.add(_c(j * VL), k))
+                        # accum ? old + t : t  -- the load is in bounds either way
+                        b.store(b.select(accum, b.fadd(b.load(q, align=size, typ=elem), t), t), q, align=size)
+                b.branch(after)
+                b.position_at_end(after)
     b.branch(ret_blk)
 
     b.position_at_end(ret_blk)
