@@ -66,6 +66,10 @@ PARALLEL_MIN_WORK = 1 << 14
 PARALLEL_MIN_WORK_OF = {"row-columns": 1 << 15}
 PARALLEL_CHUNK = 1 << 13
 PARALLEL_MAX_TASKS = 64
+# Column sums over many rows (bias gradients) split their rows between the tasks, with a
+# partial row per task added up after them (KernelBuilder._column_sums_by_rows).
+COLUMN_SUMS_BY_ROWS = True
+COLUMN_SUM_TASKS = 8
 
 ERR_SLOT = 0  # bufs[0]: the error record
 
@@ -1058,6 +1062,11 @@ class KernelBuilder:
                     full[d] = i
             return full
 
+        if COLUMN_SUMS_BY_ROWS and not outer and not outs["full"] and math.prod(domain[d] for d in red) \
+                and math.prod(domain) * len(row_reds) >= PARALLEL_MIN_WORK_OF["row-columns"] \
+                and not self.options.get("serial"):
+            return self._column_sums_by_rows(domain, red, trail, row_reds, outs, row_index, compose, extra)
+
         # full-domain outputs that need no row value (dqkv, written beside its column sums):
         # stored in the first reduction's pass over the rows instead of a second pass
         row_names = {r.name for r in row_reds} | set(outs["row"])
@@ -1109,6 +1118,83 @@ class KernelBuilder:
         work = math.prod(domain) * len(row_reds)
         k = self.finish(body, "row-columns", work, "P" if outer else TRAIL, size=size,
                         min_chunk=1 if outer else 64)
+        k.buffers = tuple(k.buffers) + extra
+        return k
+
+    def _column_sums_by_rows(self, domain, red, trail, row_reds, outs, row_index, compose, extra) -> Kernel:
+        """Column sums (a bias gradient) with the rows split between the tasks: each task
+        adds its rows into its own partial row in the workspace, reading the rows the same
+        thread most likely wrote in the kernel before (tasks are claimed from both ends);
+        then the kernel adds the partial rows up in task order (the same sum on one thread
+        or two) and computes the row-level outputs (the bias's AdamW update).  Splitting
+        the columns instead had each thread read half of every row, half of them from the
+        other core's cache."""
+        types = self.graph.types
+        TRAIL = "T"
+        ncols = math.prod(domain[d] for d in trail)
+        stride = -(-ncols * 8 // 64) * 64  # bytes per partial row (room for float64)
+        trail_shape = [domain[d] for d in trail]
+
+        def partial(ctx, j, task, col):
+            """Pointer to reduction j's partial sum of column ``col`` (an Ix) for ``task``."""
+            r = row_reds[j]
+            et = reg_type(r.type.dtype)
+            base = ctx.b.gep(ctx.ptrs["__workspace__"],
+                             [ctx.b.mul(ctx.b.add(ctx.b.mul(task, c64(len(row_reds))), c64(j)), c64(stride))],
+                             source_etype=I8)
+            return ctx.b.gep(base, [ctx.ix(col)], source_etype=et), et
+
+        def body(ctx, lohi=None):
+            task = None
+            if not ctx.analysis:
+                task = ctx.b.udiv(lohi[0], c64(self.task_chunk)) if lohi is not None else c64(0)
+            for j, r in enumerate(row_reds):
+                low = self.lowering(r)
+                with ctx.loops(TRAIL, trail_shape) as tidx:
+                    if not ctx.analysis:
+                        p, et = partial(ctx, j, task, flat_index(tidx, trail_shape))
+                        ctx.b.store(low.init(ctx, r), p)
+            with ctx.loops("R", [domain[d] for d in red], lohi) as ridx:
+                for j, r in enumerate(row_reds):
+                    low = self.lowering(r)
+                    (x,) = r.inputs
+                    with ctx.loops(TRAIL, trail_shape) as tidx:
+                        full = compose([(red, ridx), (trail, tidx)])
+                        v = ctx.load(x, full)
+                        if not ctx.analysis:
+                            p, et = partial(ctx, j, task, flat_index(tidx, trail_shape))
+                            ctx.b.store(low.combine(ctx, r, ctx.b.load(p, typ=et), v, reduce=False), p)
+
+        def post(ctx):
+            with ctx.loops(TRAIL, trail_shape) as tidx:
+                full = compose([(trail, tidx)])
+                for j, r in enumerate(row_reds):
+                    low = self.lowering(r)
+                    ri = row_index(r.name, [f for f in full if f is not None])
+                    v = None
+                    if not ctx.analysis:
+                        v = low.init(ctx, r)
+                        for t in range(self.task_count):
+                            p, et = partial(ctx, j, c64(t), flat_index(tidx, trail_shape))
+                            v = low.combine(ctx, r, v, ctx.b.load(p, typ=et), reduce=False)
+                    ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), v)
+            rest = [o for o in outs["row"] if o not in {r.name for r in row_reds}]
+            if rest:
+                with ctx.loops(TRAIL, trail_shape) as tidx:
+                    full = compose([(trail, tidx)])
+                    vals = []
+                    for o in rest:
+                        ri = row_index(o, [f for f in full if f is not None])
+                        vals.append((o, flat_index(ri, types[o].shape), self._element(ctx, o, ri)))
+                    for o, off, v in vals:
+                        ctx.store_flat(o, off, v)
+
+        size = max([types[o].size for o in self.outputs] + [0])
+        work = math.prod(domain) * len(row_reds)
+        # at most COLUMN_SUM_TASKS tasks: each adds a partial row for the kernel to add up
+        nrows = math.prod(domain[d] for d in red)
+        k = self.finish(body, "row-columns", work, "R", size=size, min_chunk=max(16, -(-nrows // COLUMN_SUM_TASKS)), post=post,
+                        workspace=lambda tasks: tasks * len(row_reds) * stride)
         k.buffers = tuple(k.buffers) + extra
         return k
 
