@@ -1155,13 +1155,14 @@ class KernelBuilder:
                         p, et = partial(ctx, j, task, flat_index(tidx, trail_shape))
                         ctx.b.store(low.init(ctx, r), p)
             with ctx.loops("R", [domain[d] for d in red], lohi) as ridx:
-                for j, r in enumerate(row_reds):
-                    low = self.lowering(r)
-                    (x,) = r.inputs
-                    with ctx.loops(TRAIL, trail_shape) as tidx:
-                        full = compose([(red, ridx), (trail, tidx)])
-                        v = ctx.load(x, full)
-                        if not ctx.analysis:
+                # one pass over the row's columns for every reduction: values they share
+                # (a fused producer) are computed once
+                with ctx.loops(TRAIL, trail_shape) as tidx:
+                    full = compose([(red, ridx), (trail, tidx)])
+                    vals = [ctx.load(r.inputs[0], full) for r in row_reds]
+                    if not ctx.analysis:
+                        for j, (r, v) in enumerate(zip(row_reds, vals)):
+                            low = self.lowering(r)
                             p, et = partial(ctx, j, task, flat_index(tidx, trail_shape))
                             ctx.b.store(low.combine(ctx, r, ctx.b.load(p, typ=et), v, reduce=False), p)
 
@@ -1417,7 +1418,18 @@ class KernelBuilder:
             else:
                 kb.call(bfn, [self._load_ptr(kb, bufs, n) for n in names] + [c64(0), c64(n0)])
         if kctx is not None and post is not None:
-            post(kctx)
+            # in a function of its own taking the buffers (as the body does), so kernels
+            # alike but for their buffers share it (share_identical_functions): a bias's
+            # AdamW update after its column sums is the same code for every bias
+            pfn = ir.Function(m, ir.FunctionType(VOID, [PTR] * len(names)), name=f"{self.name}.post")
+            pfn.linkage = "internal"
+            for a in pfn.args:  # (as the body's: see there)
+                a.add_attribute("noalias")
+            pb = open_function(pfn)
+            post(Ctx(self, analysis=False, plan=plan, builder=pb, ptrs=dict(zip(names, pfn.args))))
+            pb.ret_void()
+            close_function(pfn)
+            kb.call(pfn, [kctx.ptrs[n] for n in names])
         kb.ret(ir.Constant(I32, 0))
         close_function(kfn)
         return Kernel(self.name, self.nodes, tuple(self.external_inputs()), self.outputs,
