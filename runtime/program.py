@@ -175,8 +175,10 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
     refused with reasons).  A pair is accepted when the output and input have one type, the
     output is computed by a kernel, every node of that kernel reading the input is
     elementwise at the input's own shape (each element is read at the index it is then
-    written, and kernels compute all of an element's outputs before storing any), and no
-    kernel reading the input depends on that kernel (so it can run after all of them)."""
+    written, and kernels compute all of an element's outputs before storing any -- except
+    a reduce kernel's reductions, stored first: such an output is refused over an input its
+    kernel reads), and no kernel reading the input depends on that kernel (so it can run
+    after all of them)."""
     from neural_arch.compiler.ops.registry import PRIMITIVES
     specs = [s for s in fused_groups(graph) if s.kind != "guard"]
     writer = {o: k for k, s in enumerate(specs) for o in s.outputs}
@@ -209,6 +211,13 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
             continue
         w = specs[writer[out]]
         readers = [n for n in tuple(w.members) + tuple(w.inlined) if inp in n.inputs]
+        prod_out = next((n for n in w.members if n.name == out), None)
+        if readers and prod_out is not None and PRIMITIVES[prod_out.op].kind == "reduction":
+            # a reduce kernel stores its reductions before it computes the outputs that use
+            # them, so those would read the input already overwritten
+            refused[out] = (f"%{out} is a reduction, stored before its kernel's other outputs, which "
+                            f"read %{inp}")
+            continue
         bad = [n for n in readers if PRIMITIVES[n.op].kind != "elementwise" or n.type.shape != types[inp].shape]
         if bad:
             refused[out] = f"kernel of %{out} reads %{inp} through {bad[0].op} %{bad[0].name}, not elementwise"

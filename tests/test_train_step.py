@@ -216,6 +216,19 @@ def test_inplace_pairs_are_checked():
     assert new is arr
     np.testing.assert_allclose(new, 3 * x2, rtol=1e-6)
     np.testing.assert_allclose(s, want, rtol=1e-5)
+    # a column sum over an input its kernel reads for another output: the kernel stores the
+    # sum first, so the other output would read the sum: refused (an elementwise output of
+    # the same kernel over that input, as an optimizer's update, is fine)
+    g3 = trace(lambda x, b: (x.sum(axis=0), x.sum(axis=0) * b), TensorType((1000, 130)), TensorType((130,)))
+    for serial in (False, True):
+        p3 = Program(g3, options={"inplace": {0: 1}, "serial": serial})
+        assert p3.inplace == {} and "is a reduction, stored before" in p3.inplace_refused[g3.outputs[0]]
+        x3 = np.random.default_rng(1).standard_normal((1000, 130)).astype(np.float32)
+        b3 = np.random.default_rng(2).standard_normal(130).astype(np.float32)
+        s3, y3 = p3(x3, b3.copy())
+        np.testing.assert_allclose(y3, s3 * b3, rtol=1e-5)
+    g4 = trace(lambda x, b: (x.sum(axis=0) * b,), TensorType((1000, 130)), TensorType((130,)))
+    assert Program(g4, options={"inplace": {0: 1}}).inplace == {0: 1}
 
 
 def _inplace_entries(directory):
