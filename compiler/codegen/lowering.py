@@ -1011,12 +1011,17 @@ class _AttentionKernel:
         from .gemm import emit_gemm_parts
         return emit_gemm_parts(self.kb.module, f"narch.attn.{self.dt}", self.dt)
 
+    def width(self, total, at, unit: int):
+        """min(total - at, unit): the rows or columns of a tile starting at ``at``."""
+        b = self.b
+        w = b.sub(total, at)
+        return b.select(b.icmp_signed("<", w, c64(unit)), w, c64(unit))
+
     def row_tiles(self, MR):
         """Yields (i0, mr, nc): a tile of mr <= MR query rows and the keys it needs."""
         b, L = self.b, self.L
         with _for_step(b, c64(0), c64(L), MR, "i0") as i0:
-            mr = b.sub(c64(L), i0)
-            mr = b.select(b.icmp_signed("<", mr, c64(MR)), mr, c64(MR))
+            mr = self.width(c64(L), i0, MR)
             yield i0, mr, (b.add(i0, mr) if self.causal else c64(L))
 
     def a_operand(self, parts, A, mr, kc, sam: int, sak: int, Ap):
@@ -1120,11 +1125,7 @@ class _AttentionKernel:
         or, with ``ATTENTION_FULL_PANELS`` off, only the columns below nc.  The columns past
         nc are never read: the row passes mask them and the products that follow read nc
         columns."""
-        if ATTENTION_FULL_PANELS:
-            return c64(NR)
-        b = self.b
-        nr = b.sub(nc, j0)
-        return b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+        return c64(NR) if ATTENTION_FULL_PANELS else self.width(nc, j0, NR)
 
     def tile_softmax(self, S, ld, r0, rows, nc):
         """The tiled kernels' softmax: on whole vectors unless a key bias is added (its row
@@ -1373,8 +1374,7 @@ class Attention(Lowering):
                 # O[i0:i0+mr] = P @ V[0:nc]
                 a, sa, mode = ak.a_operand(parts, S, mr, nc, Lp, 1, Ap)
                 with _for_step(b, c64(0), c64(D), NR, "dp") as dp:
-                    nr = b.sub(c64(D), dp)
-                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                    nr = ak.width(c64(D), dp, NR)
                     b.call(parts.ukr, [a, sa, mode, ak.ptr(Vp, b.mul(dp, c64(L))), nc,
                                        ak.ptr(Ob, b.add(b.mul(i0, c64(HD)), dp)), c64(HD), mr, nr,
                                        ir.Constant(ir.IntType(1), 0), tile])
@@ -1461,11 +1461,7 @@ class AttentionGrad(Lowering):
             """C[0:mr, 0:ncols] = A @ (packed panels, kc rows from row krow); ``strip``: C is
             a row of P or dS, padded to whole panels (``strip_panel_width``)."""
             with _for_step(b, c64(0), ncols, NR, "np") as n0:
-                if strip:
-                    nr = ak.strip_panel_width(ncols, n0, NR)
-                else:
-                    nr = b.sub(ncols, n0)
-                    nr = b.select(b.icmp_signed("<", nr, c64(NR)), nr, c64(NR))
+                nr = ak.strip_panel_width(ncols, n0, NR) if strip else ak.width(ncols, n0, NR)
                 pan = b.mul(n0, c64(panels[1]))
                 if krow is not None:
                     pan = b.add(pan, b.mul(krow, c64(NR)))
