@@ -67,7 +67,7 @@ def save(path: str, model, optimizer=None, step: int = 0, config: Any = None, ex
     from safetensors.numpy import save as st_save
     tensors = {f"model.{k}": np.ascontiguousarray(v) for k, v in model.state_dict().items()}
     tensors.update(_optimizer_tensors(optimizer, model))
-    meta = {"format": FORMAT, "step": step, "extra": extra or {}, "crc32": tensors_crc32(tensors)}
+    meta = {"format": FORMAT, "step": int(step), "extra": extra or {}, "crc32": tensors_crc32(tensors)}
     if config is not None:
         meta["config"] = config if isinstance(config, dict) else dict(vars(config))
     if optimizer is not None:
@@ -150,6 +150,10 @@ def load(path: str, model, optimizer=None) -> dict:
             for k, v in expected.items():
                 if k not in tensors or tensors[k].shape != v.shape or tensors[k].dtype != v.dtype:
                     problems.append(f"optimizer state {k} missing or mismatched")
+            # (state this optimizer does not keep: SGD's momentum buffers in an SGD without momentum)
+            extra_state = sorted(k for k in tensors if k.startswith("optim.") and k not in expected)
+            if extra_state:
+                problems.append("unexpected optimizer state " + ", ".join(extra_state))
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
     model.load_state_dict(weights)

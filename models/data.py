@@ -138,6 +138,10 @@ class TextDataset:
     val_fraction: float = 0.1
 
     def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TextDataset: val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.block_size < 1:
+            raise ValueError(f"TextDataset: block_size must be at least 1, got {self.block_size}")
         self.tokens = np.asarray(self.tokens, dtype=np.int64)
         n_val = int(len(self.tokens) * self.val_fraction)
         self.train_tokens = self.tokens[:len(self.tokens) - n_val]
@@ -149,7 +153,11 @@ class TextDataset:
                                      f"block_size + 1 = {self.block_size + 1}")
 
     def batch(self, split: str, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if split not in ("train", "val"):
+            raise ValueError(f"TextDataset.batch: split must be 'train' or 'val', got {split!r}")
         data = {"train": self.train_tokens, "val": self.val_tokens}[split]
+        if len(data) <= self.block_size:
+            raise ValueError(f"TextDataset.batch: the {split} split is empty (val_fraction {self.val_fraction})")
         starts = rng.integers(0, len(data) - self.block_size - 1 + 1, size=batch_size)
         x = np.stack([data[s:s + self.block_size] for s in starts])
         y = np.stack([data[s + 1:s + 1 + self.block_size] for s in starts])

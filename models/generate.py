@@ -16,14 +16,25 @@ from neural_arch.compiler.trace import trace_with_info
 from . import nn
 
 
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not temperature >= 0 or not np.isfinite(temperature):
+        raise ValueError(f"sample_next: temperature must be >= 0 (0: greedy) and finite, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"sample_next: top_k must be an int >= 0 (0 or None: no filtering), got {top_k!r}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"sample_next: top_p must lie in [0, 1], got {top_p}")
+
+
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None) -> np.ndarray:
-    """One token id per row of ``logits`` (B, V).  temperature 0 is greedy (argmax)."""
+    """One token id per row of ``logits`` (B, V).  temperature 0 is greedy (argmax); ``top_k``
+    0 or None and ``top_p`` 1 or None do not filter; ``top_p`` 0 keeps the top token only."""
+    _check_sampling(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64)
     if temperature == 0:
         return np.argmax(logits, -1)
     z = logits / temperature
-    if top_k is not None and top_k < z.shape[-1]:
+    if top_k and top_k < z.shape[-1]:
         kth = np.sort(z, -1)[:, -top_k][:, None]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max(-1, keepdims=True))
@@ -31,7 +42,8 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-p, -1)
         sorted_p = np.take_along_axis(p, order, -1)
-        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the top token
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p
+        keep_sorted[:, 0] = True  # the top token always (top_p 0 would keep none)
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, -1)
         p = np.where(keep, p, 0.0)
@@ -105,9 +117,17 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
              top_p: float | None = None, seed: int = 0, backend: str = "llvm", use_cache: bool = True) -> np.ndarray:
     """Continue each row of ``idx`` (B, T) by ``max_new_tokens`` tokens.  ``use_cache=False``
     recomputes the whole sequence every token (the slow reference; same tokens when greedy)."""
-    idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx, dtype=np.int64)
+    idx = np.asarray(idx.data if isinstance(idx, Tensor) else idx)
+    if idx.dtype.kind not in "iu":  # (a cast would truncate 1.7 to 1)
+        raise TypeError(f"generate: token ids must be integers, got {idx.dtype}")
+    idx = idx.astype(np.int64, copy=False)
     if idx.ndim != 2:
         raise ValueError(f"generate: idx must be (batch, seq), got {idx.shape}")
+    if idx.shape[1] < 1:
+        raise ValueError(f"generate: the prompt must hold at least one token per row, got shape {idx.shape}")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)  # (before compiling anything)
     n_pos = model.config.n_positions
     if idx.shape[1] + max_new_tokens > n_pos:
         raise ValueError(f"generate: {idx.shape[1]} prompt + {max_new_tokens} new tokens exceed n_positions {n_pos}")

@@ -152,7 +152,11 @@ class GPT2(nn.Module):
         self.lm_head = _TiedHead(self.transformer.wte.weight)
 
     def _check_idx(self, idx, offset: int = 0):
-        idx = idx if isinstance(idx, Tensor) else Tensor(np.asarray(idx, dtype=np.int64))
+        if not isinstance(idx, Tensor):
+            arr = np.asarray(idx)
+            if arr.dtype.kind not in "iu":  # (a cast would truncate 1.5 to 1)
+                raise TypeError(f"GPT2: token ids must be integers, got {arr.dtype}")
+            idx = Tensor(arr.astype(np.int64, copy=False))
         if idx.ndim != 2:
             raise ValueError(f"GPT2: input ids must be (batch, seq), got shape {idx.shape}")
         if idx.shape[1] + offset > self.config.n_positions:
@@ -213,8 +217,12 @@ class GPT2(nn.Module):
 
     def load_state_dict(self, state: dict, strict: bool = True) -> dict:
         """HF checkpoints may omit the tied ``lm_head.weight``; old ones carry attention-mask
-        buffers (``attn.bias``, ``attn.masked_bias``) we do not need."""
+        buffers (``attn.bias``, ``attn.masked_bias``) we do not need.  The hub's GPT-2 files are
+        ``GPT2Model``'s, without the ``transformer.`` prefix (``wte.weight``, ``h.0...``): it is
+        added, as transformers' ``from_pretrained`` does."""
         state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if "wte.weight" in state and not any(k.startswith("transformer.") for k in state):
+            state = {k if k.startswith("lm_head.") else "transformer." + k: v for k, v in state.items()}
         if "lm_head.weight" not in state and "transformer.wte.weight" in state:
             state["lm_head.weight"] = state["transformer.wte.weight"]
         return super().load_state_dict(state, strict)

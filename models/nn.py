@@ -101,6 +101,13 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() before "
                                  f"assigning {name!r}")
+        if name in self._parameters and value is not None and not isinstance(value, Parameter):
+            raise TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} of {type(self).__name__} "
+                            f"(nn.Parameter or None expected)")
+        if name in self._buffers and isinstance(value, Tensor) and not isinstance(value, Parameter):
+            self._buffers[name] = value  # (a new value of the buffer, as in torch)
+            object.__setattr__(self, name, value)
+            return
         for table in (self._parameters, self._modules, self._buffers):
             table.pop(name, None)
         if isinstance(value, Parameter):
@@ -395,6 +402,8 @@ class Flatten(Module):
 def _key_padding_mask(mask, b: int, lk: int) -> Tensor:
     """A (batch, keys) key-padding mask (True at padding) as a tensor, its shape checked."""
     kpm = mask if isinstance(mask, Tensor) else Tensor(np.asarray(mask))
+    if kpm.dtype != "bool":
+        raise TypeError(f"MultiHeadAttention: key_padding_mask must be bool (True at padding), got {kpm.dtype}")
     if kpm.shape != (b, lk):
         raise ValueError(f"MultiHeadAttention: key_padding_mask has shape {kpm.shape}, expected {(b, lk)}")
     return kpm
@@ -548,6 +557,9 @@ class MultiHeadAttention(Module):
                 kv_cache=None):
         key = query if key is None else key
         value = key if value is None else value
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.ndim != 3:
+                raise ValueError(f"MultiHeadAttention: {name} must be (batch, seq, embed), got shape {t.shape}")
         b, lq, _ = query.shape
         if kv_cache is None and attn_mask is None and query.shape == key.shape == value.shape and \
                 self.attn_dropout.inactive:
@@ -583,6 +595,9 @@ class MultiHeadAttention(Module):
             mask = F.logical_not(_key_padding_mask(key_padding_mask, b, lk).reshape(b, 1, 1, lk))
         if attn_mask is not None:
             am = attn_mask if isinstance(attn_mask, Tensor) else Tensor(np.asarray(attn_mask))
+            if am.dtype != "bool" and not am.dtype.startswith("float"):  # (as torch: an int mask is ambiguous)
+                raise TypeError(f"MultiHeadAttention: attn_mask must be bool (True = attend) or floating (added), "
+                                f"got {am.dtype}")
             if am.dtype == "bool":
                 mask = am if mask is None else F.logical_and(mask, am)
             else:
@@ -616,7 +631,11 @@ class TransformerBlock(Module):
         self.ln2 = LayerNorm(d_model, eps)
         self.fc1 = Linear(d_model, d_ff)
         self.fc2 = Linear(d_ff, d_model)
-        self.act = {"gelu": GELU(), "gelu_tanh": GELU("tanh"), "relu": ReLU(), "silu": SiLU()}[activation]
+        acts = {"gelu": GELU(), "gelu_tanh": GELU("tanh"), "relu": ReLU(), "silu": SiLU()}
+        if activation not in acts:
+            raise ValueError(f"TransformerBlock: activation must be one of {', '.join(map(repr, acts))}, "
+                             f"got {activation!r}")
+        self.act = acts[activation]
         self.dropout = Dropout(dropout)
 
     def _mlp(self, x):
@@ -686,6 +705,9 @@ class _Pool2d(Module):
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride) if stride is not None else self.kernel_size
         self.padding = _pair(padding)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):  # (a window all padding)
+            raise ValueError(f"{type(self).__name__}: padding {self.padding} must be at most half the kernel size "
+                             f"{self.kernel_size}")
 
 
 class MaxPool2d(_Pool2d):

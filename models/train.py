@@ -104,6 +104,7 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
     graph = trace_with_info(step_fn, TensorType((), "float32"), TensorType((), "int64"), TensorType((), "int64"),
                             *batch_types, *[p.type for _, p in named], *example_states, params={}, name=name,
                             arg_names=names, arg_kinds=kinds).graph
+    optimizer.__dict__.pop("_traced_factors", None)  # (Adam's scalar factors of this trace)
     if list(graph.input_names) != names:  # a name taken twice (a parameter called "lr"?)
         raise ValueError(f"compile_train_step: input names collide: {sorted(set(n for n in names if names.count(n) > 1))}")
     return TrainStepProgram(graph, [n for n, _ in named], state_keys, len(batch_types))

@@ -52,6 +52,20 @@ def test_batches_are_shifted_windows_seeded():
         TextDataset(np.arange(20), block_size=10, val_fraction=0.5)
 
 
+def test_dataset_arguments_and_splits_are_checked():
+    # a negative val_fraction used to give an empty validation split without a word, block 0
+    # empty windows; an empty split or an unknown name failed in NumPy ("high <= 0", KeyError)
+    with pytest.raises(ValueError, match=r"TextDataset: val_fraction must lie in \[0, 1\), got -0.1"):
+        TextDataset(np.arange(100), block_size=8, val_fraction=-0.1)
+    with pytest.raises(ValueError, match="TextDataset: block_size must be at least 1, got 0"):
+        TextDataset(np.arange(100), block_size=0)
+    ds = TextDataset(np.arange(100), block_size=8, val_fraction=0.0)
+    with pytest.raises(ValueError, match="TextDataset.batch: the val split is empty \\(val_fraction 0.0\\)"):
+        ds.batch("val", 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="TextDataset.batch: split must be 'train' or 'val', got 'test'"):
+        ds.batch("test", 2, np.random.default_rng(0))
+
+
 def test_unigram_entropy():
     assert unigram_entropy(np.array([0, 1, 0, 1]), 2) == pytest.approx(np.log(2))
     assert unigram_entropy(np.zeros(10, np.int64), 3) == 0.0
@@ -175,3 +189,23 @@ checkpoint.save({path!r}, Big(), step=8)
     assert meta["step"] == 7
     leftovers = [f for f in os.listdir(tmp_path) if f != "ckpt.safetensors"]
     assert all(f.startswith(".ckpt-") for f in leftovers)  # only a stray temp file, never the target
+
+
+def test_numpy_step_and_lr_are_saved_and_another_sgds_state_is_refused(tmp_path):
+    nn.manual_seed(0)
+    model = GPT2(CFG)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, 2)
+    path = str(tmp_path / "c.safetensors")
+    opt.lr = np.float32(0.5)  # a schedule computed with NumPy
+    checkpoint.save(path, model, opt, step=np.int64(2))  # a step counted by np.arange
+    model2 = GPT2(CFG)
+    meta = checkpoint.load(path, model2, optim.SGD(model2.parameters(), lr=0.1, momentum=0.9))
+    assert meta["step"] == 2 and meta["optimizer"]["lr"] == 0.5
+    # the file's momentum buffers have no place in an SGD without momentum: refused, not dropped
+    plain = GPT2(CFG)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"c.safetensors does not match the model: unexpected optimizer state "
+                             r"optim\.transformer\.h\.0\.attn\.c_attn\.bias\.momentum_buffer, .*"
+                             r"optim\.transformer\.wte\.weight\.momentum_buffer$"):
+        checkpoint.load(path, plain, optim.SGD(plain.parameters(), lr=0.1))

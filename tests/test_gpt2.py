@@ -195,3 +195,54 @@ def test_sampling_filters():
     picks = {int(sample_next(logits, rng, 1.0, top_p=0.3)[0]) for _ in range(50)}
     assert picks == {1}
     assert int(sample_next(logits, rng, 0)[0]) == 1
+
+
+def test_sampling_arguments_are_checked_and_top_p_zero_keeps_the_top_token():
+    from neural_arch.models.generate import sample_next
+    logits = np.array([[0.0, 5.0, 4.9, -1.0], [3.0, 0.0, 1.0, 2.0]])
+    rng = np.random.default_rng(0)
+    # top_p=0 keeps the most likely token (as transformers' TopPLogitsWarper keeps one): greedy
+    for _ in range(20):
+        np.testing.assert_array_equal(sample_next(logits, rng, 1.0, top_p=0.0), [1, 0])
+    with pytest.raises(ValueError, match=r"sample_next: top_p must lie in \[0, 1\], got 1.5"):
+        sample_next(logits, rng, 1.0, top_p=1.5)
+    # a negative top_k used to keep all but the |top_k| smallest logits
+    with pytest.raises(ValueError, match="sample_next: top_k must be an int >= 0 .*, got -1"):
+        sample_next(logits, rng, 1.0, top_k=-1)
+    # a negative temperature used to sample from the flipped distribution
+    with pytest.raises(ValueError, match="sample_next: temperature must be >= 0 .*, got -1.0"):
+        sample_next(logits, rng, -1.0)
+
+
+def test_generate_refuses_bad_prompts_and_lengths():
+    from neural_arch.models.generate import generate
+    nn.manual_seed(5)
+    model = GPT2(CFG)
+    with pytest.raises(ValueError, match="generate: max_new_tokens must be >= 0, got -2"):
+        generate(model, np.array([[1, 2]]), -2)
+    with pytest.raises(ValueError, match=r"generate: the prompt must hold at least one token per row, got shape \(1, 0\)"):
+        generate(model, np.zeros((1, 0), np.int64), 2)
+    # float ids used to be truncated to integers (1.7 -> 1) without a word
+    with pytest.raises(TypeError, match="generate: token ids must be integers, got float64"):
+        generate(model, np.array([[1.7, 2.2]]), 2, temperature=0)
+    with pytest.raises(TypeError, match="GPT2: token ids must be integers, got float64"):
+        model(np.array([[1.5, 2.0]]))
+
+
+def test_loading_a_gpt2model_checkpoint_without_the_transformer_prefix():
+    # the hub's GPT-2 checkpoints (openai-community/gpt2's model.safetensors) are GPT2Model's:
+    # "wte.weight", "h.0.attn.c_attn.weight", ..., "h.0.attn.bias" (the causal-mask buffer), no
+    # "transformer." prefix and no lm_head; transformers' from_pretrained adds the prefix
+    hf = hf_model()
+    sd = {k: v.detach().numpy() for k, v in hf.transformer.state_dict().items()}
+    assert "wte.weight" in sd and not any(k.startswith(("transformer.", "lm_head.")) for k in sd)
+    sd["h.0.attn.bias"] = np.tril(np.ones((1, 1, CFG.n_positions, CFG.n_positions), np.float32))
+    ours = GPT2.from_hf_state_dict(CFG, sd)
+    idx = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 7))
+    np.testing.assert_allclose(ours(Tensor(idx)).data, hf(torch.tensor(idx)).logits.detach().numpy(),
+                               rtol=1e-4, atol=1e-4)
+    # a name that is neither layout's is still refused by name
+    sd["h.0.attn.c_attn.weightx"] = sd.pop("h.0.attn.c_attn.weight")
+    with pytest.raises(ValueError, match=r"missing keys: transformer\.h\.0\.attn\.c_attn\.weight\. "
+                                         r"unexpected keys: transformer\.h\.0\.attn\.c_attn\.weightx"):
+        GPT2(CFG).load_state_dict(sd)

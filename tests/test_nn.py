@@ -299,3 +299,115 @@ def test_schedules():
     assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     assert optim.StepLR(1.0, 10, 0.5)(25) == 0.25
     assert optim.ConstantLR(0.3)(1000) == 0.3
+
+
+def test_clip_grad_norm_takes_any_iterable_of_parameters_like_torch():
+    # torch.nn.utils.clip_grad_norm_ takes a generator (model.parameters() is one in torch) or
+    # a single tensor; a generator used to be consumed by the norm, leaving the grads unclipped
+    g = RNG.standard_normal((3, 4)).astype(np.float32) * 3
+    tp = torch.nn.Parameter(torch.zeros(3, 4))
+    tp.grad = T(g)
+    tn = torch.nn.utils.clip_grad_norm_((q for q in [tp]), 1.0)
+    p = nn.Parameter(np.zeros((3, 4), np.float32))
+    p.grad = Tensor(g)
+    n = optim.clip_grad_norm_((q for q in [p]), 1.0)
+    assert math.isclose(n, float(tn), rel_tol=1e-5)
+    close(p.grad, tp.grad, 1e-6)
+    p.grad = Tensor(g)
+    assert math.isclose(optim.clip_grad_norm_(p, 1.0), float(tn), rel_tol=1e-5)
+    close(p.grad, tp.grad, 1e-6)
+
+
+def test_optimizer_hyperparameters_are_checked_with_clear_errors():
+    p = nn.Parameter(np.ones(2, np.float32))
+    with pytest.raises(TypeError, match="SGD: lr must be a real number, got str '0.1'"):
+        optim.SGD([p], lr="0.1")
+    with pytest.raises(TypeError, match="Adam: lr must be a real number, got NoneType"):
+        optim.Adam([p], lr=None)
+    with pytest.raises(ValueError, match="AdamW: lr must be finite and >= 0, got nan"):
+        optim.AdamW([p], lr=float("nan"))
+    opt = optim.SGD([p], lr=0.1)
+    with pytest.raises(TypeError, match="SGD: lr must be a real number, got str"):
+        opt.lr = "0.5"  # set between steps, as schedules do: checked there too
+    with pytest.raises(ValueError, match="SGD: lr must be finite and >= 0, got -1.0"):
+        opt.lr = -1.0
+    assert opt.lr == 0.1
+    opt.lr = np.float32(0.25)  # a NumPy scalar (a schedule computed with NumPy) becomes a float
+    assert type(opt.lr) is float and opt.lr == 0.25
+    # as torch.optim checks them
+    with pytest.raises(ValueError, match=r"Adam: betas\[0\] must lie in \[0, 1\), got 1.0"):
+        optim.Adam([p], betas=(1.0, 0.999))
+    with pytest.raises(ValueError, match=r"AdamW: betas\[1\] must lie in \[0, 1\), got -0.5"):
+        optim.AdamW([p], betas=(0.9, -0.5))
+    with pytest.raises(ValueError, match="Adam: eps must be >= 0, got -1e-08"):
+        optim.Adam([p], eps=-1e-8)
+    with pytest.raises(ValueError, match="SGD: momentum must be >= 0, got -0.9"):
+        optim.SGD([p], momentum=-0.9)
+    with pytest.raises(ValueError, match="SGD: weight_decay must be >= 0, got -0.1"):
+        optim.SGD([p], weight_decay=-0.1)
+    # a parameter listed twice would be updated twice per step (torch warns it will refuse)
+    with pytest.raises(ValueError, match="SGD: parameter 1 is parameter 0 again"):
+        optim.SGD([p, p], lr=0.1)
+
+
+def test_attention_masks_of_other_dtypes_and_inputs_of_other_ranks_are_refused():
+    # torch refuses integer masks; ours used to take a 0/1 int attn_mask as an additive mask
+    # (adding 1 where the caller meant "attend"), a float key_padding_mask as truthy padding
+    nn.manual_seed(0)
+    mha = nn.MultiHeadAttention(8, 2)
+    x = Tensor(RNG.standard_normal((2, 3, 8)).astype(np.float32))
+    with pytest.raises(TypeError, match=r"MultiHeadAttention: attn_mask must be bool \(True = attend\) or "
+                                        r"floating \(added\), got int64"):
+        mha(x, attn_mask=np.tril(np.ones((3, 3), np.int64)))
+    for dtype in (np.int64, np.float32):
+        with pytest.raises(TypeError, match=r"MultiHeadAttention: key_padding_mask must be bool \(True at "
+                                            rf"padding\), got {np.dtype(dtype).name}"):
+            mha(x, key_padding_mask=np.zeros((2, 3), dtype))
+        with pytest.raises(TypeError, match="key_padding_mask must be bool"):
+            mha(x, key_padding_mask=np.zeros((2, 3), dtype), attn_mask=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: query must be \(batch, seq, embed\), got shape \(3, 8\)"):
+        mha(Tensor(np.zeros((3, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: key must be \(batch, seq, embed\), got shape \(3, 8\)"):
+        mha(x, Tensor(np.zeros((3, 8), np.float32)))
+    with pytest.raises(ValueError, match=r"TransformerBlock: activation must be one of 'gelu', 'gelu_tanh', 'relu', "
+                                         r"'silu', got 'gelu2'"):
+        nn.TransformerBlock(8, 2, activation="gelu2")
+
+
+def test_assigning_a_tensor_keeps_a_buffer_and_is_refused_for_a_parameter():
+    # as torch: a tensor assigned to a buffer's name replaces the buffer (it used to drop out of
+    # state_dict, so checkpoints silently lost it); over a parameter it is a TypeError (the
+    # parameter used to vanish from parameters(), state_dict and the optimizer's view)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("scale", np.ones(2, np.float32))
+
+    m = M()
+    m.scale = Tensor(np.full(2, 3.0, np.float32))
+    assert list(m.state_dict()) == ["scale", "lin.weight", "lin.bias"]
+    np.testing.assert_array_equal(m.state_dict()["scale"], [3.0, 3.0])
+    other = M()
+    other.load_state_dict(m.state_dict())
+    np.testing.assert_array_equal(other.scale.data, [3.0, 3.0])
+    with pytest.raises(TypeError, match=r"cannot assign Tensor as parameter 'weight' of Linear "
+                                        r"\(nn\.Parameter or None expected\)"):
+        m.lin.weight = Tensor(np.zeros((2, 2), np.float32))
+    assert [n for n, _ in m.named_parameters()] == ["lin.weight", "lin.bias"]
+    m.lin.bias = None  # (None removes it, as torch)
+    assert [n for n, _ in m.named_parameters()] == ["lin.weight"]
+    tm = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="cannot assign"):
+        tm.weight = torch.zeros(2, 2)
+
+
+@pytest.mark.parametrize("pool", ["MaxPool2d", "AvgPool2d"])
+def test_pool_padding_past_half_the_kernel_is_refused_as_torch_does(pool):
+    # windows wholly in the padding used to give -inf (max) or 0 (mean) where torch refuses
+    x = np.zeros((1, 1, 5, 5), np.float32)
+    with pytest.raises(RuntimeError, match="pad should be at most half"):
+        getattr(torch.nn.functional, pool[:3].lower() + "_pool2d")(T(x), 2, padding=2)
+    with pytest.raises(ValueError, match=rf"{pool}: padding \(2, 2\) must be at most half the kernel size \(2, 2\)"):
+        getattr(nn, pool)(2, padding=2)
+    close(getattr(nn, pool)(2, padding=1)(Tensor(x)), getattr(torch.nn, pool)(2, padding=1)(T(x)))

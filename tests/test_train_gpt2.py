@@ -159,3 +159,14 @@ def test_compiled_gpt2_training_equals_eager_for_each_optimizer(name, clip):
         assert s1["step"] == s2["step"] == len(batches)
         for k in o1.state_names:
             np.testing.assert_allclose(s2[k].data, s1[k].data, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--batch", "-2"), ("--block", "0")])
+def test_narch_train_gpt2_refuses_a_batch_or_block_below_one(tmp_path, flag, value):
+    # (they used to fail deep inside: "need at least one array to stack", "negative dimensions
+    # are not allowed", a GPT2Config error about n_positions)
+    from neural_arch.tools.train import run
+    args = build_parser().parse_args(["train", "gpt2", *TINY, "--out", str(tmp_path / "run"), flag, value])
+    with pytest.raises(ValueError, match=rf"^{flag} must be at least 1, got {value}$"):
+        run(args)
+    assert not (tmp_path / "run").exists()

@@ -54,6 +54,9 @@ def _check_arguments(args) -> None:
         problems.append(f"--time-limit must be 0 (no limit) or positive, got {args.time_limit}")
     if not 0.0 <= args.dropout < 1.0:
         problems.append(f"--dropout must lie in [0, 1), got {args.dropout}")
+    for flag, value in (("--batch", args.batch), ("--block", args.block)):
+        if value < 1:
+            problems.append(f"{flag} must be at least 1, got {value}")
     if args.eval_every < 1:
         problems.append(f"--eval-every must be at least 1, got {args.eval_every}")
     if args.seed < 0:
