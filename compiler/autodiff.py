@@ -21,7 +21,11 @@ class AutodiffError(ValueError):
     pass
 
 
-def autodiff(graph: Graph, wrt: Sequence[str], with_value: bool = True, name: str | None = None) -> Graph:
+def autodiff(graph: Graph, wrt: Sequence[str], with_value: bool = True, name: str | None = None,
+             no_gradient: list | None = None) -> Graph:
+    """``no_gradient``: if given, the names in ``wrt`` no gradient flows to (the output does not
+    depend on them, or only through non-differentiable ops: torch leaves their ``.grad``
+    None) are appended to it; their gradients in the result are zeros."""
     if len(graph.outputs) != 1:
         raise AutodiffError(f"autodiff: {graph.name} has {len(graph.outputs)} outputs; "
                             f"differentiate a function with one scalar output")
@@ -58,5 +62,7 @@ def autodiff(graph: Graph, wrt: Sequence[str], with_value: bool = True, name: st
                 cts[x] = gx if prev is None else bind("add", prev, gx)
         tracer.loc_override = None
         grads = [cts[w] if w in cts else zeros_like(env[w]) for w in wrt]
+        if no_gradient is not None:
+            no_gradient.extend(w for w in wrt if w not in cts)
         result = tracer.finish(([out] if with_value else []) + grads)
     return dead_code_elimination(result)

@@ -36,6 +36,7 @@ class TrainStepProgram:
     param_names: list[str]
     state_names: list[str]  # per parameter, the optimizer state keys in order
     n_batch: int
+    frozen: tuple = ()  # the parameters the loss does not depend on: the step leaves them as they are
 
 
 def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_batch, clip_norm: float | None = None,
@@ -63,7 +64,14 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
             t = traced.bindings[i.name]
             name_of_input[by_id[id(t)]] = i.name
     wrt = [name_of_input[n] for n in opt_params]
-    vg = autodiff(g, wrt, with_value=True, name="loss_and_grads")
+    no_gradient = []
+    vg = autodiff(g, wrt, with_value=True, name="loss_and_grads", no_gradient=no_gradient)
+    # parameters the loss does not depend on get no gradient: as torch's optimizers skip a
+    # parameter whose .grad is None (and the eager opt.step() here does), the step leaves
+    # them, their state and their step count as they are (no weight decay, no moment decay)
+    frozen = {n for n, w in zip(opt_params, wrt) if w in set(no_gradient)}
+    if frozen and len(frozen) == len(opt_params):
+        raise ValueError("compile_train_step: the loss depends on none of the optimizer's parameters")
     state_keys = list(optimizer.state_names)
 
     # 2. the whole step: loss and grads, clipping, update
@@ -88,7 +96,10 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
         new_params, new_states = [], []
         for k, (pname, gr) in enumerate(zip(opt_params, grads)):
             st = {key: states[k * len(state_keys) + j] for j, key in enumerate(state_keys)}
-            new_p, new_st = optimizer.update(pmap[pname], gr, st, lr, step)
+            if pname in frozen:
+                new_p, new_st = pmap[pname], st
+            else:
+                new_p, new_st = optimizer.update(pmap[pname], gr, st, lr, step)
             new_params.append(new_p)
             new_states += [new_st[key] for key in state_keys]
         return (loss, *new_params, *new_states)
@@ -107,7 +118,8 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
     optimizer.__dict__.pop("_traced_factors", None)  # (Adam's scalar factors of this trace)
     if list(graph.input_names) != names:  # a name taken twice (a parameter called "lr"?)
         raise ValueError(f"compile_train_step: input names collide: {sorted(set(n for n in names if names.count(n) > 1))}")
-    return TrainStepProgram(graph, [n for n, _ in named], state_keys, len(batch_types))
+    return TrainStepProgram(graph, [n for n, _ in named], state_keys, len(batch_types),
+                            tuple(n for n in opt_params if n in frozen))
 
 
 class TrainStep:
@@ -139,8 +151,8 @@ class TrainStep:
             # all in place, and nobody else ran the program since: it runs on them again
             # without looking at them, and only the scalars, the batch and the step counts
             # are touched (the count is read: another step sharing the optimizer moves it)
-            _, _, states, _, (lr, sn, sd), loss = fast
-            step_no = states[0]["step"] + 1
+            _, _, counted, _, (lr, sn, sd), loss = fast
+            step_no = counted[0]["step"] + 1
             opt.step_count += 1
             self.seed += 1
             lr[()] = opt.lr
@@ -148,20 +160,22 @@ class TrainStep:
             sd[()] = self.seed
             program.run_fixed(
                 lr, sn, sd, *[np.ascontiguousarray(b.data if isinstance(b, Tensor) else b) for b in batch], out=loss)
-            for st in states:  # (dict's own setter: the count is no replacement of an array)
+            for st in counted:  # (dict's own setter: the count is no replacement of an array)
                 dict.__setitem__(st, "step", step_no)
-            self._fast = (fast[0], fast[1], states, program.runs, fast[4], loss)
+            self._fast = (fast[0], fast[1], counted, program.runs, fast[4], loss)
             return float(loss[0])
         self._fast = None
         opt.step_count += 1
         fixed = self.__dict__.get("_fixed")
         if fixed is None:  # the parameter tensors, in the optimizer's order and the program's
             fixed = self._fixed = ([self._params[n] for n in self._opt_order],
-                                   [self._params[n] for n in self.program.param_names])
-        order, ptensors = fixed
+                                   [self._params[n] for n in self.program.param_names],
+                                   [k for k, n in enumerate(self._opt_order) if n not in self.program.frozen])
+        order, ptensors, moving = fixed
         states = list(map(opt.state.__getitem__, map(id, order)))  # (opt.state_for, without a call each)
+        counted = list(map(states.__getitem__, moving))  # (the states whose step count moves)
         keys = self.program.state_names
-        step_no = states[0]["step"] + 1
+        step_no = counted[0]["step"] + 1
         self.seed += 1
         program = self.runtime_program
         if program is None:
@@ -196,14 +210,14 @@ class TrainStep:
             if all(map(operator.is_, outs[1:], map(fixed_now.__getitem__, expect))):
                 # every parameter and state was written over the tensor's own array: the
                 # next steps may run without looking at them while nothing replaces any
-                for st in states:
+                for st in counted:
                     dict.__setitem__(st, "step", step_no)
                 # (dicts that count their changes: a plain dict put in their place would not)
                 tracked = type(opt.state) is StateDict and all(type(st) is StateDict for st in states)
                 if tracked and len(batch) == self.program.n_batch and \
                         program.fresh_outputs() == (self.graph.outputs[0],):
                     # (the loss goes into one array, allocated once)
-                    self._fast = (data_generation(), opt.state, states, program.runs, scalars, [np.empty_like(outs[0])])
+                    self._fast = (data_generation(), opt.state, counted, program.runs, scalars, [np.empty_like(outs[0])])
                 return float(outs[0])
         loss = float(outs[0])
         k = 1
@@ -211,8 +225,9 @@ class TrainStep:
             if outs[k] is not p.data:  # (updated in place: nothing to do)
                 p.data = outs[k]
             k += 1
-        for st in states:
+        for st in counted:
             st["step"] = step_no
+        for st in states:
             for key in keys:
                 if outs[k] is not st[key].data:
                     st[key] = Tensor(outs[k])

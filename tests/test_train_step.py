@@ -465,3 +465,48 @@ def test_the_packed_buffer_is_private_to_the_process():
         os._exit(0)
     os.waitpid(pid, 0)
     assert (buf == 1).all()
+
+
+class _WithUnused(nn.Module):
+    """A model whose loss does not use one of its layers (and, with ``detach``, reads another
+    only through stop_gradient): torch's optimizers skip a parameter whose .grad is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 3)
+        self.read = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.a(x) + F.stop_gradient(self.read(x)) * 0.5
+
+
+@pytest.mark.parametrize("backend", ["interpreter", "llvm"])
+@pytest.mark.parametrize("make_opt", [lambda ps: optim.AdamW(ps, lr=0.05, weight_decay=0.5),
+                                      lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)])
+def test_parameters_the_loss_does_not_depend_on_are_left_alone_as_eagerly(backend, make_opt):
+    nn.manual_seed(0)
+    m1 = _WithUnused()
+    nn.manual_seed(0)
+    m2 = _WithUnused()
+    before = {n: p.data.copy() for n, p in m2.named_parameters()}
+    o1, o2 = make_opt(m1.parameters()), make_opt(m2.parameters())
+    want = eager_losses(m1, o1, BATCHES)
+    step = compile_train_step(m2, mlp_loss, o2, *BATCHES[0], backend=backend)
+    got = [step(x, y) for x, y in BATCHES]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert step.program.frozen == ("unused.weight", "unused.bias", "read.weight", "read.bias")
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        np.testing.assert_allclose(b.data, a.data, rtol=1e-4, atol=1e-5, err_msg=n)
+        if n.startswith(("unused.", "read.")):  # no weight decay, no momentum: exactly as before
+            np.testing.assert_array_equal(b.data, before[n], err_msg=n)
+            assert o2.state_for(b)["step"] == o1.state_for(a)["step"] == 0
+        else:
+            assert o2.state_for(b)["step"] == o1.state_for(a)["step"] == len(BATCHES)
+
+
+def test_a_loss_that_depends_on_no_parameter_is_an_error():
+    model = mlp()
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="depends on none of the optimizer's parameters"):
+        compile_train_step(model, lambda m, x, y: F.sum(x * 0.0), opt, *BATCHES[0], backend="interpreter")
