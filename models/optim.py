@@ -137,6 +137,8 @@ class SGD(Optimizer):
         super().__init__(params, lr)
 
     def update(self, p, g, state, lr, step):
+        if isinstance(lr, Tensor):  # (traced: the float64 runtime input, rounded as a Python float is)
+            lr = F.cast(lr, p.dtype)
         if self.weight_decay:
             g = g + p * self.weight_decay
         new_state = {}

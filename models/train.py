@@ -100,6 +100,11 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
                 new_p, new_st = pmap[pname], st
             else:
                 new_p, new_st = optimizer.update(pmap[pname], gr, st, lr, step)
+                for what, old, new in [(pname, pmap[pname], new_p)] + [(f"{pname}.{k}", st[k], new_st[k]) for k in state_keys]:
+                    if (new.shape, new.dtype) != (old.shape, old.dtype):  # (e.g. a product with the float64 lr)
+                        raise TypeError(f"compile_train_step: {type(optimizer).__name__}.update turned {what} of "
+                                        f"{old.dtype}{list(old.shape)} into {new.dtype}{list(new.shape)} (lr is a "
+                                        f"float64 scalar: cast it to the parameter's dtype)")
             new_params.append(new_p)
             new_states += [new_st[key] for key in state_keys]
         return (loss, *new_params, *new_states)
@@ -112,7 +117,7 @@ def build_train_graph(model, loss_fn: Callable, optimizer: Optimizer, example_ba
     names = ["lr", "step", "seed"] + [f"batch{i}" for i in range(len(batch_types))] + \
         [n for n, _ in named] + [f"{p}.{k}" for p in opt_params for k in state_keys]
     kinds = ["arg"] * (3 + len(batch_types)) + ["param"] * len(named) + ["state"] * len(example_states)
-    graph = trace_with_info(step_fn, TensorType((), "float32"), TensorType((), "int64"), TensorType((), "int64"),
+    graph = trace_with_info(step_fn, TensorType((), "float64"), TensorType((), "int64"), TensorType((), "int64"),
                             *batch_types, *[p.type for _, p in named], *example_states, params={}, name=name,
                             arg_names=names, arg_kinds=kinds).graph
     optimizer.__dict__.pop("_traced_factors", None)  # (Adam's scalar factors of this trace)
@@ -179,7 +184,7 @@ class TrainStep:
         self.seed += 1
         program = self.runtime_program
         if program is None:
-            inputs = [np.asarray(opt.lr, np.float32), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
+            inputs = [np.asarray(opt.lr, np.float64), np.asarray(step_no, np.int64), np.asarray(self.seed, np.int64)]
             inputs += [np.asarray(b.data if isinstance(b, Tensor) else b) for b in batch]
             inputs += [p.data for p in ptensors]
             inputs += [st[k].data for st in states for k in keys]
@@ -192,7 +197,7 @@ class TrainStep:
             # out of cache, so the per-step Python is done in maps (C loops)
             scalars = self.__dict__.get("_scalars")
             if scalars is None:
-                scalars = self._scalars = (np.zeros((), np.float32), np.zeros((), np.int64), np.zeros((), np.int64))
+                scalars = self._scalars = (np.zeros((), np.float64), np.zeros((), np.int64), np.zeros((), np.int64))
             lr, sn, sd = scalars
             lr[()] = opt.lr
             sn[()] = step_no

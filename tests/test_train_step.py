@@ -510,3 +510,14 @@ def test_a_loss_that_depends_on_no_parameter_is_an_error():
     opt = optim.AdamW(model.parameters(), lr=0.01)
     with pytest.raises(ValueError, match="depends on none of the optimizer's parameters"):
         compile_train_step(model, lambda m, x, y: F.sum(x * 0.0), opt, *BATCHES[0], backend="interpreter")
+
+
+def test_an_update_that_changes_a_parameters_dtype_is_named():
+    class Naive(optim.Optimizer):  # p - lr * g with the float64 runtime lr: a float64 parameter
+        state_names = ()
+
+        def update(self, p, g, state, lr, step):
+            return p - g * lr, {}
+    model = mlp()
+    with pytest.raises(TypeError, match=r"Naive.update turned 0.weight of float32\[16, 6\] into float64\[16, 6\]"):
+        compile_train_step(model, mlp_loss, Naive(model.parameters(), lr=0.1), *BATCHES[0], backend="interpreter")

@@ -130,7 +130,7 @@ def train_step_inputs(g: Graph, model, batch, lr: float) -> list[np.ndarray]:
     """Inputs of a training-step graph (``build_train_graph``) for its first step: ``lr``,
     step 1, seed 1, the batch, the model's parameters and zero optimizer state."""
     params = dict(model.named_parameters())
-    values = {"lr": np.asarray(lr, np.float32), "step": np.asarray(1, np.int64), "seed": np.asarray(1, np.int64)}
+    values = {"lr": np.asarray(lr, np.float64), "step": np.asarray(1, np.int64), "seed": np.asarray(1, np.int64)}
     for k, b in enumerate(batch):
         values[f"batch{k}"] = np.asarray(b)
     inputs = []
