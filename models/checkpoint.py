@@ -4,8 +4,9 @@ its metadata) the config, step and anything else JSON-serialisable.
 Written atomically: a temporary file in the same directory, fsync, then ``os.replace``, so
 a crash mid-save leaves the previous checkpoint intact; the file gets the permissions a
 newly created file gets (0666 less the umask), not the temporary file's 0600.  The metadata
-holds a CRC-32 of every tensor's name, dtype, shape and bytes (in name order): a flipped bit
-in the data, which safetensors alone would load silently, is refused.  Loading checks every
+holds a CRC-32 of every tensor's name, dtype, shape and bytes (in name order) and one of
+the rest of the metadata: a flipped bit in the data or a changed step count, which
+safetensors alone would load silently, is refused.  Loading checks every
 name, shape and dtype against the model and optimizer and refuses a corrupt or mismatched
 file with an error that names the path; nothing is ever unpickled.
 """
@@ -49,6 +50,12 @@ def tensors_crc32(tensors: dict[str, np.ndarray]) -> str:
     return f"{crc:08x}"
 
 
+def metadata_crc32(meta: dict) -> str:
+    """CRC-32 of the metadata's canonical JSON (sorted keys), without its own entry (hex)."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_crc32"}, sort_keys=True)
+    return f"{zlib.crc32(body.encode()):08x}"
+
+
 def _umask() -> int:
     """The process's umask, without changing it (Linux: /proc; elsewhere set and restore)."""
     try:
@@ -75,6 +82,7 @@ def save(path: str, model, optimizer=None, step: int = 0, config: Any = None, ex
         meta["optimizer"] = {"type": type(optimizer).__name__, "lr": optimizer.lr,
                              "step_count": optimizer.step_count,
                              "steps": {names[id(p)]: optimizer.state_for(p)["step"] for p in optimizer.params}}
+    meta["meta_crc32"] = metadata_crc32(meta)
     blob = st_save(tensors, metadata={"neural_arch": json.dumps(meta)})
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -121,6 +129,9 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise CheckpointError(f"checkpoint {path} has corrupt metadata") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if "meta_crc32" in meta and metadata_crc32(meta) != meta["meta_crc32"]:  # (older files had none)
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata (step, learning rate, config, ...) does "
+                              f"not match the CRC-32 saved with it (it was changed after it was written)")
     if "crc32" in meta and tensors_crc32(tensors) != meta["crc32"]:  # (files written before it had none)
         raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the CRC-32 saved with "
                               f"them (the data was changed after it was written)")

@@ -147,6 +147,7 @@ def test_flipped_data_bit_dtype_and_optimizer_mismatches_are_refused(tmp_path):
     tensors, meta = checkpoint.read(path)
     tensors["model.transformer.wte.weight"] = tensors["model.transformer.wte.weight"].astype(np.float64)
     meta["crc32"] = checkpoint.tensors_crc32(tensors)
+    meta["meta_crc32"] = checkpoint.metadata_crc32(meta)
     wide = str(tmp_path / "wide.safetensors")
     save_file(tensors, wide, metadata={"neural_arch": json.dumps(meta)})
     with pytest.raises(checkpoint.CheckpointError, match=r"wide.safetensors does not match the model: "
@@ -155,6 +156,27 @@ def test_flipped_data_bit_dtype_and_optimizer_mismatches_are_refused(tmp_path):
         checkpoint.load(wide, GPT2(CFG))
     with pytest.raises(checkpoint.CheckpointError, match="optimizer is AdamW in the file, SGD here"):
         checkpoint.load(path, model, optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_changed_metadata_is_refused(tmp_path):
+    """A step count or learning rate changed in the metadata (still valid JSON, the tensors
+    untouched) is refused, as a flipped data bit is."""
+    import json
+    from safetensors.numpy import save_file
+    nn.manual_seed(0)
+    model = GPT2(CFG)
+    opt = optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    path = str(tmp_path / "c.safetensors")
+    checkpoint.save(path, model, opt, step=1)
+    tensors, meta = checkpoint.read(path)
+    for change in ({"step": 2}, {"optimizer": {**meta["optimizer"], "lr": 0.5}}):
+        edited = str(tmp_path / "edited.safetensors")
+        save_file(tensors, edited, metadata={"neural_arch": json.dumps({**meta, **change})})
+        with pytest.raises(checkpoint.CheckpointError, match="edited.safetensors is corrupt: its metadata"):
+            checkpoint.load(edited, GPT2(CFG), optim.AdamW(GPT2(CFG).parameters()))
+    save_file(tensors, edited, metadata={"neural_arch": json.dumps(meta)})  # (unchanged: loads)
+    assert checkpoint.load(edited, GPT2(CFG))["step"] == 1
 
 
 def test_checkpoint_file_gets_the_umask_permissions_not_0600(tmp_path):
