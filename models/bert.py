@@ -54,9 +54,13 @@ class BERTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BERTConfig":
-        """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
+        """From a Hugging Face ``config.json`` dict (unknown keys are ignored).  HF writes the
+        number of labels as ``id2label`` (``num_labels`` is not saved)."""
         known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in known})
+        kw = {k: v for k, v in d.items() if k in known}
+        if "num_labels" not in kw and d.get("id2label"):
+            kw["num_labels"] = len(d["id2label"])
+        return cls(**kw)
 
 
 _ACTIVATIONS = {

@@ -149,6 +149,24 @@ def test_regression_head_matches_hf_mse():
     assert abs(float(got["loss"].item()) - want.loss.item()) < 1e-5
 
 
+def test_config_from_an_hf_config_json_keeps_the_label_count(tmp_path):
+    """HF's config.json stores the labels as id2label, not num_labels: from_dict gave 2 labels
+    for a 3-label checkpoint, which then did not load."""
+    import json
+    from safetensors.numpy import load_file
+    theirs = hf(transformers.BertForSequenceClassification)
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "num_labels" not in config and len(config["id2label"]) == 3
+    cfg = BERTConfig.from_dict(config)
+    assert cfg.num_labels == 3 and BERTConfig.from_dict({**config, "num_labels": 5}).num_labels == 5
+    ours = BERTForSequenceClassification(cfg)
+    ours.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    ids, types, mask = batch()
+    want = theirs(*T(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)).logits
+    np.testing.assert_allclose(ours(ids, types, mask)["logits"].data, want.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_mlm_masking_follows_80_10_10():
     from neural_arch.tools.train_bert import mask_tokens
     rng = np.random.default_rng(0)

@@ -312,3 +312,17 @@ def test_narch_train_clip_writes_similarity_plot_and_checkpoint(tmp_path, capsys
     acc = float(text.split("alone: ")[1].split("%")[0]) / 100
     assert code == (0 if acc >= 0.8 else 1)
     assert (out / "zero_shot.png").stat().st_size > 10_000 and (out / "clip.safetensors").stat().st_size > 10_000
+
+
+def test_narch_train_clip_and_bert_refuse_unusable_options(capsys):
+    """--eval-every 0 and --batch 0 were accepted (a division by zero, NaN losses); BERT's
+    --mask-prob 0 chose one position per row whatever it said."""
+    from neural_arch.tools.cli import main
+    assert main(["train", "clip", "--eval-every", "0", "--batch", "0", "--projection-dim", "0"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "narch train: ValueError: --batch must be at least 1, got 0; --projection-dim must be at least 1, got 0; "
+        "--eval-every must be at least 1, got 0")
+    assert main(["train", "bert", "--mask-prob", "0", "--block", "0", "--seed", "-1"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "narch train: ValueError: --block must be at least 1, got 0; --mask-prob must lie in (0, 1], got 0.0; "
+        "--seed must be 0 or positive, got -1")

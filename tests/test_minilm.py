@@ -96,6 +96,14 @@ def test_narch_embed_prints_values_and_similarities(embedded, capsys):
     assert row1 == ["  [1] " + "".join(f"{v:8.3f}" for v in e[1] @ e.T)]
 
 
+def test_narch_embed_refuses_a_negative_value_count(capsys):
+    """--values -3 printed all but the last 3 of the 384 values (a negative slice)."""
+    from neural_arch.tools.cli import main
+    assert main(["embed", "a sentence", "--values", "-3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "narch embed: --values must be 0 or more, got -3" and captured.out == ""
+
+
 # ----------------------------------------------------------------------------- loading errors (no package needed)
 
 

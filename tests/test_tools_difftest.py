@@ -153,6 +153,31 @@ def test_replay_of_a_missing_directory_is_one_line(capsys, tmp_path):
     assert "not a difftest reproducer directory" in err and err.strip().count("\n") == 0
 
 
+def test_only_matching_no_case_fails_instead_of_passing(capsys, tmp_path):
+    """A misspelt --only compared nothing and exited 0, like a clean run."""
+    assert main(["difftest", "ops", "--only", "tanhh", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^0 cases, 0 passed, 0 failed", out, re.M)
+    assert "no case matches --only tanhh: nothing was compared" in out
+    assert main(["difftest", "random", "--count", "2", "--only", "graph9", "--batch", "2", "--out", str(tmp_path)]) == 1
+    assert "no case matches --only graph9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["difftest", "ops", "--count", "0"], "narch difftest: --count must be at least 1, got 0"),
+    (["difftest", "random", "--batch", "-1"], "narch difftest: --batch must be at least 0, got -1"),
+    (["profile", "mlp", "--top", "-2"], "narch profile: --top must be at least 1"),
+    (["profile", "mlp", "--warmup", "-1"], "narch profile: --warmup must be at least 0"),
+    (["demo", "--steps", "-5"], "narch demo: --steps must be 0 or more, got -5"),
+])
+def test_counts_that_make_no_sense_are_refused(argv, message, capsys):
+    """--count 0 ran 47 empty op cases; --top -2 listed one of three kernels and "(5 more
+    kernels)"; --steps -5 reported "after -5 steps"."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == message
+
+
 # ----------------------------------------------------------------------------- profile
 
 

@@ -173,6 +173,96 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert message in err and err.strip().count("\n") == 0, err
 
 
+def test_cli_dot_without_a_stage_draws_the_final_graph_with_its_kernels(capsys):
+    """`narch dump mlp --format dot` (and svg, docs/dump.md) draws the kernels as clusters;
+    it drew the traced graph, which has none."""
+    assert main(["dump", "mlp", "--format", "dot"]) == 0
+    text = capsys.readouterr().out
+    assert text == dump.render(collected("mlp"), ["final"], "dot")
+    assert text.count("subgraph cluster_k") == collected("mlp").plan.kernel_count > 0
+    assert main(["dump", "mlp", "--format", "dot", "--stage", "trace"]) == 0  # a named stage still wins
+    assert "cluster" not in capsys.readouterr().out
+
+
+def test_every_stage_header_starts_a_line():
+    """LLVM's text ends without a newline: the next stage's header joined its last line."""
+    text = dump.render(collected("mlp"), ["llvm", "llvm-opt", "asm", "trace"], "text")
+    assert re.findall(r"^// ===== (\S+) =====$", text, flags=re.M) == ["llvm", "llvm-opt", "asm", "trace"]
+    assert text.count("// =====") == 4 and dump.render(collected("mlp"), ["llvm"], "text").endswith("}\n")
+
+
+def test_stage_all_of_a_function_without_a_gradient(tmp_path, capsys):
+    """`--stage all` of a function whose output is not a float scalar dumps every other stage
+    (it failed on the backward graph); asking for `backward` by name is still an error."""
+    src = tmp_path / "model.py"
+    src.write_text("from neural_arch.compiler import functional as F\n"
+                   "def act(x):\n    return F.tanh(x) * 2.0\n")
+    assert main(["dump", f"{src}:act", "--shape", "4x8", "--stage", "all"]) == 0
+    text = capsys.readouterr().out
+    assert re.findall(r"^// ===== (\S+) =====$", text, flags=re.M) == [s for s in dump.STAGES if s != "backward"]
+    assert main(["dump", f"{src}:act", "--shape", "4x8", "--stage", "all", "--format", "json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["stages"]) == [s for s in dump.STAGES if s != "backward"]
+    assert main(["dump", f"{src}:act", "--shape", "4x8", "--stage", "backward"]) == 2
+    assert "no backward graph: autodiff: the output of act must be a float scalar" in capsys.readouterr().err
+
+
+def test_cli_shape_errors_name_the_whole_argument(tmp_path, capsys):
+    src = tmp_path / "model.py"
+    src.write_text("def f(x):\n    return x\n")
+    assert main(["dump", f"{src}:f", "--shape", "4x8:float16"]) == 2
+    assert "bad --shape '4x8:float16': unsupported dtype 'float16'" in capsys.readouterr().err
+    assert main(["dump", f"{src}:f", "--shape", "4xq"]) == 2
+    assert "bad --shape '4xq'" in capsys.readouterr().err
+
+
+def test_user_files_load_as_python_runs_them(tmp_path, capsys, monkeypatch):
+    """A model file importing its own helper module failed (ModuleNotFoundError: its folder
+    was not importable), a dataclass in it failed ('NoneType' object has no attribute
+    '__dict__': the module was not in sys.modules), and a FileNotFoundError raised by its own
+    code was reported as the file itself missing."""
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # loading adds the file's folder
+    (tmp_path / "helper_for_narch_test.py").write_text(
+        "from neural_arch.compiler import functional as F\ndef block(x):\n    return F.tanh(x)\n")
+    src = tmp_path / "model.py"
+    src.write_text("from __future__ import annotations\n"
+                   "from dataclasses import dataclass\n"
+                   "from neural_arch.compiler import functional as F\n"
+                   "from helper_for_narch_test import block\n"
+                   "@dataclass\nclass Cfg:\n    scale: float = 2.0\n"
+                   "def loss(x):\n    return F.sum(block(x)) * Cfg().scale\n"
+                   "limit = 3\n")
+    assert main(["dump", f"{src}:loss", "--shape", "4x8"]) == 0, capsys.readouterr().err
+    assert [n.op for n in parse(capsys.readouterr().out).nodes][:2] == ["tanh", "sum"]
+    assert main(["dump", f"{src}:limit"]) == 2
+    assert f"{src}: 'limit' is not a function (its value is of type int)" in capsys.readouterr().err
+    reads = tmp_path / "reads.py"
+    reads.write_text("open('weights_that_are_not_there.bin')\n")
+    assert main(["dump", f"{reads}:f"]) == 1
+    err = capsys.readouterr().err
+    assert "weights_that_are_not_there.bin" in err and "no such file" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dump", "mlp", "--shape", "4x8"], "--shape is for path/to/file.py:function targets; mlp has its own"),
+    (["dump", "bench:mlp", "--grad"], "--grad is for path/to/file.py:function targets; bench:mlp has its own"),
+    (["profile", "mlp", "--shape", "4x8"], "--shape is for path/to/file.py:function targets"),
+])
+def test_options_a_zoo_target_ignores_are_refused(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0, err
+
+
+def test_debug_after_the_command_shows_the_traceback(capsys):
+    """The one-line errors say `--debug` shows the traceback; it was only accepted before the
+    command (`narch --debug dump ...`)."""
+    with pytest.raises(dump.DumpError, match="unknown target 'nosuch'"):
+        main(["dump", "nosuch", "--debug"])
+    with pytest.raises(dump.DumpError, match="unknown target 'nosuch'"):
+        main(["--debug", "dump", "nosuch"])
+    assert main(["dump", "nosuch"]) == 2
+
+
 def test_help_lists_every_option_with_examples(capsys):
     for cmd in ("dump", "difftest", "profile"):
         with pytest.raises(SystemExit):

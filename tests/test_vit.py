@@ -275,6 +275,24 @@ def test_narch_train_vit_writes_confusion_matrix_and_checkpoint(tmp_path, capsys
     assert meta["step"] == 20 and len(meta["extra"]["history"]["loss"]) == 20
 
 
+def test_narch_train_vit_refuses_unusable_options_and_runs_one_step(tmp_path, capsys):
+    """--batch 0 trained on NaN losses, --test-fraction 1.5 ran, and --steps 1 (or 0) failed
+    inside the schedule ("WarmupCosine: total (1) must exceed warmup (1)")."""
+    pytest.importorskip("sklearn", reason="the digits ship with scikit-learn (a main dependency)")
+    from neural_arch.tools.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "vit", "--steps", "0", "--batch", "0", "--test-fraction", "1.5", "--dropout", "1",
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "narch train: ValueError: --steps must be at least 1, got 0; --batch must be at least 1, got 0; "
+        "--test-fraction must lie in (0, 1), got 1.5; --dropout must lie in [0, 1), got 1.0")
+    assert not out.exists()
+    assert main(["train", "vit", "--steps", "1", "--hidden", "16", "--layers", "1", "--heads", "2",
+                 "--no-progress", "--out", str(out)]) == 1
+    assert "after 1 steps (target 95%: NOT reached)" in capsys.readouterr().out
+    assert (out / "vit.safetensors").exists()
+
+
 def test_from_pretrained_reads_hf_model_directories(tmp_path):
     """config.json + model.safetensors as save_pretrained writes them, for both heads."""
     hf = hf_model(transformers.ViTForImageClassification, hidden_act="gelu_new")

@@ -7,6 +7,9 @@ import sys
 
 def cmd_demo(args) -> int:
     from neural_arch.tools.demo import main
+    if args.steps < 0:
+        print(f"narch demo: --steps must be 0 or more, got {args.steps}", file=sys.stderr)
+        return 2
     main(steps=args.steps, backend=args.backend)
     return 0
 
@@ -36,6 +39,9 @@ def cmd_train(args) -> int:
 
 def cmd_embed(args) -> int:
     from neural_arch.tools.embed import run
+    if args.values < 0:
+        print(f"narch embed: --values must be 0 or more, got {args.values}", file=sys.stderr)
+        return 2
     run(args.sentences, values=args.values, model_dir=args.model_dir, backend=args.backend)
     return 0
 
@@ -52,7 +58,9 @@ def cmd_bench(args) -> int:
 def cmd_dump(args) -> int:
     from neural_arch.tools import dump
     try:
-        stages = dump.expand_stages(args.stage)
+        # DOT and SVG draw the final graph with its kernels as clusters unless a stage is named
+        stages = args.stage or (["final"] if args.format in ("dot", "svg") else ["trace"])
+        dump.expand_stages(stages)  # an unknown stage is reported before compiling anything
         if args.format == "svg" and not dump.have_dot():
             raise dump.DumpError(dump.DOT_MISSING)
         d = dump.collect(args.target, train=args.train, shapes=args.shape, grad=args.grad)
@@ -76,6 +84,10 @@ def cmd_difftest(args) -> int:
     from neural_arch.tools import difftest
     if args.replay:
         return difftest.replay(args.replay)
+    for flag, value, least in (("--count", args.count, 1), ("--batch", args.batch, 0)):
+        if value is not None and value < least:
+            print(f"narch difftest: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
     suites = difftest.SUITES if args.suite == "all" else (args.suite,)
     only = [p for o in args.only for p in o.split(",") if p] if args.only else None
     rc, _ = difftest.run(suites, seed=args.seed, count=args.count, only=only, tolerance=args.tolerance,
@@ -93,9 +105,10 @@ def cmd_profile(args) -> int:
             raise
         print(f"narch profile: {e}", file=sys.stderr)
         return 2
-    if args.iters < 1:
-        print("narch profile: --iters must be at least 1", file=sys.stderr)
-        return 2
+    for flag, value, least in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--top", args.top, 1)):
+        if value is not None and value < least:
+            print(f"narch profile: {flag} must be at least {least}", file=sys.stderr)
+            return 2
     prof = profile.profile_program(t.graph, t.inputs, t.label, iters=args.iters, warmup=args.warmup,
                                    options=t.options)
     print(prof.table(top=args.top))
@@ -167,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "  narch dump gpt2-tiny --format html -o gpt2.html  # the whole report, offline\n"
                               "  narch dump mlp --format svg -o mlp.svg           # needs graphviz\n"
                               "  narch dump model.py:loss --shape 4x8 --shape 8x3:float32 --grad")
-    u.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...; see `narch difftest models --help`), "
+    from neural_arch.tools.zoo import ZOO
+    u.add_argument("target", help=f"a zoo model ({', '.join(ZOO)}), "
                                   "path/to/file.py:function, or bench:tiny|small|mlp (the training step "
                                   "`narch bench train` times, with AdamW)")
     u.add_argument("--train", action="store_true",
                    help="a zoo model's whole training step (forward, loss, backward, SGD update)")
     u.add_argument("--stage", action="append", default=None,
-                   help="what to dump (default: trace); repeatable, comma separated; see the list below")
+                   help="what to dump (default: trace; for dot/svg the final graph with its kernels as "
+                        "clusters); repeatable, comma separated; see the list below")
     u.add_argument("--format", choices=["text", "json", "dot", "svg", "html"], default="text",
                    help="text: the IR's own parseable form (default); json: complete and machine-readable; "
                         "dot/svg: the graph with fused kernels as clusters; html: one self-contained report")
@@ -233,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  narch profile gpt2-tiny --train --iters 100 --trace gpt2-train.json\n"
                               "  narch profile model.py:loss --shape 64x256 --shape 256x256 --top 5\n"
                               "  narch profile bench:mlp --iters 2000 --warmup 200   # the benchmark's own step")
-    r.add_argument("target", help="a zoo model (mlp, gpt2-tiny, ...), path/to/file.py:function, or "
+    r.add_argument("target", help=f"a zoo model ({', '.join(ZOO)}), path/to/file.py:function, or "
                                   "bench:tiny|small|mlp (the training step `narch bench train` times)")
     r.add_argument("--train", action="store_true", help="a zoo model's whole training step")
     r.add_argument("--iters", type=int, default=50, help="timed calls (default 50)")
@@ -243,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shape", action="append", default=[],
                    help="for file.py:function: an example argument's shape, e.g. 4x8 or 4x8:int64")
     r.set_defaults(func=cmd_profile)
+    # `--debug` after the command too (`narch dump x --debug`), as the one-line errors suggest
+    for cmd in list(sub.choices.values()) + list(models.choices.values()):
+        if cmd is not b:  # bench passes everything after its suite to the suite
+            cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks on errors")
     return p
 
 

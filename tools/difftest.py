@@ -723,7 +723,15 @@ def run(suites, seed: int = 0, count: int | None = None, only=None, tolerance: f
     print(f"{len(results)} cases, {len(results) - len(failed)} passed, {len(failed)} failed "
           f"in {time.perf_counter() - t_all:.1f} s" + (f"; reproducers in {out_dir}/" if failed else ""),
           file=stream)
+    if not results and only:
+        return _nothing_matched(only, stream), results
     return (1 if failed else 0), results
+
+
+def _nothing_matched(only, stream) -> int:
+    """A run that compared nothing fails: a misspelt --only must not look like a clean pass."""
+    print(f"no case matches --only {','.join(only)}: nothing was compared", file=stream)
+    return 1
 
 
 # ----------------------------------------------------------------------------- worker processes
@@ -830,6 +838,8 @@ def _run_batched(suites, seed, count, only, tolerance, out_dir, minimize_failure
           + (f"; {len(late)} workers died between cases" if late else "") + f") "
           f"in {time.perf_counter() - t_all:.1f} s" + (f"; reproducers in {out_dir}/" if failed else ""),
           file=stream)
+    if not done and not late and only:
+        return _nothing_matched(only, stream), crashes
     return (1 if failed or late else 0), crashes
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,27 +64,34 @@ def load_user_function(spec: str):
     path, _, fname = spec.rpartition(":")
     if not path or not fname:
         raise DumpError(f"expected a zoo name or path/to/file.py:function, got {spec!r}")
+    if not os.path.isfile(path):
+        raise DumpError(f"no such file: {path}")
     modspec = importlib.util.spec_from_file_location("narch_user_module", path)
     if modspec is None:
         raise DumpError(f"cannot load {path} (not a Python file?)")
     mod = importlib.util.module_from_spec(modspec)
-    try:
-        modspec.loader.exec_module(mod)
-    except FileNotFoundError:
-        raise DumpError(f"no such file: {path}") from None
-    try:
-        return getattr(mod, fname)
-    except AttributeError:
-        raise DumpError(f"{path} has no function {fname!r}") from None
+    # as `python path/to/file.py` runs it: its folder is importable (its own helper modules) and
+    # the module is in sys.modules (dataclasses and pickle look their module up there)
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[modspec.name] = mod
+    modspec.loader.exec_module(mod)
+    fn = getattr(mod, fname, None)
+    if fn is None:
+        raise DumpError(f"{path} has no function {fname!r}")
+    if not callable(fn):
+        raise DumpError(f"{path}: {fname!r} is not a function (its value is of type {type(fn).__name__})")
+    return fn
 
 
 def parse_shape(text: str) -> TensorType:
     """``4x8``, ``4x8:int64``, ``scalar`` or ``scalar:int64``."""
-    dtype = "float32"
+    dtype, dims_text = "float32", text
     if ":" in text:
-        text, dtype = text.split(":", 1)
+        dims_text, dtype = text.split(":", 1)
     try:
-        dims = tuple(int(d) for d in text.split("x") if d) if text not in ("", "scalar") else ()
+        dims = tuple(int(d) for d in dims_text.split("x") if d) if dims_text not in ("", "scalar") else ()
         return TensorType(dims, dtype)
     except (ValueError, TypeError) as e:
         raise DumpError(f"bad --shape {text!r}: {e} (examples: 4x8, 4x8:int64, scalar)") from None
@@ -98,6 +107,10 @@ def example_array(t: TensorType, rng: np.random.Generator) -> np.ndarray:
 
 def resolve_target(target: str, train: bool = False, shapes=(), grad: bool = False) -> Target:
     from neural_arch.tools import zoo
+    if (target.startswith("bench:") or target in zoo.ZOO) and (shapes or grad):
+        hint = "; its gradient graph is the `backward` stage (or use --train for its whole training step)"
+        raise DumpError(f"{'--shape' if shapes else '--grad'} is for path/to/file.py:function targets; "
+                        f"{target} has its own example batch" + (hint if target in zoo.ZOO and not shapes else ""))
     if target.startswith("bench:"):  # the exact training step `narch bench train` times
         from neural_arch.tools.bench.train import bench_step_graph
         case = target[len("bench:"):]
@@ -107,9 +120,6 @@ def resolve_target(target: str, train: bool = False, shapes=(), grad: bool = Fal
             raise DumpError(str(e.args[0])) from None
         return Target(f"{target} (training step, AdamW)", g, inputs, "train", options=options)
     if target in zoo.ZOO:
-        if grad:
-            raise DumpError("--grad is for path/to/file.py:function targets; a zoo model's gradient graph "
-                            "is the `backward` stage (or use --train for its whole training step)")
         zm = zoo.make(target)
         ex = zoo.train_example(zm, target) if train else zoo.forward_example(zm, target)
         loss = zoo.loss_example(zoo.make(target), target)
@@ -454,13 +464,22 @@ def stage_text(d: Dump, stage: str, kernel: str | None = None) -> str:
             lines.append(f"  %{b.name:<14} {b.offset:>8,} {b.nbytes:>12,}  steps {b.start}..{b.end} "
                          f"(k{ka}..k{kb})" + (f"  in place of %{b.inplace_of}" if b.inplace_of else ""))
         return "\n".join(lines) + "\n"
+    if stage in ("llvm", "llvm-opt", "asm"):
+        return _ending_in_newline(_llvm_stage_text(d, stage, kernel))
+    raise DumpError(f"unknown stage {stage!r}")
+
+
+def _llvm_stage_text(d: Dump, stage: str, kernel: str | None) -> str:
     if stage == "llvm":
         return kernel_llvm(d.llvm_ir(), kernel) if kernel else d.llvm_ir()
     if stage == "llvm-opt":
         return kernel_llvm(d.llvm_ir_optimized(), kernel) if kernel else d.llvm_ir_optimized()
-    if stage == "asm":
-        return kernel_asm(d.assembly(), kernel) if kernel else d.assembly()
-    raise DumpError(f"unknown stage {stage!r}")
+    return kernel_asm(d.assembly(), kernel) if kernel else d.assembly()
+
+
+def _ending_in_newline(text: str) -> str:
+    """LLVM's module text ends without one: the next stage's header would join its last line."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def to_text(d: Dump, stages, kernel: str | None = None) -> str:
@@ -586,8 +605,18 @@ def graph_for_drawing(d: Dump, stages) -> tuple[Graph, object, object]:
     return d.graph(stage), None, None
 
 
+def stages_for(d: Dump, stages) -> list[str]:
+    """The stages to dump: ``all`` leaves out the backward graph of a target that has none (a
+    function whose output is not a float scalar); asking for ``backward`` by name is an error."""
+    out = expand_stages(stages)
+    named = {p.strip() for s in stages or () for p in s.split(",")}
+    if d.target.backward is None and "backward" in out and "backward" not in named:
+        out.remove("backward")
+    return out
+
+
 def render(d: Dump, stages, fmt: str, kernel: str | None = None, layout: str = "auto") -> str:
-    stages = expand_stages(stages)
+    stages = stages_for(d, stages)
     if fmt == "text":
         return to_text(d, stages, kernel)
     if fmt == "json":

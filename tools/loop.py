@@ -19,6 +19,36 @@ def time_limit(text: str) -> float:
     return v
 
 
+def check_arguments(args) -> None:
+    """Refuse option values a run cannot use, every problem in one message (as `narch train
+    gpt2` does): a batch of 0 trained on NaN losses, --steps 0 failed inside the schedule."""
+    problems = []
+    for name in ("steps", "batch", "block", "hidden", "layers", "heads", "vision_layers", "text_layers",
+                 "projection_dim", "patch", "eval_every", "max_chars"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    fraction = getattr(args, "test_fraction", None)
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        problems.append(f"--test-fraction must lie in (0, 1), got {fraction}")
+    mask_prob = getattr(args, "mask_prob", None)
+    if mask_prob is not None and not 0.0 < mask_prob <= 1.0:
+        problems.append(f"--mask-prob must lie in (0, 1], got {mask_prob}")
+    dropout = getattr(args, "dropout", None)
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        problems.append(f"--dropout must lie in [0, 1), got {dropout}")
+    if getattr(args, "seed", 0) < 0:
+        problems.append(f"--seed must be 0 or positive, got {args.seed}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def warmup_steps(steps: int) -> int:
+    """The warmup of a run's warmup + cosine schedule: 5% of the steps, at least 1, and
+    short of ``steps`` (a one-step run has none)."""
+    return min(max(1, steps // 20), steps - 1)
+
+
 def train_loop(step: Callable, first_batch, next_batch: Callable, sched, opt, args, evaluate: Callable,
                metric: str, metric_label: str, postfix: Callable, log=print) -> tuple[dict, int, float]:
     """Run ``args.steps`` steps of ``step(*batch)`` (the first on ``first_batch``, the rest on

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from neural_arch.tools.loop import time_limit
+from neural_arch.tools.loop import check_arguments, time_limit, warmup_steps
 
 IGNORE = -100
 
@@ -88,7 +88,7 @@ def train(max_chars: int = 1_000_000, steps: int = 1200, batch: int = 32, block:
                      attention_probs_dropout_prob=0.0, pad_token_id=-1)
     nn.manual_seed(seed)
     model = BERTForMaskedLM(cfg)
-    sched = optim.WarmupCosine(lr, warmup=max(1, steps // 20), total=steps, min_lr=lr / 10)
+    sched = optim.WarmupCosine(lr, warmup=warmup_steps(steps), total=steps, min_lr=lr / 10)
     opt = optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     log(f"corpus: {source}: {len(text):,} characters, vocabulary {tok.vocab_size} + [MASK]")
     log(f"model: BERT {layers} layers, {heads} heads, hidden {hidden}, windows of {block}: "
@@ -201,6 +201,7 @@ def _plot(history, baseline, path):
 
 
 def run(args) -> dict:
+    check_arguments(args)
     return train(max_chars=args.max_chars, steps=args.steps, batch=args.batch, block=args.block, hidden=args.hidden,
                  layers=args.layers, heads=args.heads, lr=args.lr, mask_prob=args.mask_prob,
                  eval_every=args.eval_every, time_limit=args.time_limit, progress=not args.no_progress,

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from neural_arch.tools.loop import time_limit
+from neural_arch.tools.loop import check_arguments, time_limit, warmup_steps
 
 from neural_arch.tools.train_vit import NAMES, digits_split, normalize, shift_augment
 
@@ -144,7 +144,7 @@ def train(args, data=None, log=print) -> dict:
         f"text {cfg.text_config.num_hidden_layers} layers, hidden {args.hidden}, projection "
         f"{cfg.projection_dim}: {model.num_parameters():,} parameters")
     opt = optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    sched = optim.WarmupCosine(args.lr, warmup=max(1, args.steps // 20), total=args.steps, min_lr=args.lr / 50)
+    sched = optim.WarmupCosine(args.lr, warmup=warmup_steps(args.steps), total=args.steps, min_lr=args.lr / 50)
     rng = np.random.default_rng(args.seed + 1)
     n_tr = len(x_tr)
     batch = min(args.batch, n_tr)
@@ -189,6 +189,7 @@ def train(args, data=None, log=print) -> dict:
 
 def run(args) -> dict:
     from neural_arch.models import checkpoint
+    check_arguments(args)
     start = time.perf_counter()
     res = train(args)
     total = time.perf_counter() - start

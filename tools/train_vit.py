@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from neural_arch.tools.loop import time_limit
+from neural_arch.tools.loop import check_arguments, time_limit, warmup_steps
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -126,7 +126,7 @@ def train(args, data=None, log=print) -> dict:
         f"{cfg.num_attention_heads} heads, hidden {cfg.hidden_size}, patch {cfg.patch_size} "
         f"({cfg.num_patches} patches + CLS): {model.num_parameters():,} parameters")
     opt = optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    sched = optim.WarmupCosine(args.lr, warmup=max(1, args.steps // 20), total=args.steps, min_lr=args.lr / 50)
+    sched = optim.WarmupCosine(args.lr, warmup=warmup_steps(args.steps), total=args.steps, min_lr=args.lr / 50)
 
     def loss_fn(m, x, y):
         return m(x, y)[1]
@@ -168,6 +168,7 @@ def train(args, data=None, log=print) -> dict:
 
 def run(args) -> dict:
     from neural_arch.models import checkpoint
+    check_arguments(args)
     start = time.perf_counter()
     res = train(args)
     total = time.perf_counter() - start
