@@ -39,7 +39,7 @@ import numpy as np
 
 from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
 from neural_arch.compiler.codegen.kernel import I32, I64, PTR, GroupSpec, Kernel, KernelBuilder, c64, declare
-from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT
+from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT, REMAP_OPS
 from neural_arch.compiler.codegen.share import share_identical_functions
 from neural_arch.compiler.ir import Graph, Node, format_graph
 from neural_arch.compiler.ops.registry import PRIMITIVES, OpIndexError
@@ -173,12 +173,15 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
     """Which ``{output: input}`` pairs can share memory (the program writes the output over
     the input, e.g. an optimizer's new parameters over the old): returns (accepted,
     refused with reasons).  A pair is accepted when the output and input have one type, the
-    output is computed by a kernel, every node of that kernel reading the input is
-    elementwise at the input's own shape (each element is read at the index it is then
-    written, and kernels compute all of an element's outputs before storing any -- except
-    a reduce kernel's reductions, stored first: such an output is refused over an input its
-    kernel reads), and no kernel reading the input depends on that kernel (so it can run
-    after all of them)."""
+    output is computed by a kernel, every node of that kernel reading the input, or a value
+    computed from it, is elementwise at the input's own shape (or a reduction or product of
+    such values) (each element is read at the index it is then written, and kernels compute
+    all of an element's outputs before storing any -- except a reduce kernel's reductions,
+    stored first: such an output, or a reshape of one, is refused over an input its kernel
+    reads), the output is computed from the input if its kernel reads the input (so its
+    stores depend on those loads: the arguments are ``noalias``), the input is not returned
+    too, and no kernel reading the input depends on that kernel, even through the pairs
+    accepted before (so it can run after all of them)."""
     from neural_arch.compiler.ops.registry import PRIMITIVES
     specs = [s for s in fused_groups(graph) if s.kind != "guard"]
     writer = {o: k for k, s in enumerate(specs) for o in s.outputs}
@@ -209,9 +212,16 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
         if out not in writer or list(graph.outputs).count(out) != 1 or out in inputs:
             refused[out] = f"%{out} is not computed by a kernel (or is returned twice)"
             continue
+        if inp in graph.outputs:
+            # the input's value returned is copied from its array after the kernels ran
+            refused[out] = f"input %{inp} is also returned: it would be returned overwritten"
+            continue
         w = specs[writer[out]]
-        readers = [n for n in tuple(w.members) + tuple(w.inlined) if inp in n.inputs]
-        prod_out = next((n for n in w.members if n.name == out), None)
+        in_kernel = {n.name: n for n in tuple(w.members) + tuple(w.inlined)}
+        readers = [n for n in in_kernel.values() if inp in n.inputs]
+        prod_out = in_kernel.get(out)
+        while prod_out is not None and prod_out.op in REMAP_OPS:  # (a reshape of a reduction is stored as it)
+            prod_out = in_kernel.get(prod_out.inputs[0])
         if readers and prod_out is not None and PRIMITIVES[prod_out.op].kind == "reduction":
             # a reduce kernel stores its reductions before it computes the outputs that use
             # them, so those would read the input already overwritten
@@ -222,6 +232,32 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
         if bad:
             refused[out] = f"kernel of %{out} reads %{inp} through {bad[0].op} %{bad[0].name}, not elementwise"
             continue
+        # and so must every node computed from it in the kernel: a transpose of exp(x) reads
+        # elements the kernel may already have overwritten.  (A reduction or the product of
+        # values computed elementwise from it reads them all before anything computed from
+        # it is stored.)
+        elem, changed = {inp}, True
+        while changed and not bad:
+            changed = False
+            for n in in_kernel.values():
+                if n.name in elem or elem.isdisjoint(n.inputs):
+                    continue
+                kind = PRIMITIVES[n.op].kind
+                if kind == "elementwise" and n.type.shape == types[inp].shape:
+                    elem.add(n.name)
+                    changed = True
+                elif kind not in ("reduction", "matmul"):
+                    bad = [n]
+                    break
+        if bad:
+            refused[out] = (f"kernel of %{out} reads values computed from %{inp} through {bad[0].op} "
+                            f"%{bad[0].name}, not elementwise")
+            continue
+        if readers and out not in elem:
+            # the kernel reads the input for other values, but the output's stores do not
+            # depend on those loads: under ``noalias`` LLVM may move the loads after them
+            refused[out] = f"%{out} is not computed from %{inp}, which its kernel reads for other values"
+            continue
         others = [k for k in readers_of.get(inp, ()) if k != writer[out]]
         if any(reaches(k, writer[out]) for k in others):
             refused[out] = f"a kernel reading %{inp} needs %{out}'s kernel first"
@@ -230,6 +266,9 @@ def inplace_pairs(graph: Graph, wanted: dict) -> tuple[dict, dict]:
             refused[out] = f"%{inp} is already overwritten by another output"
             continue
         accepted[out] = inp
+        # the writer runs after every other reader of the input: later pairs must not need
+        # the reverse order (two kernels each writing over what the other reads)
+        deps[writer[out]] |= set(others)
     return accepted, refused
 
 

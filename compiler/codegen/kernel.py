@@ -864,7 +864,11 @@ class KernelBuilder:
         # softmax's exp) is kept for the row while the reduction computes it, not recomputed
         row_len = math.prod(domain[d] for d in axes)
         out_cone = cone(outs["full"])
-        kept_rows = [] if not outs["full"] or not 0 < row_len <= ROW_SCRATCH_MAX else list(dict.fromkeys(
+        # (not when an output is written over an input (Program's ``inplace``): an output read
+        # back from the stack row is not computed from the input's loads, so under ``noalias``
+        # LLVM may load the input for another output after storing it)
+        in_place = set(self.options.get("inplace") or ()) & set(self.outputs)
+        kept_rows = [] if not outs["full"] or in_place or not 0 < row_len <= ROW_SCRATCH_MAX else list(dict.fromkeys(
             x for r in row_reds for x in r.inputs
             if x in members and tuple(types[x].shape) == domain and x in out_cone
             and types[x].dtype in ("float32", "float64")))
@@ -1062,15 +1066,21 @@ class KernelBuilder:
                     full[d] = i
             return full
 
+        # the split runs every reduction in one pass over the rows and stores them only after
+        # the tasks: a reduction computed from another (a variance from its mean) would read
+        # the other's buffer before it is written, so such kernels run one pass per reduction
+        dependent = bool(self._cone([r.inputs[0] for r in row_reds]) & {r.name for r in row_reds})
         if COLUMN_SUMS_BY_ROWS and not outer and not outs["full"] and math.prod(domain[d] for d in red) \
                 and math.prod(domain) * len(row_reds) >= PARALLEL_MIN_WORK_OF["row-columns"] \
-                and not self.options.get("serial"):
+                and not self.options.get("serial") and not dependent:
             return self._column_sums_by_rows(domain, red, trail, row_reds, outs, row_index, compose, extra)
 
         # full-domain outputs that need no row value (dqkv, written beside its column sums):
-        # stored in the first reduction's pass over the rows instead of a second pass
+        # stored in the last reduction's pass over the rows instead of a pass of their own.
+        # The last: an output written over an input in place (Program's ``inplace``) must not
+        # be stored before a later pass reads that input
         row_names = {r.name for r in row_reds} | set(outs["row"])
-        with_first = bool(outs["full"]) and not (self._cone(outs["full"]) & row_names)
+        with_last = bool(outs["full"]) and not (self._cone(outs["full"]) & row_names)
 
         def body(ctx, lohi=None):
             with ctx.loops("P", [domain[d] for d in outer], lohi if outer else None) as pidx:
@@ -1083,14 +1093,14 @@ class KernelBuilder:
                         ctx.store_flat(r.name, flat_index(ri, types[r.name].shape), low.init(ctx, r))
                     if math.prod(domain[d] for d in red):
                         with ctx.loops(f"R.{r.name}", [domain[d] for d in red]) as ridx:
-                            def accumulate(tidx, r=r, low=low, x=x, ridx=ridx, first=j == 0):
+                            def accumulate(tidx, r=r, low=low, x=x, ridx=ridx, last=j == len(row_reds) - 1):
                                 full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
                                 ri = row_index(r.name, [full[d] for d in kept])
                                 off = flat_index(ri, types[r.name].shape)
                                 acc = ctx.load_flat(r.name, off)
                                 v = ctx.load(x, full)
                                 vals = [(o, self._element(ctx, o, full)) for o in outs["full"]] \
-                                    if first and with_first else []
+                                    if last and with_last else []
                                 ctx.store_flat(r.name, off, low.combine(ctx, r, acc, v, reduce=False))
                                 for o, w in vals:
                                     ctx.store_flat(o, flat_index(full, domain), w)
@@ -1105,7 +1115,7 @@ class KernelBuilder:
                             vals.append((o, flat_index(ri, types[o].shape), self._element(ctx, o, ri)))
                         for o, off, v in vals:
                             ctx.store_flat(o, off, v)
-                if outs["full"] and math.prod(domain[d] for d in red) and not with_first:
+                if outs["full"] and math.prod(domain[d] for d in red) and not with_last:
                     with ctx.loops("Rfull", [domain[d] for d in red]) as ridx:
                         def write_full(tidx, ridx=ridx):
                             full = compose([(outer, pidx), (red, ridx), (trail, tidx)])
