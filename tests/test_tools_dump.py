@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
-from neural_arch.compiler.ir import parse
+from neural_arch.compiler.ir import TensorType, parse
 from neural_arch.tools import browser, dump, zoo
+from neural_arch.tools.dump import parse_shape
 from neural_arch.tools.cli import main
 
 MODELS = [n for n, why in zoo.available().items() if why is None]
@@ -213,6 +214,12 @@ def test_cli_shape_errors_name_the_whole_argument(tmp_path, capsys):
     assert "bad --shape '4x8:float16': unsupported dtype 'float16'" in capsys.readouterr().err
     assert main(["dump", f"{src}:f", "--shape", "4xq"]) == 2
     assert "bad --shape '4xq'" in capsys.readouterr().err
+    for loose in ("4xx8", "4x8x", "4 x 8"):  # (were read as 4x8)
+        assert main(["dump", f"{src}:f", "--shape", loose]) == 2
+        assert f"bad --shape '{loose}': dimensions are non-negative integers joined by 'x'" in capsys.readouterr().err
+    with pytest.raises(dump.DumpError, match="bad --shape '4x-8': dimensions are non-negative integers"):
+        parse_shape("4x-8")
+    assert parse_shape("4x8:int64") == TensorType((4, 8), "int64") and parse_shape("scalar") == TensorType((), "float32")
 
 
 def test_user_files_load_as_python_runs_them(tmp_path, capsys, monkeypatch):

@@ -3,6 +3,7 @@ below the unigram baseline, checkpoint, plot, sample, --resume), the command's r
 exactly the uninterrupted run's losses, and the compiled training loop against the eager one
 (same losses for the first steps) for each optimizer."""
 import json
+import re
 import os
 
 import numpy as np
@@ -170,3 +171,18 @@ def test_narch_train_gpt2_refuses_a_batch_or_block_below_one(tmp_path, flag, val
     with pytest.raises(ValueError, match=rf"^{flag} must be at least 1, got {value}$"):
         run(args)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model", ["gpt2", "vit", "clip", "bert"])
+def test_train_help_names_each_default_once(model, capsys):
+    """Help texts that name their default were shown with argparse's too: "(default 16)
+    (default: 16)"; options that do not name theirs still get it."""
+    from neural_arch.tools.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", model, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"\(default[^)]*\) \(default", text), text
+    if model == "gpt2":
+        assert "--batch BATCH sequences per batch (default 16) --block" in text
+    if model == "vit":  # (its help names no default: argparse's is added)
+        assert "--batch BATCH images per batch (default: 64)" in text

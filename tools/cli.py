@@ -5,6 +5,16 @@ import argparse
 import sys
 
 
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless its text already names its default (or
+    it has none to name): ``narch train gpt2 --help`` said "(default 16) (default: 16)"."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
 def cmd_demo(args) -> int:
     from neural_arch.tools.demo import main
     if args.steps < 0:
@@ -141,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     for name, (module, doc, example) in TRAINERS.items():
         m = models.add_parser(name, help=doc, description=f"{doc}; example: {example}",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
         importlib.import_module(module).add_arguments(m)
     t.set_defaults(func=cmd_train, model=None)
     e = sub.add_parser("embed", help="sentence embeddings and cosine similarities with the pretrained all-MiniLM-L6-v2",

@@ -91,7 +91,13 @@ def parse_shape(text: str) -> TensorType:
     if ":" in text:
         dims_text, dtype = text.split(":", 1)
     try:
-        dims = tuple(int(d) for d in dims_text.split("x") if d) if dims_text not in ("", "scalar") else ()
+        if dims_text in ("", "scalar"):
+            dims = ()
+        else:
+            parts = dims_text.split("x")
+            if not all(p.isdigit() for p in parts):  # (not "4xx8", "4x8x", " 4 x 8", "-4")
+                raise ValueError("dimensions are non-negative integers joined by 'x'")
+            dims = tuple(int(p) for p in parts)
         return TensorType(dims, dtype)
     except (ValueError, TypeError) as e:
         raise DumpError(f"bad --shape {text!r}: {e} (examples: 4x8, 4x8:int64, scalar)") from None

@@ -209,8 +209,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from neural_arch.tools.cli import DefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="narch train bert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     add_arguments(p)
     res = run(p.parse_args(argv))
     return 0 if res["val"] < res["baseline"] else 1
