@@ -26,6 +26,7 @@ import ctypes
 import functools
 import hashlib
 import itertools
+import math
 import operator
 import os
 import sys
@@ -777,6 +778,85 @@ def install_pool_in_background() -> None:
                             helper is not threading.current_thread() else None)
 
 
+def predicted_gemms(graph: Graph, options: dict) -> list[tuple[str, bool]]:
+    """The shared GEMMs the graph's products will most likely call, as (dtype, parallel):
+    a matmul of one product (no batch) of at least ``GEMM_PARALLEL_MIN_FLOPS`` calls the
+    parallel one, other matmuls with more than one row the serial
+    one, as do attention kernels too long to tile (the lowering's rules; a wrong guess costs
+    only the background work)."""
+    from neural_arch.compiler.codegen.lowering import ATTENTION_TILED_MAX, GEMM_PARALLEL_MIN_FLOPS
+    if not options.get("shared_gemm", True):
+        return []
+    want = set()
+    for n in graph.nodes:
+        if n.op in ("attention", "attention_grad") and n.type.dtype in ("float32", "float64"):
+            _, length, _, dim = graph.types[n.inputs[0]].shape  # (q: batch, length, heads, dim)
+            if max(length, dim) > ATTENTION_TILED_MAX:  # (the blocked kernels call the GEMM)
+                want.add((n.type.dtype, False))
+        if n.op != "matmul" or n.type.dtype not in ("float32", "float64") or len(n.type.shape) < 2:
+            continue
+        *batch, m, cols = n.type.shape
+        k = graph.types[n.inputs[0]].shape[-1]
+        if m <= 1 or not n.type.size:
+            continue  # (a row vector: the GEMV)
+        single = math.prod(batch) == 1 and m * cols * max(k, 1) >= GEMM_PARALLEL_MIN_FLOPS
+        want.add((n.type.dtype, single and not options.get("serial")))
+    return sorted(want)
+
+
+def _shared_gemms_ready(graph: Graph, options: dict) -> bool:
+    """Whether every shared GEMM of this process's thread count is installed already (the
+    common case after the first program: then no helper thread is started)."""
+    from . import threadpool
+    if not _shared or threadpool._loaded is None:  # (no pool yet: num_threads would wait for it)
+        return False
+    return all(any(sym.startswith(f"narch_gemm_{dt}_t{threads}_") for sym in _shared)
+               for dt, par in predicted_gemms(graph, options)
+               for threads in ([threadpool.num_threads()] if par else [1]))
+
+
+def install_gemms_in_background(graph: Graph, options: dict) -> None:
+    """Compile (or load from the disk cache) the shared GEMMs ``predicted_gemms`` names on a
+    helper thread, while this thread runs the passes and emits the program's LLVM IR: LLVM
+    works without the GIL, so a cold compile no longer waits for them after the IR (a GEMM
+    takes 0.4-0.9 s to optimise and compile).  ``load_native``'s ``install_gemm`` of the
+    same symbol waits for it (the lock) and finds it installed; errors are raised there."""
+    wanted = predicted_gemms(graph, options)
+    if not wanted:
+        return
+    from neural_arch.compiler.codegen.lowering import shared_gemm_symbol
+
+    def run():
+        from . import threadpool
+        try:
+            threads = threadpool.num_threads()
+            for dtype, parallel in wanted:
+                t = threads if parallel and threads > 1 else 1
+                symbol = shared_gemm_symbol(dtype, t)
+                if symbol not in _shared:
+                    install_gemm(symbol, dtype, t)
+        except Exception:  # noqa: BLE001 - load_native installs it again and raises there
+            pass
+    helper = threading.Thread(target=run, name="narch-gemm-install", daemon=True)
+    helper.start()
+    _gemm_helpers.append(helper)
+
+
+_gemm_helpers: list = []
+
+
+def _join_gemm_helpers() -> None:
+    """(before a fork: no child starts with a GEMM half made, or its lock held)"""
+    for h in list(_gemm_helpers):
+        if h is not threading.current_thread():
+            h.join()
+    _gemm_helpers[:] = [h for h in _gemm_helpers if h.is_alive()]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_join_gemm_helpers)
+
+
 # ----------------------------------------------------------------------------- the program
 
 
@@ -910,6 +990,8 @@ class Program:
         self.source_graph = graph
         self.options = dict(options or {})
         install_pool_in_background()  # it is needed to load the code; meanwhile the passes run
+        if not _shared_gemms_ready(graph, self.options):
+            install_gemms_in_background(graph, self.options)  # likewise the GEMMs it will call
         from neural_arch.compiler.passes.manager import _env_flag
         timing = self.options.get("time_passes", _env_flag("NEURAL_ARCH_TIME_PASSES"))
         if groups is None and self.options.get("passes", True):

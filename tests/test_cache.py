@@ -238,3 +238,31 @@ def test_default_cache_follows_environment(monkeypatch, tmp_path):
     assert cache_mod.default_cache() is cache_mod.default_cache()
     monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path / "b"))
     assert cache_mod.default_cache().directory == str(tmp_path / "b")
+
+
+def _gemm_cases():
+    import numpy as np
+    from neural_arch.compiler import functional as F
+    from neural_arch.compiler import tensor, trace
+    from neural_arch.tools.bench.train import bench_step_graph
+    g, _, opts = bench_step_graph("tiny")
+    yield "gpt2 tiny step", g, opts
+    a, b = tensor(np.ones((8, 16, 32), np.float32)), tensor(np.ones((32, 24), np.float32))
+    yield "batched", trace(lambda a, b: F.tanh(a @ b), a, b), {}
+    v, w = tensor(np.ones((1, 64), np.float64)), tensor(np.ones((64, 64), np.float64))
+    yield "row vector", trace(lambda v, w: v @ w, v, w), {}
+    x, y = tensor(np.ones((256, 128), np.float64)), tensor(np.ones((128, 64), np.float64))
+    yield "one big product", trace(lambda x, y: (x @ y).sum(), x, y), {}
+    yield "serial", trace(lambda x, y: (x @ y).sum(), x, y), {"serial": True}
+
+
+def test_the_gemms_compiled_in_the_background_are_those_the_program_calls():
+    """``predicted_gemms`` (the shared GEMMs a Program starts compiling on a helper thread
+    while it emits its IR) names exactly the ones the built kernels call: a wrong guess would
+    compile a GEMM for nothing, or leave the needed one to the critical path."""
+    from neural_arch.runtime.program import Program, predicted_gemms
+    for what, g, opts in _gemm_cases():
+        prog = Program(g, options=opts)
+        called = sorted({(dt, threads > 1) for k in prog.module.kernels for _, dt, threads in k.externals})
+        assert predicted_gemms(g, opts) == called, what
+        assert predicted_gemms(prog.graph, opts) == called, what
