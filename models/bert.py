@@ -60,6 +60,10 @@ class BERTConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if "num_labels" not in kw and d.get("id2label"):
             kw["num_labels"] = len(d["id2label"])
+        if d.get("problem_type") not in (None, "single_label_classification", "regression"):
+            raise ValueError(f"BERTConfig: problem_type {d['problem_type']!r} is not supported (its loss is "
+                             f"binary cross-entropy in transformers); single_label_classification and "
+                             f"regression are")
         return cls(**kw)
 
 
@@ -366,6 +370,11 @@ class BERTForSequenceClassification(nn.Module):
         logits = self.classifier(self.dropout(pooled))
         out = {"logits": logits}
         if labels is not None:
+            if self.config.num_labels > 1 and not str(labels.dtype if hasattr(labels, "dtype") else
+                                                         np.asarray(labels).dtype).startswith(("int", "uint")):
+                raise TypeError(f"BERTForSequenceClassification: labels must be integer classes for "
+                                f"{self.config.num_labels} labels (float labels mean multi-label "
+                                f"classification, binary cross-entropy in transformers, which is not supported)")
             if self.config.num_labels == 1:
                 out["loss"] = F.mse_loss(logits.reshape(-1), F.cast(labels, "float32").reshape(-1))
             else:

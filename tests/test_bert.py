@@ -167,6 +167,21 @@ def test_config_from_an_hf_config_json_keeps_the_label_count(tmp_path):
     np.testing.assert_allclose(ours(ids, types, mask)["logits"].data, want.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_multi_label_classification_is_refused_rather_than_given_another_loss():
+    """transformers trains float labels (or problem_type multi_label_classification) with
+    binary cross-entropy; ours has no such loss and said nothing."""
+    cfg = BERTConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    with pytest.raises(ValueError, match="problem_type 'multi_label_classification' is not supported"):
+        BERTConfig.from_dict({"problem_type": "multi_label_classification", "num_labels": 3})
+    assert BERTConfig.from_dict({"problem_type": "single_label_classification", "num_labels": 3}).num_labels == 3
+    model = BERTForSequenceClassification(cfg)
+    ids = np.array([[1, 2, 3, 4]])
+    with pytest.raises(TypeError, match="labels must be integer classes for 3 labels"):
+        model(ids, labels=np.array([[0.0, 1.0, 1.0]], np.float32))
+    assert np.isfinite(model(ids, labels=np.array([2]))["loss"].item())
+
+
 def test_mlm_masking_follows_80_10_10():
     from neural_arch.tools.train_bert import mask_tokens
     rng = np.random.default_rng(0)
