@@ -91,22 +91,48 @@ def emit_object(mod: "llvm.ModuleRef") -> bytes:
     return target_machine().emit_object(mod)
 
 
-def compile_objects(texts: list[str], name: str = "module") -> list[bytes]:
-    """Object code of several modules of LLVM IR text, optimised and compiled in parallel:
-    all but the first in forked child processes (llvmlite serialises every call into LLVM
-    behind one lock, so threads would take turns), the first here meanwhile.  A part whose
-    process cannot be forked, or dies without answering, is compiled here; an LLVM error in
-    a child is raised here with its message."""
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def compile_objects(texts: list[str], name: str = "module", workers: int | None = None) -> list[bytes]:
+    """Object code of several modules of LLVM IR text, optimised and compiled in parallel
+    by ``workers`` processes (default: one per available core): this one and forked
+    children (llvmlite serialises every call into LLVM behind one lock, so threads would
+    take turns).  The workers take parts from one queue in the order given, each the next
+    part when it is free, so a part that takes longer than its size suggested, or a worker
+    slowed by something else (this process's other threads compiling a GEMM), does not
+    leave the other idle.  A part whose worker cannot be forked, or dies without
+    answering, is compiled here; an LLVM error in a child is raised here with its message."""
     def one(k: int) -> bytes:
         return emit_object(optimize(texts[k], f"{name}.{k}"))
-    if len(texts) == 1 or not hasattr(os, "fork"):
+    workers = min(len(texts), workers or available_cores())
+    if workers <= 1 or not hasattr(os, "fork"):
         return [one(k) for k in range(len(texts))]
     _init()
     target_machine()
+    # the queue: every part's index, 4 bytes each, in a pipe whose write end is closed
+    # before any worker starts; a read of 4 bytes takes one index whole (pipe reads are
+    # atomic), and reads find the end of the queue once it is empty
+    queue = b"".join(k.to_bytes(4, "little") for k in range(len(texts)))
+    queue_r, queue_w = os.pipe()
+    try:
+        os.set_blocking(queue_w, False)
+        written = os.write(queue_w, queue)
+    except OSError:
+        written = 0
+    os.close(queue_w)
+    if written != len(queue):  # more parts than the pipe holds: every part here
+        os.close(queue_r)
+        return [one(k) for k in range(len(texts))]
+
+    def claim():
+        data = os.read(queue_r, 4)
+        return int.from_bytes(data, "little") if len(data) == 4 else None
     children = []
     # hold LLVM's lock across fork: no other thread is inside LLVM when the child starts
     with getattr(llvm.ffi.lib, "_lock", _lock):
-        for k in range(1, len(texts)):
+        for _ in range(workers - 1):
             try:
                 r, w = os.pipe()
             except OSError:
@@ -117,39 +143,78 @@ def compile_objects(texts: list[str], name: str = "module") -> list[bytes]:
                 os.close(r)
                 os.close(w)
                 break
-            if pid == 0:  # the child: compile part k, send it, leave without cleanup
-                status = 0
-                try:
-                    os.close(r)
-                    try:
-                        data = b"\0" + one(k)
-                    except BaseException as e:  # reported to the parent, raised there
-                        data = b"\1" + f"{type(e).__name__}: {e}".encode()
-                    data = len(data).to_bytes(8, "little") + data  # a cut-off answer is no answer
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(w, view):]
-                except BaseException:
-                    status = 1
-                os._exit(status)
+            if pid == 0:  # a child: compile parts until the queue is empty, answer each, leave without cleanup
+                os._exit(_serve(claim, one, r, w))
             os.close(w)
-            children.append((k, pid, r))
-    objs = {0: one(0)}
-    errors = []
-    for k, pid, r in children:
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
-        if len(data) < 9 or int.from_bytes(data[:8], "little") != len(data) - 8:
-            continue  # no (whole) answer: compiled here below
-        data = data[8:]
-        if data[:1] == b"\1":
-            errors.append(data[1:].decode(errors="replace"))
-        elif data[:1] == b"\0":
-            objs[k] = data[1:]
+            children.append((pid, r))
+    answers: dict = {}
+    readers = [threading.Thread(target=lambda r=r: answers.__setitem__(r, _read_all(r)), daemon=True)
+               for _, r in children]
+    for t in readers:  # children's answers are read while this process compiles (a child
+        t.start()       # blocked writing a full pipe would take no more parts)
+    objs: dict = {}
+    errors: list = []
+    try:
+        while (k := claim()) is not None:
+            try:
+                objs[k] = one(k)
+            except Exception as e:  # raised below with the children's errors
+                errors.append(f"{type(e).__name__}: {e}")
+                break
+    finally:
+        while claim() is not None:  # after an error: the children stop after their part
+            pass
+        os.close(queue_r)
+        for t in readers:
+            t.join()
+        for pid, _ in children:
+            os.waitpid(pid, 0)
+    for _, r in children:
+        for k, ok, payload in _messages(answers.get(r, b"")):
+            if ok:
+                objs[k] = payload
+            else:
+                errors.append(payload.decode(errors="replace"))
     if errors:
         raise RuntimeError(f"LLVM failed to compile {name}: " + "; ".join(errors))
     return [objs[k] if k in objs else one(k) for k in range(len(texts))]
+
+
+def _serve(claim, one, r: int, w: int) -> int:
+    """A compiling child's work: each part it claims answered as (8-byte length, 4-byte
+    index, status byte, object or error message); returns its exit status."""
+    try:
+        os.close(r)
+        while (k := claim()) is not None:
+            try:
+                data = b"\0" + one(k)
+            except BaseException as e:  # reported to the parent, raised there
+                data = b"\1" + f"{type(e).__name__}: {e}".encode()
+            data = k.to_bytes(4, "little") + data
+            view = memoryview(len(data).to_bytes(8, "little") + data)
+            while view:
+                view = view[os.write(w, view):]
+        return 0
+    except BaseException:
+        return 1
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _messages(data: bytes):
+    """(index, compiled?, payload) of each whole answer in a child's output (a cut-off last
+    one, from a child that died writing it, is no answer)."""
+    at = 0
+    while at + 13 <= len(data):
+        size = int.from_bytes(data[at:at + 8], "little")
+        if size < 5 or at + 8 + size > len(data):
+            return
+        k = int.from_bytes(data[at + 8:at + 12], "little")
+        yield k, data[at + 12:at + 13] == b"\0", data[at + 13:at + 8 + size]
+        at += 8 + size
 
 
 def emit_assembly(mod: "llvm.ModuleRef") -> str:

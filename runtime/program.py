@@ -650,15 +650,23 @@ def _disk_cache():
 
 
 COMPILE_PART_BYTES = 64 << 10  # LLVM IR text below which a module compiles as one part
+COMPILE_PARTS_PER_WORKER = 3     # parts in the queue per compiling process (jit.compile_objects)
+COMPILE_WORKERS_MAX = 4
+
+
+def compile_workers() -> int:
+    """How many processes compile a module's parts: one per available core, at most 4."""
+    return max(1, min(COMPILE_WORKERS_MAX, jit.available_cores()))
 
 
 def compile_parts(ir_bytes: int) -> int:
     """Into how many parts a module of ``ir_bytes`` of IR text is split to compile in
-    parallel: one per available core (at most 4) once it is big enough to pay a fork."""
-    if ir_bytes < COMPILE_PART_BYTES:
+    parallel: ``COMPILE_PARTS_PER_WORKER`` per worker once it is big enough to pay a fork
+    (the workers take them from a queue, so a part that takes longer than its size said is
+    made up for by the other workers' next parts)."""
+    if ir_bytes < COMPILE_PART_BYTES or compile_workers() == 1:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores, ir_bytes // COMPILE_PART_BYTES))
+    return max(1, min(COMPILE_PARTS_PER_WORKER * compile_workers(), ir_bytes // COMPILE_PART_BYTES))
 
 
 def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool = True) -> Native:
@@ -688,7 +696,8 @@ def load_native(mod: Module, key_text: str, options: dict, use_disk_cache: bool 
     from_cache = objs is not None
     if objs is None:
         text = mod.llvm_ir
-        objs = jit.compile_objects(split_module(text, compile_parts(len(text))), "program")
+        workers = compile_workers()
+        objs = jit.compile_objects(split_module(text, compile_parts(len(text)), workers), "program", workers)
         if cache is not None:  # the count last: a reader finding it finds every part
             for k, obj in enumerate(objs):
                 cache.put(dict(parts, part=k, of=len(objs)), obj)
@@ -709,6 +718,7 @@ _UNSET = object()  # the last call's input and its layout before any call: equal
 
 _shared: dict = {}
 _shared_lock = threading.Lock()
+_gemm_failures: dict = {}  # symbol -> the error installing it on a helper thread
 
 
 def install_gemm(symbol: str, dtype: str, threads: int) -> None:
@@ -723,6 +733,9 @@ def install_gemm(symbol: str, dtype: str, threads: int) -> None:
     with _shared_lock:
         if symbol in _shared:
             return
+        failed = _gemm_failures.pop(symbol, None)
+        if failed is not None:  # on the helper thread install_gemms_in_background started
+            raise failed
         import llvmlite.binding as llvm
         from neural_arch.compiler.codegen.gemm import emit_gemm
         cache = _disk_cache()
@@ -830,13 +843,17 @@ def install_gemms_in_background(graph: Graph, options: dict) -> None:
         from . import threadpool
         try:
             threads = threadpool.num_threads()
-            for dtype, parallel in wanted:
-                t = threads if parallel and threads > 1 else 1
-                symbol = shared_gemm_symbol(dtype, t)
-                if symbol not in _shared:
+        except Exception:  # noqa: BLE001 - no pool (a bad NEURAL_ARCH_NUM_THREADS): load_native's
+            return         # threadpool.install() raises the same error in the caller's thread
+        for dtype, parallel in wanted:
+            t = threads if parallel and threads > 1 else 1
+            symbol = shared_gemm_symbol(dtype, t)
+            if symbol not in _shared:
+                try:
                     install_gemm(symbol, dtype, t)
-        except Exception:  # noqa: BLE001 - load_native installs it again and raises there
-            pass
+                except Exception as e:  # noqa: BLE001 - raised where load_native installs it
+                    with _shared_lock:
+                        _gemm_failures[symbol] = e
     helper = threading.Thread(target=run, name="narch-gemm-install", daemon=True)
     helper.start()
     _gemm_helpers.append(helper)

@@ -266,3 +266,30 @@ def test_the_gemms_compiled_in_the_background_are_those_the_program_calls():
         called = sorted({(dt, threads > 1) for k in prog.module.kernels for _, dt, threads in k.externals})
         assert predicted_gemms(g, opts) == called, what
         assert predicted_gemms(prog.graph, opts) == called, what
+
+
+def test_a_gemm_that_fails_on_the_helper_thread_fails_the_program(monkeypatch, tmp_path):
+    """The shared GEMM compiled in the background: its error is raised by the Program that
+    needs it (in the caller's thread), not lost with the helper thread."""
+    import numpy as np
+    from neural_arch.compiler import functional as F
+    from neural_arch.compiler import tensor, trace
+    from neural_arch.compiler.codegen import gemm
+    from neural_arch.runtime import program
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(program, "_shared", {})  # no GEMM installed yet in this process
+    monkeypatch.setattr(program, "_gemm_failures", {})
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args[1])
+        raise RuntimeError("the GEMM's IR could not be made")
+    monkeypatch.setattr(gemm, "emit_gemm", broken)
+    program.clear_memory_cache()
+    x, w = tensor(np.ones((64, 48), np.float32)), tensor(np.ones((48, 40), np.float32))
+    g = trace(lambda x, w: F.tanh(x @ w), x, w)
+    with pytest.raises(RuntimeError, match="the GEMM's IR could not be made"):
+        program.Program(g, options={"module_cache": False})
+    program._join_gemm_helpers()
+    assert calls, "no GEMM was compiled"
+    program.clear_memory_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import time
 
 import llvmlite.ir as ir
 import numpy as np
@@ -199,3 +200,60 @@ def test_a_part_whose_process_dies_is_compiled_here(monkeypatch):
         return real(mod)
     monkeypatch.setattr(jit, "emit_object", dies_in_child)
     _run_objects(jit.compile_objects(_parts_and_inputs(), "m"))
+
+
+def _module_of(groups: dict) -> str:
+    """A module whose exported functions ``e`` call an internal function ``body`` with
+    ``loops`` loops: {body: (loops, [exported names])}."""
+    out = []
+    for body, (loops, users) in groups.items():
+        lines = [f'define internal i64 @"{body}"(i64 %"n")', "{", "entry:", '  br label %"l0"']
+        for k in range(loops):
+            nxt = f'"l{k + 1}"' if k + 1 < loops else '"done"'
+            lines += [f"l{k}:", f'  %"i{k}" = phi i64 [0, %"{"entry" if k == 0 else f"l{k - 1}"}"], [%"j{k}", %"l{k}"]',
+                      f'  %"j{k}" = add i64 %"i{k}", 1', f'  %"c{k}" = icmp slt i64 %"j{k}", %"n"',
+                      f'  br i1 %"c{k}", label %"l{k}", label %{nxt}']
+        lines += ["done:", f'  ret i64 %"j{loops - 1}"', "}"]
+        out.append("\n".join(lines))
+        for u in users:
+            out.append(f'define i64 @"{u}"(i64 %"n")\n{{\nentry:\n  %"r" = call i64 @"{body}"(i64 %"n")\n  ret i64 %"r"\n}}')
+    return "\n".join(out) + "\n"
+
+
+def _defined(part: str) -> set:
+    return set(re.findall(r'^define [^@]*@"([^"]+)"', part, re.M))
+
+
+def test_kernels_sharing_a_body_compile_in_one_part_the_costliest_first():
+    """Two layers' kernels call one body each: dealing them one by one would compile
+    each body in both parts; grouped, every body is compiled once, and the part with the
+    most loops (LLVM's time grows with them as much as with text) comes first."""
+    text = _module_of({"attn.body": (6, ["k0", "k2", "k4"]), "mlp.body": (2, ["k1", "k3", "k5"])})
+    parts = split_module(text, 2)
+    assert [_defined(p) for p in parts] == [{"attn.body", "k0", "k2", "k4"}, {"mlp.body", "k1", "k3", "k5"}]
+    # a module of one shared body still uses every worker when that costs little
+    spread = split_module(_module_of({"small": (1, ["a", "b"]), "big": (12, ["c"]), "big2": (12, ["d"])}), 3)
+    assert sorted(map(sorted, map(_defined, spread))) == [["a", "b", "small"], ["big", "c"], ["big2", "d"]]
+
+
+def test_workers_take_parts_from_a_queue_and_a_dead_worker_is_made_up_for(monkeypatch):
+    import os
+    texts = [f'define i64 @"f{k}"()\n{{\nentry:\n  ret i64 {k * 7}\n}}\n' for k in range(7)]
+    parent = os.getpid()
+    real = jit.emit_object
+    done_here = []
+
+    def second_part_kills_the_child(mod):
+        if os.getpid() != parent and mod.name == "m.3":
+            os._exit(3)  # the child dies with part 3 claimed, after answering others
+        if os.getpid() == parent:
+            done_here.append(mod.name)
+            time.sleep(0.05)  # the child takes parts meanwhile
+        return real(mod)
+    monkeypatch.setattr(jit, "emit_object", second_part_kills_the_child)
+    objs = jit.compile_objects(texts, "m", workers=2)
+    loaded = jit.load(None, objs)
+    assert [loaded.function(f"f{k}", ctypes.c_int64)() for k in range(7)] == [k * 7 for k in range(7)]
+    # the child compiled parts (the queue is shared), and part 3 was compiled here: either
+    # taken here from the queue, or after the child died with it
+    assert len(done_here) < 7 and "m.3" in done_here, done_here
