@@ -257,3 +257,27 @@ def test_workers_take_parts_from_a_queue_and_a_dead_worker_is_made_up_for(monkey
     # the child compiled parts (the queue is shared), and part 3 was compiled here: either
     # taken here from the queue, or after the child died with it
     assert len(done_here) < 7 and "m.3" in done_here, done_here
+
+
+def test_a_built_module_leaves_no_ir_for_the_cyclic_collector():
+    """``build`` breaks the printed llvmlite module's cycles (``release_ir``): left to the
+    cyclic collector, the small GPT-2 step's 240 000 IR objects cost a 0.44 s collection
+    after the compile."""
+    import gc
+    g = _graph()
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        program.clear_memory_cache()
+        p = Program(g, options={"module_cache": False})
+        gc.collect()
+        left = [o for o in gc.garbage if type(o).__module__.startswith("llvmlite.ir")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+    assert not left, f"{len(left)} llvmlite.ir objects were left to the cyclic collector, e.g. {left[:5]}"
+    _check(p, g)
