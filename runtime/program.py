@@ -22,6 +22,7 @@ options, so recompiling an equal graph costs nothing; when the disk cache
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import ctypes
 import functools
 import hashlib
@@ -41,7 +42,7 @@ import numpy as np
 from neural_arch.compiler.codegen import lowering  # noqa: F401  (attaches the lowerings)
 from neural_arch.compiler.codegen.kernel import I32, I64, PTR, GroupSpec, Kernel, KernelBuilder, c64, declare
 from neural_arch.compiler.codegen.lowering import MATERIALIZE_CONSTANT, REMAP_OPS
-from neural_arch.compiler.codegen.share import share_identical_functions
+from neural_arch.compiler.codegen.share import kernel_key, renamed_kernel, share_identical_functions
 from neural_arch.compiler.ir import Graph, Node, format_graph
 from neural_arch.compiler.ops.registry import PRIMITIVES, OpIndexError
 
@@ -373,7 +374,7 @@ class Module:
                     "outputs": list(k.outputs), "strategy": k.strategy, "tasks": k.tasks,
                     "checks": [c.code for c in k.checks], "loops": {a: list(b) for a, b in k.loops.items()},
                     "workspace_bytes": k.workspace_bytes, "buffers": list(k.buffers), "note": k.note,
-                    "reuse": [list(r) for r in k.reuse],
+                    "reuse": [list(r) for r in k.reuse], "same_as": k.same_as,
                     "externals": [list(e) for e in k.externals]}
         return {"kernels": [kern(k) for k in self.kernels],
                 "layout": {"slots": [[n, i] for n, i in self.layout.slots.items()], "nslots": self.layout.nslots,
@@ -393,7 +394,8 @@ def module_from_meta(meta: dict, graph: Graph, rebuild) -> Module:
     kernels = [Kernel(k["name"], tuple(prod[n] for n in k["nodes"]), tuple(k["inputs"]), tuple(k["outputs"]),
                       k["strategy"], k["tasks"], [checks[c] for c in k["checks"]],
                       {a: list(b) for a, b in k["loops"].items()}, k["workspace_bytes"], tuple(k["buffers"]),
-                      k["note"], tuple(tuple(e) for e in k["externals"]), tuple(tuple(r) for r in k.get("reuse", ())))
+                      k["note"], tuple(tuple(e) for e in k["externals"]), tuple(tuple(r) for r in k.get("reuse", ())),
+                      k.get("same_as", ""))
                for k in meta["kernels"]]
     lay = meta["layout"]
     layout = Layout({n: i for n, i in lay["slots"]}, lay["nslots"], lay["workspace_slot"], lay["workspace_bytes"])
@@ -431,10 +433,8 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         return code
 
     slots = {None: 0}
-    loads: set = set()  # the buffers the kernel being built loads pointers to
 
     def slot(name):
-        loads.add(name)
         if name not in slots:
             slots[name] = len(slots)
         return slots[name]
@@ -448,18 +448,51 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
 
     kernels: list[Kernel] = []
     final_specs = []
+    # every kernel function takes its own list of buffer pointers (``bufs[i]``: the i-th
+    # value it asked for, its ``args``), which the entry point fills from the program's
+    # table: kernels alike but for their values' names are then one function
+    args: dict[str, tuple] = {}
+    memo = {} if options.get("kernel_memo", True) else None
+    inplace = options.get("inplace") or ()
+    graph_outputs = set(graph.outputs)
+    producer = graph.producer()
 
     def emit(spec, name):
+        key = None
+        if memo is not None:
+            key, names = kernel_key(graph, spec, inplace, graph_outputs)
+            hit = memo.get(key)
+            if hit is not None:
+                template, template_names = hit
+                rename = dict(zip(template_names, names))
+                kern = renamed_kernel(template, name, rename, producer)
+                args[name] = tuple(rename.get(v, v) for v in args[template.name])
+                for v in args[name]:
+                    slot(v)
+                kernels.append(kern)
+                final_specs.append(spec)
+                return
         kb = KernelBuilder(module, graph, spec, name, add_check=register, options=options)
-        kb.slot = slot
-        loads.clear()
+        local: dict = {}
+
+        def kernel_slot(value):
+            slot(value)
+            return local.setdefault(value, len(local))
+        kb.slot = kernel_slot
         kern = kb.build()
         # the memory plan trusts inputs/outputs/buffers: they must cover every pointer loaded
-        undeclared = loads - set(kern.inputs) - set(kern.outputs) - set(kern.buffers) - {None, "__workspace__"}
+        undeclared = set(local) - set(kern.inputs) - set(kern.outputs) - set(kern.buffers) - {None, "__workspace__"}
         if undeclared:
             raise AssertionError(f"internal error: kernel {name} reads {sorted(undeclared)} undeclared")
+        args[name] = tuple(local)
         kernels.append(kern)
         final_specs.append(spec)
+        # a template: no index checks (an error names its own node), nothing outside the key
+        known = set(names if key is not None else ()) | {None, "__workspace__"}
+        if key is not None and not kern.checks and known.issuperset(
+                args[name] + kern.inputs + kern.outputs + kern.buffers + tuple(v for r in kern.reuse for v in r)) \
+                and known.issuperset(n.name for n in kern.nodes):
+            memo[key] = (dataclasses.replace(kern), names)  # (a copy: a note set later is this kernel's)
 
     for k, spec in enumerate(specs):
         name = f"k{k}.{spec.members[-1].op}"
@@ -498,6 +531,8 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         raise AssertionError(f"internal error: buffers read but written by no kernel: {unwritten}")
     entry = ir.Function(module, ir.FunctionType(I32, [PTR]), name=ENTRY)
     b = ir.IRBuilder(entry.append_basic_block("entry"))
+    # (kernels run one after another: one list serves them all)
+    kernel_bufs = b.alloca(PTR, size=c64(max([len(a) for a in args.values()] + [1])), name="kernel.bufs")
     leave = _flush_denormals(module, b) if options.get("flush_denormals") else (lambda rc: b.ret(rc))
     profile = bool(options.get("profile"))
     if profile:  # per-kernel wall time (ns) accumulated into bufs[__profile__][k]; the start
@@ -514,10 +549,13 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
             ns = b.load(b.gep(ts, [c64(0), c64(1)], source_etype=ir.ArrayType(I64, 2)), typ=I64)
             return b.add(b.mul(sec, c64(1_000_000_000)), ns)
     for k, kern in enumerate(kernels):
-        fn = module.get_global(kern.name)
+        fn = module.get_global(kern.same_as or kern.name)
+        for i, value in enumerate(args[kern.name]):
+            ptr = b.load(b.gep(entry.args[0], [c64(slots[value])], source_etype=PTR, inbounds=True), typ=PTR)
+            b.store(ptr, b.gep(kernel_bufs, [c64(i)], source_etype=PTR, inbounds=True))
         if profile:
             t_start = now()
-        rc = b.call(fn, [entry.args[0]])
+        rc = b.call(fn, [kernel_bufs])
         if profile:
             p = b.gep(prof, [c64(k)], source_etype=I64)
             b.store(b.add(b.load(p, typ=I64), b.sub(now(), t_start)), p)

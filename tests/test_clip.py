@@ -233,7 +233,10 @@ def test_compiled_backward_equals_interpreter():
     loss(Tensor(ids), Tensor(x), Tensor(mask)).backward()
     for p in (model.logit_scale, model.vision_model.embeddings.class_embedding, model.text_projection.weight):
         k = wrt.index(next(i.name for i in g.inputs if traced.bindings[i.name] is p))
-        np.testing.assert_allclose(got[1 + k], p.grad.data, rtol=1e-4, atol=1e-6)
+        # (as above: how a float32 sum rounds depends on how LLVM compiles it, e.g. whether
+        # a kernel's body is inlined into its only caller and its loop bounds known)
+        np.testing.assert_allclose(got[1 + k], p.grad.data, rtol=1e-4,
+                                   atol=1e-5 * max(1e-2, float(np.abs(p.grad.data).max())))
 
 
 @pytest.mark.slow

@@ -141,9 +141,13 @@ def test_every_part_declares_what_it_calls_in_another():
     assert len(entry) == 1
     other = defined[1 - entry[0]]
     exported = {n for n in other if not re.search(rf'^define internal [^@]*@"{re.escape(n)}"', parts[1 - entry[0]], re.M)}
-    assert exported, "the part without the entry point exports no kernel"
-    for name in exported:
+    called = set(re.findall(r'call [^@]*@"([^"]+)"', parts[entry[0]]))
+    assert exported & called, "the entry point calls no kernel of the other part"
+    for name in exported & called:
         assert f'declare i32 @"{name}"' in parts[entry[0]]
+    for k, part in enumerate(parts):  # whatever a part calls, it defines or declares
+        for name in set(re.findall(r'call [^@]*@"([^"]+)"', part)):
+            assert name in defined[k] or re.search(rf'^declare [^@]*@"{re.escape(name)}"', part, re.M), (k, name)
 
 
 def test_unexpected_module_shapes_stay_whole():
@@ -281,3 +285,89 @@ def test_a_built_module_leaves_no_ir_for_the_cyclic_collector():
             gc.enable()
     assert not left, f"{len(left)} llvmlite.ir objects were left to the cyclic collector, e.g. {left[:5]}"
     _check(p, g)
+
+
+def _fields(k):
+    return (k.name, tuple(n.name for n in k.nodes), k.inputs, k.outputs, k.strategy, k.tasks, dict(k.loops),
+            k.workspace_bytes, tuple(k.buffers), k.externals, k.reuse, k.note)
+
+
+def test_kernels_alike_run_one_function_with_their_own_buffers():
+    """The second layer's kernels are the first's but for their values' names: ``build``
+    lowers them once (``share.kernel_key``) and calls that function with each kernel's own
+    buffers.  The records are those a separate lowering gives, the results bitwise those of
+    separately lowered kernels; a layer differing in one constant gets its own function."""
+    def four_layers(x, w1, w2, w3, w4):
+        # the second and third layers are alike; the first reads a program input (its
+        # arguments come in another order), the last writes the program's output
+        for w in (w1, w2, w3):
+            x = F.gelu(x @ w) * 2.0 + 1.0
+        return F.gelu(x @ w4) * 2.0 + 1.0
+    t, w = TensorType((8, 16), "float32"), TensorType((16, 16), "float32")
+    g = trace(four_layers, t, w, w, w, w)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((8, 16)).astype(np.float32)] + \
+        [(rng.standard_normal((16, 16)) / 4).astype(np.float32) for _ in range(4)]
+    program.clear_memory_cache()
+    shared = Program(g, options={"module_cache": False})
+    alike = [k for k in shared.kernels if k.same_as]
+    assert [(k.name, k.same_as) for k in alike] == [(shared.kernels[2].name, shared.kernels[1].name)]
+    assert alike and all(k.same_as in [j.name for j in shared.kernels] for k in alike), shared.kernels
+    for k in alike:
+        assert f'define i32 @"{k.name}"' not in shared.module.llvm_ir
+    program.clear_memory_cache()
+    separate = Program(g, options={"module_cache": False, "kernel_memo": False})
+    assert not any(k.same_as for k in separate.kernels)
+    assert [_fields(k) for k in shared.kernels] == [_fields(k) for k in separate.kernels]
+    for a, b in zip(shared(*args), separate(*args)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(shared(*args)[0], interpret(g, args)[0], rtol=1e-5, atol=1e-6)
+
+    def other_constant(x, w1, w2, w3, w4):
+        for w, c in ((w1, 2.0), (w2, 2.0), (w3, 3.0)):
+            x = F.gelu(x @ w) * c + 1.0
+        return F.gelu(x @ w4) * 2.0 + 1.0
+    g3 = trace(other_constant, t, w, w, w, w)
+    p3 = Program(g3, options={"module_cache": False})
+    assert not any(k.same_as for k in p3.kernels), p3.kernels
+    np.testing.assert_allclose(p3(*args)[0], interpret(g3, args)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_gpt2_step_lowers_each_layer_kind_once_and_computes_the_same():
+    from neural_arch.tools.bench.train import bench_step_graph
+    g, inputs, opts = bench_step_graph("tiny")
+    outs, records = [], []
+    for memo in (True, False):
+        program.clear_memory_cache()
+        p = Program(g, options=dict(opts, kernel_memo=memo, module_cache=False))
+        records.append([_fields(k) for k in p.kernels])
+        if memo:  # the second layer's kernels (all but those with index checks) run the first's
+            assert sum(1 for k in p.kernels if k.same_as) >= 20, p.kernels
+        outs.append([np.array(o, copy=True) for o in p(*[np.array(a, copy=True) for a in inputs])])
+    assert records[0] == records[1]
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_index_error_in_a_kernel_alike_another_names_its_own_node():
+    """Kernels with index checks are lowered each on its own: the error record names the
+    node whose index was out of range, not the first kernel of its kind."""
+    table = TensorType((10, 4), "float32")
+    idx = TensorType((3,), "int64")
+
+    def two_lookups(t1, t2, i, j):
+        first = F.gather(t1, i, axis=0) * 2.0
+        second = F.gather(t2, j, axis=0) * 2.0
+        return first, second
+    g = trace(two_lookups, table, table, idx, idx)
+    p = Program(g, options={"module_cache": False})
+    rng = np.random.default_rng(0)
+    t1, t2 = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((10, 4)).astype(np.float32)
+    good, bad = np.array([1, 2, 3]), np.array([1, 12, 3])
+    messages = []
+    for i, j in ((bad, good), (good, bad)):
+        with pytest.raises(IndexError, match="12") as err:
+            p(t1, t2, i, j)
+        messages.append(str(err.value))
+    line = two_lookups.__code__.co_firstlineno
+    assert [m.endswith(f"test_module_split.py:{line + n})") for n, m in ((1, messages[0]), (2, messages[1]))] == [True, True], messages

@@ -341,3 +341,16 @@ def test_html_training_step_report_is_self_contained(tmp_path):
     assert set(data["llvm"]) == {k.name for k in d.program.kernels}
     assert all(e["llvm"] and e["opt"] and e["asm"] for e in data["llvm"].values())
     assert not re.search(r"<(script|link)[^>]+(src|href)=", html)  # nothing loaded from elsewhere
+
+
+def test_llvm_of_a_kernel_alike_another_shows_the_function_it_runs():
+    """GPT-2's second block lowers to the first block's kernels (``Kernel.same_as``): its
+    kernels have no functions of their own, and --kernel shows the one they run."""
+    d = collected("gpt2-tiny", train=True)
+    alike = [k for k in d.program.kernels if k.same_as]
+    assert alike, [k.name for k in d.program.kernels]
+    k = alike[0]
+    ll = dump.render(d, ["llvm"], "text", kernel=k.name)
+    assert ll.startswith(f"; {k.name} runs the function of {k.same_as} ")
+    assert re.search(rf'define .*@"?{re.escape(k.same_as)}"?\(', ll)
+    assert not re.search(rf'define .*@"?{re.escape(k.name)}"?\(', ll)

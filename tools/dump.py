@@ -475,7 +475,15 @@ def stage_text(d: Dump, stage: str, kernel: str | None = None) -> str:
     raise DumpError(f"unknown stage {stage!r}")
 
 
+def same_as_note(kernel: str, same_as: str, comment: str = ";") -> str:
+    return f"{comment} {kernel} runs the function of {same_as} (alike but for its values' names), with its own buffers\n"
+
+
 def _llvm_stage_text(d: Dump, stage: str, kernel: str | None) -> str:
+    same_as = {k.name: k.same_as for k in d.program.kernels} if kernel else {}
+    if same_as.get(kernel):  # a kernel alike another but for its values runs that one's function
+        return (same_as_note(kernel, same_as[kernel], "#" if stage == "asm" else ";")
+                + _llvm_stage_text(d, stage, same_as[kernel]))
     if stage == "llvm":
         return kernel_llvm(d.llvm_ir(), kernel) if kernel else d.llvm_ir()
     if stage == "llvm-opt":

@@ -18,8 +18,8 @@ import json
 
 from neural_arch.compiler.ir import Graph
 
-from .dump import (Dump, DumpError, asm_functions, fusion_json, graph_json, have_dot, kernel_colour,
-                   kernels_json, llvm_functions, memory_json, node_id, to_dot, dot_to_svg)
+from .dump import (Dump, DumpError, asm_functions, dot_to_svg, fusion_json, graph_json, have_dot, kernel_colour,
+                   kernels_json, llvm_functions, memory_json, node_id, same_as_note, to_dot)
 
 MAX_LLVM_BYTES = 12_000_000  # above this, only the chosen kernel's LLVM IR and assembly are embedded
 
@@ -126,11 +126,15 @@ def report_data(d: Dump, kernel: str | None = None) -> dict:
     unopt, opt, asm = (llvm_functions(d.llvm_ir()), llvm_functions(d.llvm_ir_optimized()),
                        asm_functions(d.assembly()))
 
-    def part(fns, name):
+    same_as = {k.name: k.same_as for k in d.program.kernels}
+
+    def part(fns, name, comment=";"):
+        if same_as.get(name):  # a kernel alike another runs that one's function
+            return same_as_note(name, same_as[name], comment) + part(fns, same_as[name], comment)
         return "\n".join(b for n, b in fns.items() if n == name or n.startswith(name + "."))
     total = 0
     for k in kernels:
-        entry = {"llvm": part(unopt, k["name"]), "opt": part(opt, k["name"]), "asm": part(asm, k["name"])}
+        entry = {"llvm": part(unopt, k["name"]), "opt": part(opt, k["name"]), "asm": part(asm, k["name"], "#")}
         total += sum(len(v) for v in entry.values())
         llvm[k["name"]] = entry
     chosen = kernel or (max(kernels, key=lambda k: len(k["nodes"]))["name"] if kernels else None)

@@ -198,6 +198,8 @@ class Kernel:
     externals: tuple = ()      # (symbol, dtype, threads) of shared functions it calls (the GEMM)
     reuse: tuple = ()          # (output, buffer): the output may be written over the buffer (see
     #                            KernelBuilder._epilogue_reuse)
+    same_as: str = ""          # runs the function of this kernel, which is alike but for its
+    #                            values' names (``share.kernel_key``); "": its own
 
     def __str__(self):
         ops = ", ".join(f"%{n.name}={n.op}" for n in self.nodes)

@@ -83,3 +83,63 @@ def share_identical_functions(module: ir.Module) -> dict[str, str]:
             # again into every caller); a call per task costs nothing beside a loop nest
             if "noinline" not in keep.attributes and "alwaysinline" not in keep.attributes:
                 keep.attributes.add("noinline")
+
+
+# ----------------------------------------------------------------------------- kernels alike
+
+
+def kernel_key(graph, spec, inplace, graph_outputs) -> tuple[tuple, tuple]:
+    """(key, names): two groups of one key lower to the same kernel but for the names of
+    their values, ``names`` listing each group's values in corresponding order.  The key is
+    everything the lowering sees of a group: its nodes (op, attributes, type, inputs), the
+    shapes and dtypes of the values they read, which values are program outputs or written
+    in place over which, and the order in the graph of the values it may take as arguments
+    (a kernel's arguments follow it).  A transformer's layers lower to the same kernels again and again:
+    ``build`` lowers the first of each key and calls its function for the others (with
+    their own buffers), instead of lowering each and merging identical bodies afterwards."""
+    from .kernel import _value_order
+    ids: dict = {}
+
+    def vid(v):
+        k = ids.get(v)
+        if k is None:
+            k = ids[v] = len(ids)
+        return k
+    nodes = tuple((n.op, repr(n.attrs), tuple(vid(i) for i in n.inputs), vid(n.name))
+                  for part in (spec.members, spec.inlined) for n in part)
+    outputs = tuple(vid(o) for o in spec.outputs)
+    types = graph.types
+    values = []
+    names = list(ids)
+    while len(values) < len(names):  # (an in-place partner may add a value)
+        v = names[len(values)]
+        t = types[v]
+        partner = inplace.get(v) if isinstance(inplace, dict) else None
+        values.append((t.shape, t.dtype, v in graph_outputs, v in inplace,
+                       None if partner is None else vid(partner)))
+        names = list(ids)
+    names = tuple(names)
+    # a kernel's buffers are its arguments in graph order (values computed inline, such as
+    # the constants the layers share, are no arguments: their place does not count)
+    order = _value_order(graph)
+    inlined = {n.name for n in spec.inlined}
+    rank = tuple(sorted((i for i, v in enumerate(names) if v not in inlined), key=lambda i: order.get(names[i], -1)))
+    return (spec.kind, tuple(spec.domain), tuple(spec.axes), nodes, outputs, tuple(values), rank), names
+
+
+def renamed_kernel(template, name: str, rename: dict, producer: dict):
+    """``template``'s kernel record for the group whose values ``rename`` maps its values to
+    (``kernel_key``), under ``name``, running ``template``'s function (``same_as``)."""
+    from .kernel import Kernel
+
+    def r(v):
+        return v if v is None or v == "__workspace__" else rename[v]
+
+    def loop(key):  # a loop over a value's reduction is named after the value ("red.42")
+        head, dot, value = key.partition(".")
+        return head + dot + rename[value] if dot and value in rename else key
+    return Kernel(name, tuple(producer[rename[n.name]] for n in template.nodes), tuple(map(r, template.inputs)),
+                  tuple(map(r, template.outputs)), template.strategy, template.tasks, [],
+                  {loop(k): v for k, v in template.loops.items()},
+                  template.workspace_bytes, tuple(map(r, template.buffers)), template.note, template.externals,
+                  tuple(tuple(map(r, pair)) for pair in template.reuse), same_as=template.same_as or template.name)
