@@ -521,3 +521,17 @@ def test_an_update_that_changes_a_parameters_dtype_is_named():
     model = mlp()
     with pytest.raises(TypeError, match=r"Naive.update turned 0.weight of float32\[16, 6\] into float64\[16, 6\]"):
         compile_train_step(model, mlp_loss, Naive(model.parameters(), lr=0.1), *BATCHES[0], backend="interpreter")
+
+
+def test_packing_keeps_every_value_bit_for_bit_including_zeros():
+    """packed_copies leaves arrays of zero bytes to the zeroed buffer (untouched pages), and
+    copies every other array: a -0.0 (sign bit set) and a single nonzero entry survive."""
+    from neural_arch.models.train import packed_copies
+    arrays = [np.zeros((5, 7), np.float32), np.full(9, -0.0, np.float32), np.zeros(1000, np.float64),
+              np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), np.zeros(33, np.float32)]
+    arrays[2][777] = 1e-300
+    views = packed_copies(arrays)
+    for a, v in zip(arrays, views):
+        assert v.dtype == a.dtype and v.shape == a.shape
+        assert a.tobytes() == v.tobytes()  # (both in C order)
+        assert np.signbit(a).tolist() == np.signbit(v).tolist()
