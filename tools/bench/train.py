@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -475,41 +476,44 @@ def format_rounds(pairs: list) -> str:
 def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print, rounds: int = 1,
               blocks: int = 0) -> dict:
     cache = tempfile.mkdtemp(prefix="narch-bench-cache-")
-    env = {"NEURAL_ARCH_CACHE_DIR": cache}
-    log(f"[{name}] our step, cold kernel cache ...")
-    cold = _spawn(["gpt", name, "llvm", "1"], env)
-    log(f"[{name}] our step, cached ...")
-    ours = _spawn(["gpt", name, "llvm", str(steps)], env)
-    rows = {"ours": ours, "ours_cold": cold}
-    if have("torch"):
-        log(f"[{name}] PyTorch eager ...")
-        rows["torch"] = _spawn(["gpt", name, "torch", str(steps)])
-        if rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
-            rows["rounds"] = alternate(["gpt", name, "llvm", str(steps)], ["gpt", name, "torch", str(steps)],
-                                       (ours["median_s"], rows["torch"]["median_s"]), rounds, env, log)
-        if blocks:
-            log(f"[{name}] ours and PyTorch interleaved ...")
-            rows["interleaved"] = interleave(["gpt", name, "llvm"], ["gpt", name, "torch"], blocks,
-                                             INTERLEAVE_STEPS[name], env, log)
-        if torch_compile:
-            log(f"[{name}] torch.compile ...")
-            rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
-    if have("jax"):
-        log(f"[{name}] JAX jit ...")
-        rows["jax"] = _spawn(["gpt", name, "jax", str(steps)])
-    else:
-        rows["jax"] = {"skipped": JAX_MISSING}
-    if interpreter:
-        log(f"[{name}] our interpreter ...")
-        rows["interpreter"] = _spawn(["gpt", name, "interpreter", "2" if name == "small" else "3"])
-    log(f"[{name}] peak memory (a separate run each) ...")
-    for key, spec, e in (("ours", ["gpt", name, "llvm", "3"], env), ("torch", ["gpt", name, "torch", "3"], None),
-                         ("jax", ["gpt", name, "jax", "3"], None),
-                         ("interpreter", ["gpt", name, "interpreter", "1"], None)):
-        if key in rows and "error" not in rows[key] and "skipped" not in rows[key]:
-            mem = _spawn(spec, e, memory=True)
-            rows[key]["peak_mb"] = mem.get("peak_mb")
-    return rows
+    try:
+        env = {"NEURAL_ARCH_CACHE_DIR": cache}
+        log(f"[{name}] our step, cold kernel cache ...")
+        cold = _spawn(["gpt", name, "llvm", "1"], env)
+        log(f"[{name}] our step, cached ...")
+        ours = _spawn(["gpt", name, "llvm", str(steps)], env)
+        rows = {"ours": ours, "ours_cold": cold}
+        if have("torch"):
+            log(f"[{name}] PyTorch eager ...")
+            rows["torch"] = _spawn(["gpt", name, "torch", str(steps)])
+            if rounds > 1 and "error" not in ours and "error" not in rows["torch"]:
+                rows["rounds"] = alternate(["gpt", name, "llvm", str(steps)], ["gpt", name, "torch", str(steps)],
+                                           (ours["median_s"], rows["torch"]["median_s"]), rounds, env, log)
+            if blocks:
+                log(f"[{name}] ours and PyTorch interleaved ...")
+                rows["interleaved"] = interleave(["gpt", name, "llvm"], ["gpt", name, "torch"], blocks,
+                                                 INTERLEAVE_STEPS[name], env, log)
+            if torch_compile:
+                log(f"[{name}] torch.compile ...")
+                rows["torch.compile"] = _spawn(["gpt", name, "torch.compile", str(steps)])
+        if have("jax"):
+            log(f"[{name}] JAX jit ...")
+            rows["jax"] = _spawn(["gpt", name, "jax", str(steps)])
+        else:
+            rows["jax"] = {"skipped": JAX_MISSING}
+        if interpreter:
+            log(f"[{name}] our interpreter ...")
+            rows["interpreter"] = _spawn(["gpt", name, "interpreter", "2" if name == "small" else "3"])
+        log(f"[{name}] peak memory (a separate run each) ...")
+        for key, spec, e in (("ours", ["gpt", name, "llvm", "3"], env), ("torch", ["gpt", name, "torch", "3"], None),
+                             ("jax", ["gpt", name, "jax", "3"], None),
+                             ("interpreter", ["gpt", name, "interpreter", "1"], None)):
+            if key in rows and "error" not in rows[key] and "skipped" not in rows[key]:
+                mem = _spawn(spec, e, memory=True)
+                rows[key]["peak_mb"] = mem.get("peak_mb")
+        return rows
+    finally:  # (the cold kernel cache: megabytes a run)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def format_gpt(name: str, rows: dict) -> str:
