@@ -842,12 +842,8 @@ def install_pool_in_background() -> None:
     _pool_started = True
     from . import threadpool
 
-    def run():
-        try:
-            threadpool.install()
-        except Exception:  # noqa: BLE001 - raised again where the pool is needed
-            pass
-    helper = threading.Thread(target=run, name="narch-pool-install", daemon=True)
+    helper = threading.Thread(target=threadpool.install_keeping_error, name="narch-pool-install",
+                              daemon=True)
     helper.start()
     if hasattr(os, "register_at_fork"):  # a fork never copies a half-made pool (or its held lock)
         os.register_at_fork(before=lambda: helper.join() if helper.is_alive() and

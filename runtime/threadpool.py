@@ -645,17 +645,34 @@ def _after_fork_in_child() -> None:
         _start(_configured_threads())
 
 
+_background_failure: BaseException | None = None
+
+
+def install_keeping_error() -> None:
+    """``install()`` for a helper thread: an error is kept for the next ``install()``, which
+    raises it in the thread that needs the pool (later calls try again)."""
+    global _background_failure
+    try:
+        install()
+    except Exception as e:  # noqa: BLE001 - raised by the next install(), see above
+        with _lock:
+            _background_failure = e
+
+
 def install() -> None:
     """Compile and start the pool; make ``narch_parallel_for`` resolvable by later MCJIT loads.
 
     Idempotent and thread-safe.  Call it before loading any module that uses the symbol.
     """
-    global _loaded, _address, _parallel_for, _hooks_registered
+    global _loaded, _address, _parallel_for, _hooks_registered, _background_failure
     if _loaded is not None:
         return
     with _lock:
         if _loaded is not None:
             return
+        failed, _background_failure = _background_failure, None
+        if failed is not None:  # (``install_keeping_error``: the caller who needs the pool gets its error)
+            raise failed
         threads = _configured_threads()  # a bad NEURAL_ARCH_NUM_THREADS fails before anything
         loaded = jit.load(jit.optimize(_pool_ir(), "narch_pool"))
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(loaded))  # never free the workers' code
