@@ -1062,7 +1062,10 @@ class Program:
         restored on return; a training step's default, see ``MXCSR_FTZ_DAZ``),
         ``adapt_threads`` (run each call on the pool's threads or on the calling thread
         alone, whichever currently measures faster: ``ThreadChoice``, in
-        ``self.thread_choice``; a training step's default)."""
+        ``self.thread_choice``; a training step's default), ``kernel_memo`` (default True:
+        kernels alike but for their values' names run one function, ``share.kernel_key``),
+        ``module_cache`` (default True: the passes' result and the kernel records from the
+        disk cache)."""
         self.source_graph = graph
         self.options = dict(options or {})
         install_pool_in_background()  # it is needed to load the code; meanwhile the passes run
