@@ -135,9 +135,11 @@ def renamed_kernel(template, name: str, rename: dict, producer: dict):
     def r(v):
         return v if v is None or v == "__workspace__" else rename[v]
 
-    def loop(key):  # a loop over a value's reduction is named after the value ("red.42")
+    computed = {n.name for n in template.nodes}
+
+    def loop(key):  # a loop over a node's reduction is named after it ("red.42"; not "row.full")
         head, dot, value = key.partition(".")
-        return head + dot + rename[value] if dot and value in rename else key
+        return head + dot + rename[value] if dot and value in computed else key
     return Kernel(name, tuple(producer[rename[n.name]] for n in template.nodes), tuple(map(r, template.inputs)),
                   tuple(map(r, template.outputs)), template.strategy, template.tasks, [],
                   {loop(k): v for k, v in template.loops.items()},
