@@ -22,8 +22,8 @@ options, so recompiling an equal graph costs nothing; when the disk cache
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -404,6 +404,9 @@ def module_from_meta(meta: dict, graph: Graph, rebuild) -> Module:
     return Module(None, kernels, layout, checks, 0.0, groups, tuple(meta["buffered"]), rebuild, True)
 
 
+FIXED_SLOTS = (None, "__workspace__")  # the error record and the workspace: every kernel's own
+
+
 def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
     """Lower ``graph`` to one LLVM module: a kernel per group (default: the fusion plan's
     kernels, or one per node with ``options={"fuse": False}``) and the entry point."""
@@ -465,8 +468,9 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
             if hit is not None:
                 template, template_names = hit
                 rename = dict(zip(template_names, names))
+                rename.update((v, v) for v in FIXED_SLOTS)
                 kern = renamed_kernel(template, name, rename, producer)
-                args[name] = tuple(rename.get(v, v) for v in args[template.name])
+                args[name] = tuple(rename[v] for v in args[template.name])
                 for v in args[name]:
                     slot(v)
                 kernels.append(kern)
@@ -481,18 +485,18 @@ def build(graph: Graph, groups=None, options: dict | None = None) -> Module:
         kb.slot = kernel_slot
         kern = kb.build()
         # the memory plan trusts inputs/outputs/buffers: they must cover every pointer loaded
-        undeclared = set(local) - set(kern.inputs) - set(kern.outputs) - set(kern.buffers) - {None, "__workspace__"}
+        undeclared = set(local) - set(kern.inputs) - set(kern.outputs) - set(kern.buffers) - set(FIXED_SLOTS)
         if undeclared:
             raise AssertionError(f"internal error: kernel {name} reads {sorted(undeclared)} undeclared")
         args[name] = tuple(local)
         kernels.append(kern)
         final_specs.append(spec)
         # a template: no index checks (an error names its own node), nothing outside the key
-        known = set(names if key is not None else ()) | {None, "__workspace__"}
-        if key is not None and not kern.checks and known.issuperset(
-                args[name] + kern.inputs + kern.outputs + kern.buffers + tuple(v for r in kern.reuse for v in r)) \
-                and known.issuperset(n.name for n in kern.nodes):
-            memo[key] = (dataclasses.replace(kern), names)  # (a copy: a note set later is this kernel's)
+        if key is not None and not kern.checks:
+            known = set(names) | set(FIXED_SLOTS)
+            used = args[name] + kern.inputs + kern.outputs + kern.buffers + tuple(v for r in kern.reuse for v in r)
+            if known.issuperset(used) and known.issuperset(n.name for n in kern.nodes):
+                memo[key] = (dataclasses.replace(kern), names)  # (a copy: a note set later is this kernel's)
 
     for k, spec in enumerate(specs):
         name = f"k{k}.{spec.members[-1].op}"

@@ -85,13 +85,19 @@ def _shared_clusters(roots, reach, size) -> list[list]:
     return list(groups.values())
 
 
-def _deal(groups: list[list], n: int, cost) -> list[list]:
+def _deal(groups: list[list], n: int, reach: dict, size: dict) -> list[list]:
     """``groups`` dealt onto ``n`` parts, largest first onto the part it costs least to
     join (what it adds to the part's cost, functions already there being free)."""
     parts: list[list] = [[] for _ in range(n)]
-    for g in sorted(groups, key=lambda g: -cost(g)):
-        j = min(range(n), key=lambda j: (cost(parts[j] + g), j))
+    have: list[set] = [set() for _ in range(n)]
+    load = [0] * n
+    funcs = [({f for r in g for f in reach[r]}, g) for g in groups]
+    for fs, g in sorted(funcs, key=lambda x: -sum(size[f] for f in x[0])):
+        added = [sum(size[f] for f in fs - have[j]) for j in range(n)]
+        j = min(range(n), key=lambda j: (load[j] + added[j], j))
         parts[j].extend(g)
+        have[j] |= fs
+        load[j] += added[j]
     return [p for p in parts if p]
 
 
@@ -132,7 +138,8 @@ def split_module(text: str, n: int, workers: int | None = None) -> list[str]:
     def makespan(ps):  # workers taking the parts in turn finish near the later of these
         costs = [part_cost(p) for p in ps]
         return max(sum(costs) / workers, max(costs))
-    candidates = [_deal([[r] for r in roots], n, part_cost), _deal(_shared_clusters(roots, reach, size), n, part_cost)]
+    candidates = [_deal([[r] for r in roots], n, reach, size),
+                  _deal(_shared_clusters(roots, reach, size), n, reach, size)]
     parts = min(candidates, key=makespan)
     parts.sort(key=lambda p: -part_cost(p))  # the costliest first (workers take them in order)
     out = []

@@ -129,18 +129,16 @@ def kernel_key(graph, spec, inplace, graph_outputs) -> tuple[tuple, tuple]:
 
 def renamed_kernel(template, name: str, rename: dict, producer: dict):
     """``template``'s kernel record for the group whose values ``rename`` maps its values to
-    (``kernel_key``), under ``name``, running ``template``'s function (``same_as``)."""
+    (``kernel_key``; every value the record names, the error record's and the workspace's
+    slots included), under ``name``, running ``template``'s function (``same_as``)."""
     from .kernel import Kernel
-
-    def r(v):
-        return v if v is None or v == "__workspace__" else rename[v]
-
+    r = rename.__getitem__
     computed = {n.name for n in template.nodes}
 
     def loop(key):  # a loop over a node's reduction is named after it ("red.42"; not "row.full")
         head, dot, value = key.partition(".")
         return head + dot + rename[value] if dot and value in computed else key
-    return Kernel(name, tuple(producer[rename[n.name]] for n in template.nodes), tuple(map(r, template.inputs)),
+    return Kernel(name, tuple(producer[r(n.name)] for n in template.nodes), tuple(map(r, template.inputs)),
                   tuple(map(r, template.outputs)), template.strategy, template.tasks, [],
                   {loop(k): v for k, v in template.loops.items()},
                   template.workspace_bytes, tuple(map(r, template.buffers)), template.note, template.externals,
