@@ -1,6 +1,7 @@
 """Pass tests: text in, text out (golden), the pass manager's instruments, and random pass
 subsets/orders giving the same numbers as the unoptimised graph."""
 import os
+import tempfile
 import textwrap
 
 import numpy as np
@@ -232,7 +233,9 @@ def test_pass_manager_env_dump(tmp_path, monkeypatch):
     assert (tmp_path / "000_trace.txt").exists()
 
 
-def test_failing_pass_writes_reproducer():
+def test_failing_pass_writes_reproducer(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the reproducer goes to the temporary directory)
+
     def broken(graph):
         n = graph.nodes[0]
         from neural_arch.compiler.ir import Node, TensorType
@@ -243,6 +246,7 @@ def test_failing_pass_writes_reproducer():
     with pytest.raises(PassError) as info:
         run_pipeline(graph, [Pass("test_broken_pass", broken)], verify_each=True)
     assert "test_broken_pass" in str(info.value) and "reproducer:" in str(info.value)
+    assert os.path.dirname(info.value.reproducer) == str(tmp_path)
     text = open(info.value.reproducer).read()
     assert "pipeline: test_broken_pass" in text
     assert parse("\n".join(l for l in text.splitlines() if not l.startswith("#"))) == graph
