@@ -14,6 +14,8 @@ import numpy as np
 from neural_arch.compiler import functional as F
 from neural_arch.compiler.tensor import Tensor, bump_data_generation, no_grad
 
+from .arena import StateArena
+
 
 class StateDict(dict):
     """A dict that counts its changes in the tensors' data generation
@@ -70,6 +72,8 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: parameter {i} is parameter {first[id(p)]} again")
         self.lr = lr
         self.step_count = 0
+        # the parameters' and their state's slots in one buffer (models/arena.py)
+        self._arena = StateArena(self.params, self.state_names)
         # per-parameter state: {"exp_avg": Tensor, ..., "step": int}
         self.state: dict[int, dict] = StateDict({id(p): self.init_state(p) for p in self.params})
 
@@ -96,7 +100,8 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: {key} must be >= 0, got {v}")
 
     def init_state(self, p) -> dict:
-        return StateDict({**{name: Tensor(np.zeros(p.shape, p.dtype)) for name in self.state_names}, "step": 0})
+        """Zeros for each state name (views of their slots in the arena: untouched memory) and step 0."""
+        return StateDict({**{name: Tensor(self._arena.view(p, name)) for name in self.state_names}, "step": 0})
 
     def state_for(self, p) -> dict:
         return self.state[id(p)]

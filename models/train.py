@@ -25,6 +25,7 @@ from neural_arch.compiler.tensor import Tensor, data_generation
 from neural_arch.compiler.trace import call_graph, trace_with_info
 
 from . import nn
+from .arena import pack_training_state
 from .optim import Optimizer, StateDict, clip_by_global_norm
 
 _DATA = operator.attrgetter("_data")
@@ -283,92 +284,6 @@ def train_program_options(graph, model, optimizer, flush_denormals: bool = True)
     pairs.update({1 + len(order) + k * len(keys) + j: pos[f"{n}.{key}"]
                   for k, n in enumerate(order) for j, key in enumerate(keys)})
     return {"inplace": pairs, "flush_denormals": bool(flush_denormals), "adapt_threads": True}
-
-
-HUGE_PAGE = 2 << 20
-
-
-def huge_page_buffer(nbytes: int) -> np.ndarray:
-    """``nbytes`` of zeroed memory, 2 MB aligned, private to this process (a forked child
-    gets a copy-on-write snapshot, as of any NumPy array) and backed by transparent huge
-    pages where the kernel allows them (``madvise(MADV_HUGEPAGE)``).  Where anonymous
-    private mappings are not available, 64-byte aligned NumPy memory."""
-    import mmap
-    flags = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
-    if None not in flags:
-        size = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
-        try:
-            mm = mmap.mmap(-1, size + HUGE_PAGE, flags=flags[0] | flags[1])
-        except (OSError, ValueError):
-            mm = None
-        if mm is not None:
-            raw = np.frombuffer(mm, np.uint8)  # (keeps the mapping alive)
-            off = (-raw.ctypes.data) % HUGE_PAGE
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                try:
-                    mm.madvise(mmap.MADV_HUGEPAGE, off, size)
-                except OSError:  # (no transparent huge pages here: 4 KB pages, still aligned)
-                    pass
-            return raw[off:off + nbytes]
-    raw = np.zeros(nbytes + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + nbytes]
-
-
-def packed_copies(arrays: list) -> list:
-    """Copies of ``arrays`` laid out as ``pack_training_state`` lays out a step's parameters
-    and moments: one ``huge_page_buffer``, each 64-byte aligned (for a profile of the step)."""
-    sizes = [-(-a.nbytes // 64) * 64 for a in arrays]
-    buf = huge_page_buffer(sum(sizes))
-    out, at = [], 0
-    for a, n in zip(arrays, sizes):
-        v = buf[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
-        # the buffer is zeroed: arrays of zero bytes (fresh Adam moments, two thirds of it) are
-        # left to be faulted in by the step that writes them, as np.zeros's calloc leaves them
-        # (touching new memory is slow on our virtual machines: a cached compile of the small
-        # GPT-2 step took 0.39-0.61 s with them copied, 0.29-0.46 s without)
-        if not _zero_bytes(a):
-            v[...] = a
-        out.append(v)
-        at += n
-    return out
-
-
-def _zero_bytes(a: np.ndarray) -> bool:
-    """Whether every byte of ``a`` is 0 (-0.0 is not: its sign bit is set)."""
-    return a.flags.c_contiguous and not a.reshape(-1).view(np.uint8).any()
-
-
-def pack_training_state(optimizer: Optimizer) -> np.ndarray | None:
-    """Move the optimizer's parameters and their state tensors (the moments) into one
-    buffer, 64-byte aligned each, in 2 MB pages (``huge_page_buffer``): the tensors keep their
-    values and become views of it (``compiler.tensor.place_data``).  Returns the buffer.
-
-    Why: NumPy gives each of them its own 4 KB pages, wherever they fall physically, so the
-    weight-gradient kernels that read and write a parameter and both moments at once met a
-    different share of cache conflicts in every process: the MLP benchmark's 256x256 update
-    took 66, 82, 83 or 87 us depending on the process, and 63-64 us every time once packed
-    (docs/benchmarks.md, sixth session).  Arrays taken from the tensors before are no longer
-    theirs: the step writes the new ones."""
-    tensors, seen = [], set()
-    for p in optimizer.params:
-        st = optimizer.state.get(id(p), {})
-        for t in [p] + [st.get(k) for k in optimizer.state_names]:
-            if isinstance(t, Tensor) and id(t) not in seen and t.size and t.data.dtype.kind == "f":
-                seen.add(id(t))
-                tensors.append(t)
-    if not tensors:
-        return None
-    packed = getattr(optimizer, "_packed", None)  # (buffer, addresses) of an earlier packing
-    if packed is not None and [t.data.ctypes.data for t in tensors] == packed[1]:
-        return packed[0]  # (a second compiled step on the same optimizer: already in place)
-    from neural_arch.compiler.tensor import place_data
-    views = packed_copies([t.data for t in tensors])
-    for t, v in zip(tensors, views):
-        place_data(t, v)
-    buf = views[0].base
-    optimizer._packed = (buf, [v.ctypes.data for v in views])
-    return buf
 
 
 def _compile_train_step(model, loss_fn, optimizer, example_batch, clip_norm, backend, flush_denormals) -> TrainStep:

@@ -5,13 +5,15 @@ An entry is keyed by the sha256 of a canonical JSON of its *key parts*; callers 
     {"ir": canonical graph text (no source lines), "version": neural_arch version,
      "toolchain": jit.toolchain_id(), "options": {...}}
 
-(any JSON-able dict works).  Layout: ``<dir>/v1/<key[:2]>/<key>.obj``.  An entry file is
+(any JSON-able dict works; a top-level string part longer than ``DIGESTED_MIN`` characters,
+such as a program's IR, enters the key as its sha256, computed once per text).  Layout:
+``<dir>/v2/<key[:2]>/<key>.obj``.  An entry file is
 
-    b"NARCHOBJ" | u32 little-endian header length | header JSON | payload
+    b"NARCHOBJ" | u32 little-endian header length | header JSON | key parts JSON | payload
 
-where the header holds the key, the payload's sha256 and length, and the key parts
-themselves (so a miss can be explained).  Every read checks magic, header, length and
-hash; a bad entry is reported once (``CacheCorruptionWarning`` naming the file), deleted,
+where the header holds the key, the payload's sha256 and length and the key parts' length,
+and the key parts follow whole (so a miss can be explained); a lookup reads the header
+and skips them.  Every read checks magic, header, length and hash; a bad entry is reported once (``CacheCorruptionWarning`` naming the file), deleted,
 and treated as a miss so the caller rebuilds it.  Writes go to a temporary file in the same
 directory, are fsync'ed, then ``os.replace``'d over the entry: concurrent writers of the same
 key each install a complete entry (the last one wins; they are identical anyway) and a
@@ -35,7 +37,8 @@ import threading
 import warnings
 from typing import Callable, Iterator
 
-FORMAT = "v1"
+FORMAT = "v2"
+DIGESTED_MIN = 4096
 MAGIC = b"NARCHOBJ"
 _HEADER_LEN = struct.Struct("<I")
 _MAX_HEADER = 1 << 30
@@ -65,20 +68,43 @@ def canonical_json(key_parts: dict) -> str:
                       allow_nan=False)
 
 
+_digests: dict = {}  # long key part text -> its sha256 (a program's lookups share one IR text)
+_digests_lock = threading.Lock()
+
+
+def _digest(text: str) -> str:
+    with _digests_lock:
+        d = _digests.get(text)
+    if d is None:
+        d = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with _digests_lock:
+            if len(_digests) >= 64:
+                _digests.clear()
+            _digests[text] = d
+    return d
+
+
 def cache_key(key_parts: dict) -> str:
-    return hashlib.sha256(canonical_json(key_parts).encode("utf-8")).hexdigest()
+    if not isinstance(key_parts, dict):
+        raise TypeError(f"key_parts must be a dict, not {type(key_parts).__name__}")
+    keyed = {k: _digest(v) if isinstance(v, str) and len(v) > DIGESTED_MIN else v for k, v in key_parts.items()}
+    return hashlib.sha256(canonical_json(keyed).encode("utf-8")).hexdigest()
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def _frame(key: str, key_parts: dict, payload: bytes) -> bytes:
-    header = json.dumps({"format": FORMAT, "key": key, "length": len(payload),
-                         "sha256": hashlib.sha256(payload).hexdigest(), "key_parts": key_parts},
-                        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                        allow_nan=False).encode("utf-8")
-    return MAGIC + _HEADER_LEN.pack(len(header)) + header + payload
+    parts = _dumps(key_parts)
+    header = _dumps({"format": FORMAT, "key": key, "length": len(payload),
+                     "sha256": hashlib.sha256(payload).hexdigest(), "parts_length": len(parts)})
+    return MAGIC + _HEADER_LEN.pack(len(header)) + header + parts + payload
 
 
-def _read_header(f) -> tuple[dict, int]:
-    """(header, offset of the payload); raises CorruptEntry."""
+def _read_header(f, with_parts: bool = True) -> tuple[dict, int]:
+    """(header, offset of the payload), the key parts in ``header["key_parts"]`` if
+    ``with_parts`` (else skipped); raises CorruptEntry."""
     head = f.read(len(MAGIC) + _HEADER_LEN.size)
     if len(head) < len(MAGIC) + _HEADER_LEN.size:
         raise CorruptEntry(f"truncated header ({len(head)} bytes)")
@@ -96,8 +122,21 @@ def _read_header(f) -> tuple[dict, int]:
         raise CorruptEntry(f"unreadable header ({e})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or \
             not isinstance(header.get("length"), int) or not isinstance(header.get("sha256"), str) \
-            or not isinstance(header.get("key_parts"), dict):
+            or not isinstance(header.get("parts_length"), int) or not 0 <= header["parts_length"] <= _MAX_HEADER:
         raise CorruptEntry("malformed header")
+    at = len(head) + n + header["parts_length"]
+    if not with_parts:
+        f.seek(at)
+        return header, at
+    raw = f.read(header["parts_length"])
+    if len(raw) != header["parts_length"]:
+        raise CorruptEntry(f"truncated key parts ({len(raw)} of {header['parts_length']} bytes)")
+    try:
+        header["key_parts"] = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptEntry(f"unreadable key parts ({e})") from None
+    if not isinstance(header["key_parts"], dict):
+        raise CorruptEntry("malformed key parts")
     return header, len(head) + n
 
 
@@ -181,7 +220,7 @@ class ObjectCache:
             return None
         with f:
             try:
-                header, _ = _read_header(f)
+                header, _ = _read_header(f, with_parts=False)
                 if header.get("key") != key:
                     raise CorruptEntry(f"entry holds key {str(header.get('key'))[:16]}..., "
                                        f"expected {key[:16]}...")
@@ -419,3 +458,10 @@ def default_cache() -> ObjectCache:
         if _default is None or _default.directory != default_directory():
             _default = ObjectCache()
         return _default
+
+
+def disk_cache() -> ObjectCache | None:
+    """The process-wide cache, or None where caching is off (``NEURAL_ARCH_CACHE=0``)."""
+    if os.environ.get("NEURAL_ARCH_CACHE", "1") == "0":
+        return None
+    return default_cache()

@@ -705,13 +705,8 @@ def cache_key_parts(key_text: str, options: dict) -> dict:
 
 
 def _disk_cache():
-    if os.environ.get("NEURAL_ARCH_CACHE", "1") == "0":
-        return None
-    try:
-        from .cache import default_cache
-        return default_cache()
-    except Exception:  # pragma: no cover - a broken cache must never break compiling
-        return None
+    from .cache import disk_cache
+    return disk_cache()
 
 
 COMPILE_PART_BYTES = 64 << 10  # LLVM IR text below which a module compiles as one part
@@ -1077,14 +1072,15 @@ class Program:
             install_gemms_in_background(graph, self.options)  # likewise the GEMMs it will call
         from neural_arch.compiler.passes.manager import _env_flag
         timing = self.options.get("time_passes", _env_flag("NEURAL_ARCH_TIME_PASSES"))
+        text = None
         if groups is None and self.options.get("passes", True):
-            graph = self._run_passes(graph, timing)
+            graph, text = self._run_passes(graph, timing)
         self.graph = graph
         # outputs written over inputs: {output position: input position}, checked
         self.inplace: dict[int, int] = {}
         self.inplace_refused: dict[str, str] = {}
         wanted = self.options.pop("inplace", None) or {}
-        text = canonical_text(graph)
+        text = text or canonical_text(graph)
         if wanted and groups is None and self.options.get("fuse", True):
             by_name = {graph.outputs[o]: graph.inputs[i].name for o, i in wanted.items()}
             accepted, self.inplace_refused = self._inplace_pairs(graph, by_name, text)
@@ -1182,7 +1178,7 @@ class Program:
                 self.thread_choice = ThreadChoice(self._entry)
                 self._entry = self.thread_choice
 
-    def _run_passes(self, graph: Graph, timing: bool) -> Graph:
+    def _run_passes(self, graph: Graph, timing: bool) -> tuple[Graph, str | None]:
         """``DEFAULT_PIPELINE`` on the traced graph, or its result from the disk cache, keyed
         by the traced graph's canonical text, the pipeline, the passes' sources and NumPy's
         version (constant folding computes with it).  Locations are not in that text, so the
@@ -1192,14 +1188,17 @@ class Program:
         nodes each hold a location object of their own (equal to their own location): the
         passes copy locations, never compare them, so each result location is, by identity,
         one traced node's.  A result holding any other location is not cached.  With an
-        instrument on (verify, print, time, dump) the passes always run."""
+        instrument on (verify, print, time, dump) the passes always run.  Returns the graph
+        and its ``canonical_text`` where known: the entry holds it too (checked, when it is
+        stored, against the text of the graph its records restore), which saves a hit the
+        time to print it (10-15 ms for the small GPT-2 step)."""
         from neural_arch.compiler.ir import SourceLoc, node_records, nodes_from_records
         from neural_arch.compiler.passes import DEFAULT_PIPELINE, fingerprint, run_pipeline
         from neural_arch.compiler.passes.manager import instruments_requested
         cache = _disk_cache() if self.options.get("module_cache", True) and not timing \
             and not instruments_requested() else None
         if cache is None:
-            return run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph
+            return run_pipeline(graph, DEFAULT_PIPELINE, time_passes=timing).graph, None
         import json
         parts = {"ir": canonical_text(graph), "kind": "passes", "pipeline": list(DEFAULT_PIPELINE),
                  "passes": fingerprint(), "numpy": np.__version__}
@@ -1216,9 +1215,10 @@ class Program:
                         raise ValueError(f"location index {k!r} of {len(locs)} traced nodes")
                     return locs[k]
                 outputs = tuple(rec["outputs"])
-                if not all(type(o) is str for o in outputs):
-                    raise ValueError("malformed outputs")
-                return Graph(graph.name, graph.inputs, tuple(nodes_from_records(rec["nodes"], loc_of)), outputs)
+                if not all(type(o) is str for o in outputs) or type(rec["text"]) is not str:
+                    raise ValueError("malformed outputs or text")
+                return Graph(graph.name, graph.inputs, tuple(nodes_from_records(rec["nodes"], loc_of)),
+                             outputs), rec["text"]
             except (ValueError, KeyError, TypeError) as e:  # an old or foreign entry: run the passes
                 sys.stderr.write(f"neural_arch: ignoring an unreadable pass result in the cache ({e})\n")
         marked = graph.replace(nodes=[n if n.loc is None else Node(n.name, n.op, n.inputs, n.type, n.attrs,
@@ -1226,11 +1226,16 @@ class Program:
                                       for n in graph.nodes])
         result = run_pipeline(marked, DEFAULT_PIPELINE).graph
         index = {id(n.loc): k for k, n in enumerate(marked.nodes) if n.loc is not None}
+        text = canonical_text(result)
         if result.name == graph.name and result.inputs == graph.inputs and \
                 all(n.loc is None or id(n.loc) in index for n in result.nodes):
             records = node_records(result.nodes, lambda loc: None if loc is None else index[id(loc)])
-            cache.put(parts, json.dumps({"nodes": records, "outputs": list(result.outputs)}).encode())
-        return result
+            raw = json.dumps({"nodes": records, "outputs": list(result.outputs), "text": text})
+            restored = Graph(graph.name, graph.inputs,
+                             tuple(nodes_from_records(json.loads(raw)["nodes"], lambda k: None)), result.outputs)
+            if canonical_text(restored) == text:  # (what a hit will take as the restored graph's text)
+                cache.put(parts, raw.encode())
+        return result, text
 
     def _inplace_pairs(self, graph: Graph, by_name: dict, text: str) -> tuple[dict, dict]:
         """``inplace_pairs``, or its answer from the disk cache: it runs the fusion plan, and

@@ -559,6 +559,23 @@ def _pool_ir() -> str:
             .replace("__OPEN__", str(_OPEN)))
 
 
+def _pool_object() -> bytes:
+    """The pool's object code: from the disk cache, else optimised and compiled (and stored).
+    Compiling it takes 100-170 ms, and every process needs it before any program's code
+    loads: on a cached compile it was the longest wait (the small GPT-2 step's compile
+    waited 40-60 ms for it after tracing, passes and records, which it overlaps)."""
+    from .cache import disk_cache
+    text = _pool_ir()
+    cache = disk_cache()
+    parts = {"kind": "thread pool", "ir": text, "toolchain": jit.toolchain_id()}
+    obj = cache.get(parts) if cache is not None else None
+    if obj is None:
+        obj = jit.emit_object(jit.optimize(text, "narch_pool"))
+        if cache is not None:
+            cache.put(parts, obj)
+    return obj
+
+
 _lock = threading.RLock()
 _loaded = None  # the pool's engine; deliberately leaked (see module docstring)
 _address = 0
@@ -674,7 +691,7 @@ def install() -> None:
         if failed is not None:  # (``install_keeping_error``: the caller who needs the pool gets its error)
             raise failed
         threads = _configured_threads()  # a bad NEURAL_ARCH_NUM_THREADS fails before anything
-        loaded = jit.load(jit.optimize(_pool_ir(), "narch_pool"))
+        loaded = jit.load(None, _pool_object())
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(loaded))  # never free the workers' code
         _fns["start"] = loaded.function("narch_pool_start", ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p, ctypes.c_int64)

@@ -42,6 +42,23 @@ def test_key_is_canonical():
         ObjectCache.key({"x": float("nan")})
 
 
+def test_a_long_part_enters_the_key_as_its_digest_and_is_stored_whole(cache):
+    """A program's IR (longer than DIGESTED_MIN) is hashed once into the key; the entry
+    still holds it whole for explain_miss, and a lookup never parses it."""
+    long_ir = "graph g(x: f32[4]):\n" + "  y = add x x\n" * 1000
+    parts = dict(PARTS, ir=long_ir)
+    digested = dict(PARTS, ir="sha256:" + hashlib.sha256(long_ir.encode()).hexdigest())
+    assert ObjectCache.key(parts) == hashlib.sha256(cache_mod.canonical_json(digested).encode()).hexdigest()
+    assert ObjectCache.key(parts) != ObjectCache.key(dict(parts, ir=long_ir.replace("add", "mul", 1)))
+    assert ObjectCache.key(PARTS) == hashlib.sha256(cache_mod.canonical_json(PARTS).encode()).hexdigest()
+    assert cache.put(parts, b"payload")
+    assert cache.get(parts) == b"payload"
+    assert [h["key_parts"] for _, h in cache.entries()] == [parts]
+    changed = dict(parts, ir=long_ir.replace("add", "mul", 1))
+    assert cache.explain_miss(changed) == "no entry with this IR (1 entries in the cache); the nearest entry " \
+        "differs only in its IR: ir changed at line 2: 'y = add x x' -> 'y = mul x x'"
+
+
 def test_default_location(monkeypatch, tmp_path):
     monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path / "explicit"))
     assert ObjectCache().directory == str(tmp_path / "explicit")

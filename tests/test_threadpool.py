@@ -313,3 +313,18 @@ def test_serial_holds_nest_and_leave_set_serial_alone():
             threadpool.serial_release()
     finally:
         threadpool.set_serial(False)
+
+
+def test_the_pools_object_code_comes_from_the_disk_cache(monkeypatch, tmp_path):
+    """Every process needs the pool before any program loads: its object code is cached
+    like a program's (compiling it took 100-170 ms of a cached compile's critical path)."""
+    from neural_arch.runtime.cache import default_cache
+    monkeypatch.setenv("NEURAL_ARCH_CACHE_DIR", str(tmp_path))
+    cache = default_cache()
+    obj = threadpool._pool_object()
+    assert (cache.hits, cache.misses, cache.stats["puts"]) == (0, 1, 1)
+    assert threadpool._pool_object() == obj and cache.hits == 1
+    [(_, header)] = list(cache.entries())
+    assert header["key_parts"]["kind"] == "thread pool" and header["key_parts"]["ir"] == threadpool._pool_ir()
+    monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
+    assert threadpool._pool_object() == obj  # (compiled again: the same code)

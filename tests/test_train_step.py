@@ -450,12 +450,48 @@ def test_compiled_step_packs_parameters_and_state_into_one_buffer():
         place_data(model.parameters()[0], np.zeros((3, 3), np.float32))
 
 
+def test_fresh_moments_start_in_their_slots_and_replaced_ones_are_moved_in_with_their_values():
+    """An optimizer's fresh state tensors are views of its arena from the start, so packing
+    leaves them where they are (no read, no copy); a state tensor replaced since (eager
+    steps, a loaded checkpoint) is copied into its slot with its values, bit for bit."""
+    model = mlp()
+    opt = optim.AdamW(model.parameters(), lr=0.01)
+    arena = opt._arena
+    first, second = model.parameters()[:2]
+    fresh = opt.state_for(first)["exp_avg"]
+    assert fresh.data.ctypes.data == arena.view(first, "exp_avg").ctypes.data and not fresh.data.any()
+    before = fresh.data
+    replaced = np.random.default_rng(0).standard_normal(second.shape).astype(np.float32)
+    replaced[0] = -0.0
+    opt.state_for(second)["exp_avg_sq"] = Tensor(replaced.copy())
+    compile_train_step(model, mlp_loss, opt, *BATCHES[0])
+    assert opt.state_for(first)["exp_avg"].data is before  # left alone
+    moved = opt.state_for(second)["exp_avg_sq"].data
+    assert moved.ctypes.data == arena.view(second, "exp_avg_sq").ctypes.data
+    assert moved.tobytes() == replaced.tobytes()
+    for p in model.parameters():
+        assert p.data.ctypes.data == arena.view(p).ctypes.data
+    # parameters added to the optimizer after it was made: a new arena for the new layout
+    opt.params.append(nn.Linear(6, 2).weight)
+    opt.state[id(opt.params[-1])] = {"exp_avg": Tensor(np.zeros((2, 6), np.float32)),
+                                     "exp_avg_sq": Tensor(np.ones((2, 6), np.float32)), "step": 0}
+    assert not opt._arena.fits(opt)
+    from neural_arch.models.arena import pack_training_state
+    values = {id(t): t.data.copy() for p in opt.params for t in [p] + [opt.state[id(p)][k] for k in ("exp_avg", "exp_avg_sq")]}
+    buf = pack_training_state(opt)
+    assert opt._arena is not arena and opt._arena.fits(opt) and buf is opt._arena.buffer
+    for p in opt.params:
+        for t in [p] + [opt.state[id(p)][k] for k in ("exp_avg", "exp_avg_sq")]:
+            np.testing.assert_array_equal(t.data, values[id(t)])
+            assert buf.ctypes.data <= t.data.ctypes.data < buf.ctypes.data + buf.nbytes
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
 def test_the_packed_buffer_is_private_to_the_process():
     """A forked child (a checkpoint writer, an evaluator) gets a copy-on-write snapshot of
     the packed parameters, as of any NumPy array: its writes never reach the parent."""
     import os
-    from neural_arch.models.train import huge_page_buffer
+    from neural_arch.models.arena import huge_page_buffer
     buf = huge_page_buffer(3 << 20)
     assert buf.ctypes.data % (2 << 20) == 0 and buf.nbytes == 3 << 20 and not buf.any()
     buf[:] = 1
@@ -526,7 +562,7 @@ def test_an_update_that_changes_a_parameters_dtype_is_named():
 def test_packing_keeps_every_value_bit_for_bit_including_zeros():
     """packed_copies leaves arrays of zero bytes to the zeroed buffer (untouched pages), and
     copies every other array: a -0.0 (sign bit set) and a single nonzero entry survive."""
-    from neural_arch.models.train import packed_copies
+    from neural_arch.models.arena import packed_copies
     arrays = [np.zeros((5, 7), np.float32), np.full(9, -0.0, np.float32), np.zeros(1000, np.float64),
               np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), np.zeros(33, np.float32)]
     arrays[2][777] = 1e-300

@@ -349,7 +349,8 @@ def bench_step_graph(case: str):
     the parameters and moments packed into one buffer as ``compile_train_step`` packs them) and
     the Program options it gives the step (parameters and moments updated in place,
     subnormals flushed), for ``narch profile bench:CASE`` and ``narch dump bench:CASE``."""
-    from neural_arch.models.train import build_train_graph, packed_copies, train_program_options
+    from neural_arch.models.arena import packed_copies
+    from neural_arch.models.train import build_train_graph, train_program_options
     from neural_arch.tools.zoo import train_step_inputs
     if case in GPT_CONFIGS:
         model, opt, loss_fn, batch = _gpt_setup(GPT_CONFIGS[case])
