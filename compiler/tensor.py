@@ -389,6 +389,30 @@ class Tracer:
                                self.loc_override or user_loc(2, self._cwd)))
         return Tensor._symbolic(self, name, node.type)
 
+    def replay(self, start: int, end: int, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
+               new_inputs: Sequence[Tensor]) -> list[Tensor]:
+        """``outputs`` of the stretch of this trace ``self.nodes[start:end]``, recorded as a
+        function of this trace's tensors ``inputs``, computed again on ``new_inputs`` (this
+        trace's tensors of the same types): each node of the stretch that depends on an
+        input is appended again, renamed, with its type, attributes and location; a node
+        that depends on none is shared (it would compute the same value).  For code traced
+        once per parameter whose nodes depend only on its arguments' types (the built-in
+        optimizers' updates): the nodes the stretch's own tracing would have made, without
+        running the Python that made them."""
+        if any(t._tracer is not self for t in (*inputs, *outputs, *new_inputs)) or \
+                [t._type for t in new_inputs] != [t._type for t in inputs] or \
+                len({t._sym for t in inputs}) != len(inputs):
+            raise TraceError("replay: needs distinct recorded inputs of this trace and new inputs of their types")
+        sub = {old._sym: t._sym for old, t in zip(inputs, new_inputs)}
+        nodes = self.nodes
+        fresh = self.fresh
+        for n in nodes[start:end]:
+            if any(i in sub for i in n.inputs):
+                name = fresh()
+                nodes.append(Node(name, n.op, tuple(sub.get(i, i) for i in n.inputs), n.type, n.attrs, n.loc))
+                sub[n.name] = name
+        return [Tensor._symbolic(self, sub.get(o._sym, o._sym), o._type) for o in outputs]
+
     def finish(self, outputs: Sequence[Tensor]) -> Graph:
         names = []
         for o in outputs:

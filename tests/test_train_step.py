@@ -571,3 +571,49 @@ def test_packing_keeps_every_value_bit_for_bit_including_zeros():
         assert v.dtype == a.dtype and v.shape == a.shape
         assert a.tobytes() == v.tobytes()  # (both in C order)
         assert np.signbit(a).tolist() == np.signbit(v).tolist()
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+                                      lambda ps: optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+                                      lambda ps: optim.Adam(ps, lr=0.01, weight_decay=0.05),
+                                      lambda ps: optim.SGD(ps, lr=0.1)])
+def test_replayed_updates_give_the_step_of_updates_traced_one_by_one(make_opt, monkeypatch):
+    """A built-in optimizer's update is traced once per parameter shape and replayed for the
+    others (train.replayed_update): the step graph computes bit for bit what tracing every
+    update computes, from fewer traced nodes, with the same source lines."""
+    from neural_arch.models import train
+    from neural_arch.runtime.interpreter import interpret
+    from neural_arch.tools.zoo import train_step_inputs
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16),
+                          nn.Linear(16, 16), nn.Linear(16, 3))  # (three 16x16 layers: one shape, replayed)
+    opt = make_opt(model.parameters())
+    graphs = {}
+    for replay in (True, False):
+        monkeypatch.setattr(train, "REPLAY_UPDATES", replay)
+        graphs[replay] = train.build_train_graph(model, mlp_loss, opt, BATCHES[0]).graph
+    inputs = train_step_inputs(graphs[True], model, BATCHES[0], 0.01)
+    rng = np.random.default_rng(1)
+    for k, gi in enumerate(graphs[True].inputs):  # (nonzero moments, so that every term counts)
+        if gi.kind == "state":
+            inputs[k] = np.abs(rng.standard_normal(gi.type.shape)).astype(gi.type.dtype)
+    got, want = interpret(graphs[True], inputs), interpret(graphs[False], inputs)
+    assert len(got) == len(want) == 1 + len(opt.params) * (1 + len(opt.state_names))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert len(graphs[True].nodes) < len(graphs[False].nodes)
+    assert {n.loc for n in graphs[True].nodes} == {n.loc for n in graphs[False].nodes}
+
+
+def test_a_users_optimizer_is_traced_for_every_parameter():
+    """A user's update may depend on more than its arguments' types (here: how many times
+    it was called), so it is never replayed."""
+    class Counting(optim.SGD):
+        def update(self, p, g, state, lr, step):
+            self.calls = getattr(self, "calls", 0) + 1
+            return p - g * F.cast(lr, p.dtype) * float(self.calls), {}
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    opt = Counting(model.parameters(), lr=0.1)
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    from neural_arch.models.train import build_train_graph
+    build_train_graph(model, lambda m, x: F.sum(m(x) * m(x)), opt, (x,))
+    assert opt.calls == 4
