@@ -130,6 +130,12 @@ def test_gpt_table_has_a_jax_row_or_says_it_is_missing():
     assert "error" not in ours, ours
     missing = bench.format_gpt("tiny", {"ours": ours, "jax": {"skipped": bench.JAX_MISSING}})
     assert f"  {'jax':16} skipped: {bench.JAX_MISSING}" in missing.splitlines()
+    # a compile-only worker (steps 0) is one more sample of the cached compile; the table
+    # gives their median and each
+    again = bench._spawn(["gpt", "tiny", "llvm", "0"])
+    assert set(again) == {"compile_s", "nodes"} and again["nodes"] == ours["nodes"], again
+    samples = dict(ours, cached_compiles_s=[0.31, 0.2, 0.25])
+    assert "cached 0.25 s (median of 3 processes: 0.31, 0.20, 0.25)" in bench.format_gpt("tiny", {"ours": samples})
     if not have("jax"):
         print("jax is not installed: only the missing-jax row is checked")
         return
