@@ -22,6 +22,7 @@ options, so recompiling an equal graph costs nothing; when the disk cache
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -687,12 +688,32 @@ def codegen_settings() -> str:
     return settings.fingerprint(index, kernel, lowering, mathlib, gemm, share, split)
 
 
+_version_snapshot = threading.local()  # .version: one Program's codegen_version while it is built
+
+
 def codegen_version() -> str:
     """A fingerprint of the code generator: its sources and its settings.  A cached object
     is valid only for the codegen that produced it.  (Not the package version: it changes
     nothing the sources do not, and looking it up costs a cached compile 13 ms of
-    importing importlib.metadata.)"""
-    return f"codegen.{_codegen_sources()}.{codegen_settings()}"
+    importing importlib.metadata.)  While a ``Program`` is built, its thread gets the value
+    taken when the build began (``one_codegen_version``)."""
+    snap = getattr(_version_snapshot, "version", None)
+    return snap if snap is not None else f"codegen.{_codegen_sources()}.{codegen_settings()}"
+
+
+@contextlib.contextmanager
+def one_codegen_version():
+    """Within: ``codegen_version()`` on this thread is the one value it had on entry.  A
+    program's cache lookups all key on one snapshot of the settings, and compute it once
+    (reading the settings took 1-2 ms a lookup, 4-12 ms of a cached compile)."""
+    if getattr(_version_snapshot, "version", None) is not None:
+        yield
+        return
+    _version_snapshot.version = codegen_version()
+    try:
+        yield
+    finally:
+        _version_snapshot.version = None
 
 
 # options that change how calls run, not the code: not part of the cache key
@@ -1065,6 +1086,11 @@ class Program:
         kernels alike but for their values' names run one function, ``share.kernel_key``),
         ``module_cache`` (default True: the passes' result and the kernel records from the
         disk cache)."""
+        with one_codegen_version():
+            self._build(graph, groups, options)
+
+    def _build(self, graph: Graph, groups, options: dict | None) -> None:
+        """``__init__``, under one snapshot of the codegen settings (``one_codegen_version``)."""
         self.source_graph = graph
         self.options = dict(options or {})
         install_pool_in_background()  # it is needed to load the code; meanwhile the passes run
