@@ -16,9 +16,14 @@ from ..ir import FLOAT_DTYPES, INT_DTYPES, TensorType, canonical_dtype
 from .registry import (NONDIFF, Case, DTypeError, OpIndexError, ShapeError, Spec, primitive)
 
 
+_frontend_bind = []  # the frontend's bind, once imported (the ops are a layer below the frontend)
+
+
 def bind(op, *args, **attrs):
-    from ..tensor import bind as _bind  # the ops are a layer below the frontend
-    return _bind(op, *args, **attrs)
+    if not _frontend_bind:
+        from ..tensor import bind as frontend_bind
+        _frontend_bind.append(frontend_bind)
+    return _frontend_bind[0](op, *args, **attrs)
 
 
 # ============================================================================ helpers
