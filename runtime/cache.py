@@ -78,7 +78,7 @@ def _digest(text: str) -> str:
     if d is None:
         d = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
         with _digests_lock:
-            if len(_digests) >= 64:
+            if len(_digests) >= 8:  # (a few programs in flight; each text is ~0.1-0.3 MB)
                 _digests.clear()
             _digests[text] = d
     return d
