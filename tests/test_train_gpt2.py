@@ -186,3 +186,7 @@ def test_train_help_names_each_default_once(model, capsys):
         assert "--batch BATCH sequences per batch (default 16) --block" in text
     if model == "vit":  # (its help names no default: argparse's is added)
         assert "--batch BATCH images per batch (default: 64)" in text
+    if model in ("vit", "clip", "bert"):  # every option with a value says it, 0 included
+        options = re.findall(r"(--[a-z-]+) [A-Z_]+ ([^-]*?)(?= --|$)", text.split("options:")[1])
+        assert options and all("default" in help for _, help in options), options
+        assert "--seed SEED initialisation, split and batch seed (default: 0)" in text or model == "bert"

