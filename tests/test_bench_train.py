@@ -135,7 +135,9 @@ def test_gpt_table_has_a_jax_row_or_says_it_is_missing():
     again = bench._spawn(["gpt", "tiny", "llvm", "0"])
     assert set(again) == {"compile_s", "nodes"} and again["nodes"] == ours["nodes"], again
     samples = dict(ours, cached_compiles_s=[0.31, 0.2, 0.25])
-    assert "cached 0.25 s (median of 3 processes: 0.31, 0.20, 0.25)" in bench.format_gpt("tiny", {"ours": samples})
+    table = bench.format_gpt("tiny", {"ours": samples, "ours_cold": {"compile_s": 4.0, "cold_compiles_s": [4.0, 3.5, 5.5]}})
+    assert "compile cold 4.00 s (median of 3 processes: 4.00, 3.50, 5.50), cached 0.25 s (median of 3 processes: " \
+        "0.31, 0.20, 0.25)" in table
     if not have("jax"):
         print("jax is not installed: only the missing-jax row is checked")
         return

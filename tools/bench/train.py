@@ -20,7 +20,8 @@ threshold fixed, so freed blocks leave the resident set (times come from runs wi
 default allocator: the fixed threshold costs PyTorch up to 2x); ours adds the arena and
 workspace it allocated at compile time.
 Step times are medians over the timed steps; the compile time of our step is measured cold
-(an empty kernel cache) and cached (a fresh process reading the disk cache).
+(an empty kernel cache) and cached (a fresh process reading the disk cache), each in three
+processes (their median is printed, and each of them: one process swings with the host).
 
     narch bench train [--only small,tiny,mlp,generate] [--steps 10] [--torch-compile] [--rounds 3]
                       [--interleave 12]
@@ -476,6 +477,15 @@ def format_rounds(pairs: list) -> str:
             + ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {float(np.median(ratios)):.2f}x")
 
 
+def _cold_compile(name: str) -> dict:
+    """One more cold compile of the ``name`` step: a fresh process, an empty cache of its own."""
+    cache = tempfile.mkdtemp(prefix="narch-bench-cold-")
+    try:
+        return _spawn(["gpt", name, "llvm", "0"], {"NEURAL_ARCH_CACHE_DIR": cache})
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log=print, rounds: int = 1,
               blocks: int = 0) -> dict:
     cache = tempfile.mkdtemp(prefix="narch-bench-cache-")
@@ -483,10 +493,13 @@ def bench_gpt(name: str, steps: int, torch_compile: bool, interpreter: bool, log
         env = {"NEURAL_ARCH_CACHE_DIR": cache}
         log(f"[{name}] our step, cold kernel cache ...")
         cold = _spawn(["gpt", name, "llvm", "1"], env)
+        if "error" not in cold:  # (likewise the cold compile, each in an empty cache of its own)
+            cold["cold_compiles_s"] = [cold["compile_s"]] + [
+                c["compile_s"] for c in (_cold_compile(name) for _ in range(COMPILE_SAMPLES - 1)) if "compile_s" in c]
         log(f"[{name}] our step, cached ...")
         ours = _spawn(["gpt", name, "llvm", str(steps)], env)
         if "error" not in ours:  # (one process's cached compile swings with the host: three of them)
-            more = [_spawn(["gpt", name, "llvm", "0"], env) for _ in range(CACHED_COMPILE_SAMPLES - 1)]
+            more = [_spawn(["gpt", name, "llvm", "0"], env) for _ in range(COMPILE_SAMPLES - 1)]
             ours["cached_compiles_s"] = [ours["compile_s"]] + [r["compile_s"] for r in more if "compile_s" in r]
         rows = {"ours": ours, "ours_cold": cold}
         if have("torch"):
@@ -542,8 +555,8 @@ def format_gpt(name: str, rows: dict) -> str:
                         if ours.get("flush_denormals") else ""))
         lines.append(f"  ours: {ours.get('kernels', '?')} kernels for {ours['nodes']} IR nodes; arena "
                      f"{ours.get('arena_mb', 0):.1f} MB planned for {ours.get('intermediates_mb', 0):.1f} MB of "
-                     f"intermediates; compile cold {cold.get('compile_s', float('nan')):.2f} s, cached "
-                     f"{format_cached(ours)} (trace + passes + codegen lookup)")
+                     f"intermediates; compile cold {format_compiles(cold, 'cold_compiles_s')}, cached "
+                     f"{format_compiles(ours, 'cached_compiles_s')} (trace + passes + codegen lookup)")
         if rows.get("rounds"):
             lines.append(format_rounds(rows["rounds"]))
         if rows.get("interleaved"):
@@ -557,12 +570,12 @@ def format_gpt(name: str, rows: dict) -> str:
     return "\n".join(lines)
 
 
-CACHED_COMPILE_SAMPLES = 3  # fresh processes compiling from the disk cache
+COMPILE_SAMPLES = 3  # fresh processes compiling cold (each its own empty cache) and from the disk cache
 
 
-def format_cached(ours: dict) -> str:
-    """The cached compile: the median of its samples, and all of them."""
-    samples = ours.get("cached_compiles_s") or [ours["compile_s"]]
+def format_compiles(row: dict, key: str) -> str:
+    """A compile time: the median of its samples (``row[key]``), and all of them."""
+    samples = row.get(key) or [row.get("compile_s", float("nan"))]
     if len(samples) == 1:
         return f"{samples[0]:.2f} s"
     return f"{float(np.median(samples)):.2f} s (median of {len(samples)} processes: " + \
