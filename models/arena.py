@@ -84,7 +84,12 @@ def _zero_bytes(a: np.ndarray) -> bool:
 class StateArena:
     """Slots for ``params`` and, after each, one per name in ``state_names`` (the parameter's
     shape and dtype), 64-byte aligned, in one ``huge_page_buffer`` (``self.buffer``).
-    ``view(p, name)``: the slot of parameter ``p`` (``name`` None) or of its state ``name``."""
+    ``view(p, name)``: the slot of parameter ``p`` (``name`` None) or of its state ``name``.
+
+    A slot is given to one tensor, once (``take``): as the storage of a fresh state tensor
+    (``fresh``), or when ``pack_training_state`` moves a tensor in.  It is never written
+    for another tensor afterwards: whoever holds the first one (a state replaced by a
+    reset, a tensor the caller kept) keeps its values."""
 
     def __init__(self, params: list, state_names: tuple):
         self.state_names = tuple(state_names)
@@ -94,6 +99,7 @@ class StateArena:
         sizes = [_aligned(math.prod(shape) * dtype.itemsize) for shape, dtype in specs]
         self.buffer = huge_page_buffer(sum(sizes) * per)
         self._slots: dict = {}
+        self._taken: set = set()
         at = 0
         for pid, (shape, dtype), n in zip(self.param_ids, specs, sizes):
             nbytes = math.prod(shape) * dtype.itemsize
@@ -104,36 +110,76 @@ class StateArena:
     def view(self, p, name: str | None = None) -> np.ndarray:
         return self._slots[id(p), name]
 
+    def free(self, p, name: str | None = None) -> bool:
+        """Whether the slot exists and was never given to a tensor."""
+        key = (id(p), name)
+        return key in self._slots and key not in self._taken
+
+    def take(self, p, name: str | None = None) -> np.ndarray:
+        self._taken.add((id(p), name))
+        return self._slots[id(p), name]
+
+    def fresh(self, p, name: str) -> np.ndarray:
+        """Zeros of ``p``'s shape and dtype for its state ``name``: its slot where that is
+        free (untouched memory), else a new array (a reset after steps have written it, a
+        parameter added since the arena was laid out)."""
+        return self.take(p, name) if self.free(p, name) else np.zeros(p.shape, p.dtype)
+
     def fits(self, optimizer) -> bool:
         """Whether this arena was laid out for the optimizer's parameters and state names."""
         return self.param_ids == [id(p) for p in optimizer.params] and \
             self.state_names == tuple(optimizer.state_names)
 
+    def __reduce__(self):  # (a copied optimizer lays out its own: the buffer is this process's memory)
+        return type(None), ()
+
+
+def _tensors(optimizer, names: tuple) -> list:
+    """(parameter, state name or None, tensor) in arena order, each tensor once (the first
+    place it is met) and only where it is a tensor."""
+    out, seen = [], set()
+    for p in optimizer.params:
+        st = optimizer.state.get(id(p), {})
+        for name in (None,) + names:
+            t = p if name is None else st.get(name)
+            if isinstance(t, Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                out.append((p, name, t))
+    return out
+
 
 def pack_training_state(optimizer) -> np.ndarray:
     """Move the optimizer's parameters and their state tensors into their slots of its arena
-    (``StateArena``, remade if the optimizer's parameters or state names changed since):
-    each keeps its values and becomes a view of its slot (``compiler.tensor.place_data``).
-    A tensor already in its slot (fresh moments, everything after a first compiled step) is
-    left alone.  A tensor of another shape or dtype than its slot's, or met a second time
-    (a state tensor that is a parameter too), stays where it is.  Returns the buffer.
-    Arrays taken from the tensors before are no longer theirs: the step writes the new ones."""
+    (``StateArena``): each keeps its values and becomes a view of its slot
+    (``compiler.tensor.place_data``).  A tensor already in its slot (fresh moments,
+    everything after a first compiled step) is left alone.  A slot already given to another
+    tensor is never written: then (state replaced by eager steps or a checkpoint, state
+    swapped between parameters, the optimizer's parameters or state names changed) the
+    optimizer gets a new arena and every tensor is copied into it.  A tensor of another
+    shape or dtype than its slot's, or met a second time, stays where it is.  Returns the
+    buffer.  Arrays taken from the tensors before are no longer theirs: the step writes the
+    new ones."""
     arena = optimizer.__dict__.get("_arena")
-    if arena is None or not arena.fits(optimizer):
-        arena = optimizer._arena = StateArena(optimizer.params, optimizer.state_names)
-    placed = set()
-    for p in optimizer.params:
-        st = optimizer.state.get(id(p), {})
-        for name in (None,) + arena.state_names:
-            t = p if name is None else st.get(name)
-            if not isinstance(t, Tensor) or id(t) in placed:
-                continue
+    names = tuple(optimizer.state_names)
+    moves = None
+    if arena is not None and arena.fits(optimizer):
+        moves = []
+        for p, name, t in _tensors(optimizer, names):
             slot, a = arena.view(p, name), t.data
             if a.shape != slot.shape or a.dtype != slot.dtype:
                 continue
-            placed.add(id(t))
             if a.ctypes.data == slot.ctypes.data and a.flags.c_contiguous and a.flags.writeable:
                 continue  # (in its slot already)
-            slot[...] = a
-            place_data(t, slot)
+            if not arena.free(p, name):
+                moves = None  # (its slot is another tensor's storage)
+                break
+            moves.append((p, name, t))
+    if moves is None:
+        arena = optimizer._arena = StateArena(optimizer.params, names)
+        moves = [(p, name, t) for p, name, t in _tensors(optimizer, names)
+                 if (t.data.shape, t.data.dtype) == (arena.view(p, name).shape, arena.view(p, name).dtype)]
+    for p, name, t in moves:  # (every destination is a slot no tensor had: no source overlaps it)
+        slot = arena.take(p, name)
+        slot[...] = t.data
+        place_data(t, slot)
     return arena.buffer

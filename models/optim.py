@@ -101,7 +101,9 @@ class Optimizer:
 
     def init_state(self, p) -> dict:
         """Zeros for each state name (views of their slots in the arena: untouched memory) and step 0."""
-        return StateDict({**{name: Tensor(self._arena.view(p, name)) for name in self.state_names}, "step": 0})
+        arena = self.__dict__.get("_arena")
+        return StateDict({**{name: Tensor(arena.fresh(p, name) if arena is not None else np.zeros(p.shape, p.dtype))
+                             for name in self.state_names}, "step": 0})
 
     def state_for(self, p) -> dict:
         return self.state[id(p)]

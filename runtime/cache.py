@@ -6,7 +6,8 @@ An entry is keyed by the sha256 of a canonical JSON of its *key parts*; callers 
      "toolchain": jit.toolchain_id(), "options": {...}}
 
 (any JSON-able dict works; a top-level string part longer than ``DIGESTED_MIN`` characters,
-such as a program's IR, enters the key as its sha256, computed once per text).  Layout:
+such as a program's IR, enters the key as its sha256, computed once per text, and the key
+names the parts it digested, so no short part can stand for a long one).  Layout:
 ``<dir>/v2/<key[:2]>/<key>.obj``.  An entry file is
 
     b"NARCHOBJ" | u32 little-endian header length | header JSON | key parts JSON | payload
@@ -38,6 +39,7 @@ import warnings
 from typing import Callable, Iterator
 
 FORMAT = "v2"
+OLD_FORMATS = ("v1",)  # (their directories: removed by clear())
 DIGESTED_MIN = 4096
 MAGIC = b"NARCHOBJ"
 _HEADER_LEN = struct.Struct("<I")
@@ -87,7 +89,10 @@ def _digest(text: str) -> str:
 def cache_key(key_parts: dict) -> str:
     if not isinstance(key_parts, dict):
         raise TypeError(f"key_parts must be a dict, not {type(key_parts).__name__}")
-    keyed = {k: _digest(v) if isinstance(v, str) and len(v) > DIGESTED_MIN else v for k, v in key_parts.items()}
+    long = sorted(k for k, v in key_parts.items() if isinstance(v, str) and len(v) > DIGESTED_MIN)
+    if not long:
+        return hashlib.sha256(canonical_json(key_parts).encode("utf-8")).hexdigest()
+    keyed = {"digested": long, "parts": {k: _digest(v) if k in long else v for k, v in key_parts.items()}}
     return hashlib.sha256(canonical_json(keyed).encode("utf-8")).hexdigest()
 
 
@@ -98,7 +103,8 @@ def _dumps(obj) -> bytes:
 def _frame(key: str, key_parts: dict, payload: bytes) -> bytes:
     parts = _dumps(key_parts)
     header = _dumps({"format": FORMAT, "key": key, "length": len(payload),
-                     "sha256": hashlib.sha256(payload).hexdigest(), "parts_length": len(parts)})
+                     "sha256": hashlib.sha256(payload).hexdigest(), "parts_length": len(parts),
+                     "parts_sha256": hashlib.sha256(parts).hexdigest()})
     return MAGIC + _HEADER_LEN.pack(len(header)) + header + parts + payload
 
 
@@ -131,13 +137,15 @@ def _read_header(f, with_parts: bool = True) -> tuple[dict, int]:
     raw = f.read(header["parts_length"])
     if len(raw) != header["parts_length"]:
         raise CorruptEntry(f"truncated key parts ({len(raw)} of {header['parts_length']} bytes)")
+    if hashlib.sha256(raw).hexdigest() != header.get("parts_sha256"):
+        raise CorruptEntry("key parts sha256 mismatch")
     try:
         header["key_parts"] = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptEntry(f"unreadable key parts ({e})") from None
     if not isinstance(header["key_parts"], dict):
         raise CorruptEntry("malformed key parts")
-    return header, len(head) + n
+    return header, at
 
 
 class ObjectCache:
@@ -326,10 +334,13 @@ class ObjectCache:
                 yield p, header
 
     def clear(self) -> int:
-        """Delete every entry (and stray temporary files) and zero the counters; returns
-        the number of entries deleted."""
+        """Delete every entry (and stray temporary files, and the entries of older formats,
+        which this version never reads) and zero the counters; returns the number of
+        entries of this format deleted."""
         n = sum(1 for _ in self.entries())
         shutil.rmtree(self.root, ignore_errors=True)
+        for old in OLD_FORMATS:
+            shutil.rmtree(os.path.join(self.directory, old), ignore_errors=True)
         self.reset_stats()
         with self._lock:
             self._corrupted.clear()

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
+import hashlib
 import os
 import sys
 import threading
@@ -559,6 +561,16 @@ def _pool_ir() -> str:
             .replace("__OPEN__", str(_OPEN)))
 
 
+@functools.lru_cache(maxsize=None)
+def _pool_sources() -> str:
+    """A hash of the sources that turn the pool's IR into object code (this file, jit.py)."""
+    h = hashlib.sha256()
+    for path in (__file__, jit.__file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def _pool_object() -> bytes:
     """The pool's object code: from the disk cache, else optimised and compiled (and stored).
     Compiling it takes 100-170 ms, and every process needs it before any program's code
@@ -567,7 +579,7 @@ def _pool_object() -> bytes:
     from .cache import disk_cache
     text = _pool_ir()
     cache = disk_cache()
-    parts = {"kind": "thread pool", "ir": text, "toolchain": jit.toolchain_id()}
+    parts = {"kind": "thread pool", "ir": text, "toolchain": jit.toolchain_id(), "sources": _pool_sources()}
     obj = cache.get(parts) if cache is not None else None
     if obj is None:
         obj = jit.emit_object(jit.optimize(text, "narch_pool"))

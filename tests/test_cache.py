@@ -47,9 +47,11 @@ def test_a_long_part_enters_the_key_as_its_digest_and_is_stored_whole(cache):
     still holds it whole for explain_miss, and a lookup never parses it."""
     long_ir = "graph g(x: f32[4]):\n" + "  y = add x x\n" * 1000
     parts = dict(PARTS, ir=long_ir)
-    digested = dict(PARTS, ir="sha256:" + hashlib.sha256(long_ir.encode()).hexdigest())
-    assert ObjectCache.key(parts) == hashlib.sha256(cache_mod.canonical_json(digested).encode()).hexdigest()
+    digest = "sha256:" + hashlib.sha256(long_ir.encode()).hexdigest()
+    keyed = {"digested": ["ir"], "parts": dict(PARTS, ir=digest)}
+    assert ObjectCache.key(parts) == hashlib.sha256(cache_mod.canonical_json(keyed).encode()).hexdigest()
     assert ObjectCache.key(parts) != ObjectCache.key(dict(parts, ir=long_ir.replace("add", "mul", 1)))
+    assert ObjectCache.key(parts) != ObjectCache.key(dict(PARTS, ir=digest))  # (a short part never stands for a long one)
     assert ObjectCache.key(PARTS) == hashlib.sha256(cache_mod.canonical_json(PARTS).encode()).hexdigest()
     assert cache.put(parts, b"payload")
     assert cache.get(parts) == b"payload"
@@ -310,3 +312,21 @@ def test_a_gemm_that_fails_on_the_helper_thread_fails_the_program(monkeypatch, t
     program._join_gemm_helpers()
     assert calls, "no GEMM was compiled"
     program.clear_memory_cache()
+
+
+def test_corrupt_key_parts_are_caught_and_clear_removes_older_formats(cache):
+    """The key parts stored in an entry carry their own sha256: an entry whose parts were
+    damaged is not listed (explain_miss and entries read them); the payload still loads
+    (it has its own check).  clear() also removes the directories of older formats."""
+    assert cache.put(PARTS, b"payload")
+    (path, _), = list(cache.entries())
+    data = bytearray(open(path, "rb").read())
+    at = data.index(b'"toolchain"')
+    data[at + 1] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    assert list(cache.entries()) == [] and cache.get(PARTS) == b"payload"
+    old = os.path.join(cache.directory, "v1", "ab")
+    os.makedirs(old)
+    open(os.path.join(old, "x.obj"), "wb").write(b"old")
+    cache.clear()
+    assert not os.path.exists(os.path.join(cache.directory, "v1")) and not os.path.exists(cache.root)

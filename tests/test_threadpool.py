@@ -326,5 +326,6 @@ def test_the_pools_object_code_comes_from_the_disk_cache(monkeypatch, tmp_path):
     assert threadpool._pool_object() == obj and cache.hits == 1
     [(_, header)] = list(cache.entries())
     assert header["key_parts"]["kind"] == "thread pool" and header["key_parts"]["ir"] == threadpool._pool_ir()
+    assert header["key_parts"]["sources"] == threadpool._pool_sources()  # (jit.py's optimisation is in it)
     monkeypatch.setenv("NEURAL_ARCH_CACHE", "0")
     assert threadpool._pool_object() == obj  # (compiled again: the same code)

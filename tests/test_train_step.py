@@ -452,8 +452,10 @@ def test_compiled_step_packs_parameters_and_state_into_one_buffer():
 
 def test_fresh_moments_start_in_their_slots_and_replaced_ones_are_moved_in_with_their_values():
     """An optimizer's fresh state tensors are views of its arena from the start, so packing
-    leaves them where they are (no read, no copy); a state tensor replaced since (eager
-    steps, a loaded checkpoint) is copied into its slot with its values, bit for bit."""
+    leaves them where they are (no read, no copy) and moves only the parameters; a state
+    tensor replaced since (eager steps, a loaded checkpoint) is never written over its old
+    slot: everything is copied into a new arena, with its values, bit for bit."""
+    from neural_arch.models.arena import pack_training_state
     model = mlp()
     opt = optim.AdamW(model.parameters(), lr=0.01)
     arena = opt._arena
@@ -461,29 +463,71 @@ def test_fresh_moments_start_in_their_slots_and_replaced_ones_are_moved_in_with_
     fresh = opt.state_for(first)["exp_avg"]
     assert fresh.data.ctypes.data == arena.view(first, "exp_avg").ctypes.data and not fresh.data.any()
     before = fresh.data
+    compile_train_step(model, mlp_loss, opt, *BATCHES[0])
+    assert opt._arena is arena and opt.state_for(first)["exp_avg"].data is before  # left alone
+    for p in model.parameters():
+        assert p.data.ctypes.data == arena.view(p).ctypes.data
     replaced = np.random.default_rng(0).standard_normal(second.shape).astype(np.float32)
     replaced[0] = -0.0
     opt.state_for(second)["exp_avg_sq"] = Tensor(replaced.copy())
-    compile_train_step(model, mlp_loss, opt, *BATCHES[0])
-    assert opt.state_for(first)["exp_avg"].data is before  # left alone
-    moved = opt.state_for(second)["exp_avg_sq"].data
-    assert moved.ctypes.data == arena.view(second, "exp_avg_sq").ctypes.data
-    assert moved.tobytes() == replaced.tobytes()
-    for p in model.parameters():
-        assert p.data.ctypes.data == arena.view(p).ctypes.data
+    tensors = [t for p in opt.params for t in [p] + [opt.state[id(p)][k] for k in ("exp_avg", "exp_avg_sq")]]
+    values = [t.data.copy() for t in tensors]
+    buf = pack_training_state(opt)
+    assert opt._arena is not arena and buf is opt._arena.buffer
+    for t, v in zip(tensors, values):
+        assert t.data.tobytes() == v.tobytes()  # (-0.0 included)
+        assert buf.ctypes.data <= t.data.ctypes.data < buf.ctypes.data + buf.nbytes
+    assert opt.state_for(second)["exp_avg_sq"].data.ctypes.data == opt._arena.view(second, "exp_avg_sq").ctypes.data
     # parameters added to the optimizer after it was made: a new arena for the new layout
     opt.params.append(nn.Linear(6, 2).weight)
     opt.state[id(opt.params[-1])] = {"exp_avg": Tensor(np.zeros((2, 6), np.float32)),
                                      "exp_avg_sq": Tensor(np.ones((2, 6), np.float32)), "step": 0}
     assert not opt._arena.fits(opt)
-    from neural_arch.models.arena import pack_training_state
-    values = {id(t): t.data.copy() for p in opt.params for t in [p] + [opt.state[id(p)][k] for k in ("exp_avg", "exp_avg_sq")]}
     buf = pack_training_state(opt)
-    assert opt._arena is not arena and opt._arena.fits(opt) and buf is opt._arena.buffer
-    for p in opt.params:
-        for t in [p] + [opt.state[id(p)][k] for k in ("exp_avg", "exp_avg_sq")]:
-            np.testing.assert_array_equal(t.data, values[id(t)])
-            assert buf.ctypes.data <= t.data.ctypes.data < buf.ctypes.data + buf.nbytes
+    assert opt._arena.fits(opt) and buf is opt._arena.buffer
+    np.testing.assert_array_equal(opt.state[id(opt.params[-1])]["exp_avg_sq"].data, 1.0)
+
+
+def test_a_slot_is_given_once_so_resets_swaps_and_kept_tensors_keep_their_values():
+    """A slot of the arena is one tensor's storage, once: a state reset after compiled steps
+    gets fresh zeros (not the live moments), moments swapped between two layers of one
+    shape or a trained moment the caller kept and replaced are never written over when
+    the next step is compiled (the optimizer gets a new arena); a parameter added to the
+    optimizer gets zeros; a copied optimizer does not carry the buffer."""
+    import copy
+    import pickle
+    nn.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))  # (two 4x4 weights)
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    x = RNG.standard_normal((5, 4)).astype(np.float32)
+
+    def loss(m, x):
+        return F.mean(m(x) * m(x))
+    step = compile_train_step(model, loss, opt, x)
+    for _ in range(3):
+        step(x)
+    w0, w2 = model[0].weight, model[2].weight
+    live = opt.state_for(w0)["exp_avg"].data
+    reset = opt.init_state(w0)
+    assert not reset["exp_avg"].data.any() and not np.shares_memory(reset["exp_avg"].data, live) and live.any()
+    s0, s2 = opt.state_for(w0), opt.state_for(w2)
+    s0["exp_avg"], s2["exp_avg"] = s2["exp_avg"], s0["exp_avg"]  # (swapped)
+    kept = s0["exp_avg_sq"]
+    s0["exp_avg_sq"] = Tensor(np.zeros((4, 4), np.float32))  # (replaced, the trained one kept)
+    want = [s0["exp_avg"].data.copy(), s2["exp_avg"].data.copy(), kept.data.copy()]
+    before = opt._arena
+    compile_train_step(model, loss, opt, x[:3])
+    assert opt._arena is not before
+    for got, w in zip([s0["exp_avg"].data, s2["exp_avg"].data, kept.data], want):
+        np.testing.assert_array_equal(got, w)
+    assert not s0["exp_avg_sq"].data.any()
+    extra = nn.Linear(3, 2).weight
+    opt.params.append(extra)
+    assert not opt.init_state(extra)["exp_avg"].data.any()
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied._arena is None
+        np.testing.assert_array_equal(copied.state[next(iter(copied.state))]["exp_avg"].data,
+                                      opt.state[next(iter(opt.state))]["exp_avg"].data)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
