@@ -247,7 +247,8 @@ def clip_by_global_norm(grads: list, max_norm: float):
     """The same clipping with tensor ops (traceable): returns (clipped grads, norm)."""
     total = F.sqrt(sum((F.sum(g * g) for g in grads[1:]), F.sum(grads[0] * grads[0])))
     scale = F.minimum(max_norm / (total + 1e-6), 1.0)
-    return [g * scale for g in grads], total
+    # (gradients of several dtypes: the norm is in the widest, each is scaled in its own)
+    return [g * (scale if scale.dtype == g.dtype else F.cast(scale, g.dtype)) for g in grads], total
 
 
 # ----------------------------------------------------------------------------- schedules

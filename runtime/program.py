@@ -1572,6 +1572,7 @@ class Program:
         want, _, _, _, aliased_by_input = self._call_plan
         ptrs, in_slots, address = self._ptrs, self._in_slots, self._address
         last, last_meta, accepted = self._last_inputs, self._last_meta, self._accepted
+        full, spans = False, []  # (an input updated in place changed; spans of other inputs that did)
         for k in changed:
             a, m = arrays[k], meta[k]
             shape, dt, size = want[k]
@@ -1587,6 +1588,52 @@ class Program:
             for slot in aliased_by_input.get(k, ()):  # outputs written over this input
                 ptrs[slot] = ptr
             last[k], last_meta[k], accepted[k] = a, m, acc
+            if aliased_by_input:
+                if k in aliased_by_input:
+                    full = True
+                else:
+                    spans.append((ptr, ptr + acc.nbytes))
+        if full or spans:
+            self._check_inplace_overlap(full, spans, aliased_by_input)
+
+    def _check_inplace_overlap(self, full: bool, spans: list, written: dict) -> None:
+        """An input updated in place (``written``: by input index) must share no memory with
+        any other input: the program would read values it has already overwritten, or write
+        two outputs into one array (optimizer state given to two parameters, one tensor as
+        both of Adam's moments), a wrong answer with no error.  ``full``: an input updated in
+        place changed, every pair is compared; else ``spans`` ((start, end) of the other
+        inputs that changed, such as a new batch) are compared with the span of the inputs
+        updated in place (two comparisons each, ~1 us a call), and exactly if inside it."""
+        accepted, address = self._accepted, self._address
+        span = self.__dict__.get("_inplace_span")
+        if full or span is None:
+            every = {k: (address(a), address(a) + a.nbytes) for k, a in enumerate(accepted)
+                     if a is not None and a.nbytes}
+            mine = [every[k] for k in written if k in every]
+            self._inplace_span = (min(s for s, _ in mine), max(e for _, e in mine)) if mine else (0, 0)
+            open_: list = []  # (end, index) of the spans that may still overlap the next
+            for k in sorted(every, key=lambda k: every[k][0]):
+                start, end = every[k]
+                open_ = [(e, j) for e, j in open_ if e > start]
+                for _, j in open_:
+                    if j in written or k in written:
+                        self._overlap_error(j, k, written)
+                open_.append((end, k))
+            return
+        lo, hi = span
+        for start, end in spans:
+            if start < hi and end > lo and end > start:
+                for j in written:
+                    b = accepted[j]
+                    if b is not None and b.nbytes and start < address(b) + b.nbytes and address(b) < end:
+                        k = next(i for i, a in enumerate(accepted) if a is not None and a.nbytes and address(a) == start)
+                        self._overlap_error(j, k, written)
+
+    def _overlap_error(self, j: int, k: int, written: dict):
+        names = self.graph.inputs
+        a, b = (j, k) if j in written else (k, j)
+        raise ValueError(f"{self.graph.name}: input %{names[a].name} is updated in place and shares memory with "
+                         f"input %{names[b].name}; give each its own array (a copy)")
 
     def _plan_call(self):
         """What ``__call__`` needs per program: each input's (shape, dtype, size), and where each

@@ -661,3 +661,64 @@ def test_a_users_optimizer_is_traced_for_every_parameter():
     from neural_arch.models.train import build_train_graph
     build_train_graph(model, lambda m, x: F.sum(m(x) * m(x)), opt, (x,))
     assert opt.calls == 4
+
+
+class _TwoDtypes(nn.Module):
+    """float32 and float64 parameters of one shape in one model."""
+
+    def __init__(self):
+        super().__init__()
+        r = np.random.default_rng(0)
+        self.a = nn.Parameter(r.standard_normal((4, 4)).astype(np.float32) * 0.3)
+        self.b = nn.Parameter(Tensor(r.standard_normal((4, 4)) * 0.3), dtype="float64")
+
+    def forward(self, x):
+        return F.mean(F.tanh(x @ self.a) ** 2) + F.cast(F.mean(F.tanh(F.cast(x, "float64") @ self.b) ** 2), "float32")
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_parameters_of_two_dtypes_train_as_eagerly_with_and_without_clipping(clip):
+    """The update of each dtype is replayed for its own parameters; clipping scales each
+    gradient in its own dtype (the global norm is float64: the scaled float32 gradient had
+    become float64, and the step refused to compile)."""
+    batches = [(RNG.standard_normal((3, 4)).astype(np.float32),) for _ in range(4)]
+    m1, m2 = _TwoDtypes(), _TwoDtypes()
+    assert (m1.b.dtype, m1.a.dtype) == ("float64", "float32")
+    o1, o2 = optim.AdamW(m1.parameters(), lr=0.05), optim.AdamW(m2.parameters(), lr=0.05)
+
+    def loss(m, x):
+        return m(x)
+    want = []
+    for (x,) in batches:
+        o1.zero_grad()
+        out = loss(m1, Tensor(x))
+        out.backward()
+        if clip is not None:
+            optim.clip_grad_norm_(m1.parameters(), clip)
+        o1.step()
+        want.append(float(out.item()))
+    step = compile_train_step(m2, loss, o2, *batches[0], clip_norm=clip)
+    got = [step(*b) for b in batches]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert p.dtype == q.dtype
+        np.testing.assert_allclose(q.data, p.data, rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+def test_state_shared_between_inputs_updated_in_place_is_refused():
+    """One tensor as both of Adam's moments, or one moment given to two parameters: the
+    step would write two outputs into one array, a wrong answer; the program refuses it,
+    naming both inputs.  A batch that is a parameter's memory likewise."""
+    model = mlp()
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    w = model[0].weight
+    opt.state_for(w)["exp_avg_sq"] = opt.state_for(w)["exp_avg"]
+    step = compile_train_step(model, mlp_loss, opt, *BATCHES[0])
+    with pytest.raises(ValueError, match=r"input %0\.weight\.exp_avg is updated in place and shares memory with "
+                                         r"input %0\.weight\.exp_avg_sq"):
+        step(*BATCHES[0])
+    opt.state_for(w)["exp_avg_sq"] = Tensor(np.zeros(w.shape, np.float32))
+    step(*BATCHES[0])  # (each its own array again: it runs)
+    x = model[0].weight.data.reshape(-1)[:48].reshape(8, 6)
+    with pytest.raises(ValueError, match=r"input %0\.weight is updated in place and shares memory with input %batch0"):
+        step(x, BATCHES[0][1])
