@@ -662,6 +662,14 @@ def test_a_users_optimizer_is_traced_for_every_parameter():
     build_train_graph(model, lambda m, x: F.sum(m(x) * m(x)), opt, (x,))
     assert opt.calls == 4
 
+    class CountingFactors(optim.Adam):  # (a subclass of ours changing only a helper)
+        def _factors(self, lr, step, dtype):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super()._factors(lr, step, dtype)
+    opt = CountingFactors(model.parameters(), lr=0.1)
+    build_train_graph(model, lambda m, x: F.sum(m(x) * m(x)), opt, (x,))
+    assert opt.calls == 4
+
 
 class _TwoDtypes(nn.Module):
     """float32 and float64 parameters of one shape in one model."""
