@@ -1592,7 +1592,7 @@ class Program:
                 if k in aliased_by_input:
                     full = True
                 else:
-                    spans.append((ptr, ptr + acc.nbytes))
+                    spans.append((ptr, ptr + acc.nbytes, k))
         if full or spans:
             self._check_inplace_overlap(full, spans, aliased_by_input)
 
@@ -1601,8 +1601,8 @@ class Program:
         any other input: the program would read values it has already overwritten, or write
         two outputs into one array (optimizer state given to two parameters, one tensor as
         both of Adam's moments), a wrong answer with no error.  ``full``: an input updated in
-        place changed, every pair is compared; else ``spans`` ((start, end) of the other
-        inputs that changed, such as a new batch) are compared with the span of the inputs
+        place changed, every pair is compared; else ``spans`` ((start, end, index) of the
+        other inputs that changed, such as a new batch) are compared with the span of the inputs
         updated in place (two comparisons each, ~1 us a call), and exactly if inside it."""
         accepted, address = self._accepted, self._address
         span = self.__dict__.get("_inplace_span")
@@ -1621,15 +1621,15 @@ class Program:
                 open_.append((end, k))
             return
         lo, hi = span
-        for start, end in spans:
+        for start, end, k in spans:
             if start < hi and end > lo and end > start:
                 for j in written:
                     b = accepted[j]
                     if b is not None and b.nbytes and start < address(b) + b.nbytes and address(b) < end:
-                        k = next(i for i, a in enumerate(accepted) if a is not None and a.nbytes and address(a) == start)
                         self._overlap_error(j, k, written)
 
     def _overlap_error(self, j: int, k: int, written: dict):
+        """Raise: inputs ``j`` and ``k`` share memory and one of them is updated in place."""
         names = self.graph.inputs
         a, b = (j, k) if j in written else (k, j)
         raise ValueError(f"{self.graph.name}: input %{names[a].name} is updated in place and shares memory with "
