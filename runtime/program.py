@@ -1607,8 +1607,8 @@ class Program:
         accepted, address = self._accepted, self._address
         span = self.__dict__.get("_inplace_span")
         if full or span is None:
-            every = {k: (address(a), address(a) + a.nbytes) for k, a in enumerate(accepted)
-                     if a is not None and a.nbytes}
+            every = {k: (start, start + a.nbytes) for k, a in enumerate(accepted)
+                     if a is not None and a.nbytes for start in (address(a),)}
             mine = [every[k] for k in written if k in every]
             self._inplace_span = (min(s for s, _ in mine), max(e for _, e in mine)) if mine else (0, 0)
             open_: list = []  # (end, index) of the spans that may still overlap the next

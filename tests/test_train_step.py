@@ -18,11 +18,11 @@ def mlp_loss(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-def eager_losses(model, opt, batches, clip=None):
+def eager_losses(model, opt, batches, clip=None, loss_fn=mlp_loss):
     out = []
-    for x, y in batches:
+    for batch in batches:
         opt.zero_grad()
-        loss = mlp_loss(model, Tensor(x), Tensor(y))
+        loss = loss_fn(model, *map(Tensor, batch))
         loss.backward()
         if clip is not None:
             optim.clip_grad_norm_(model.parameters(), clip)
@@ -696,15 +696,7 @@ def test_parameters_of_two_dtypes_train_as_eagerly_with_and_without_clipping(cli
 
     def loss(m, x):
         return m(x)
-    want = []
-    for (x,) in batches:
-        o1.zero_grad()
-        out = loss(m1, Tensor(x))
-        out.backward()
-        if clip is not None:
-            optim.clip_grad_norm_(m1.parameters(), clip)
-        o1.step()
-        want.append(float(out.item()))
+    want = eager_losses(m1, o1, batches, clip, loss_fn=loss)
     step = compile_train_step(m2, loss, o2, *batches[0], clip_norm=clip)
     got = [step(*b) for b in batches]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
